@@ -1,0 +1,1 @@
+"""Subcommands of `brewnet`; each module lists its click commands in COMMANDS."""

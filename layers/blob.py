@@ -1,0 +1,100 @@
+"""Blob: a named array pair (data and diff) like Caffe's Blob."""
+
+import numpy
+
+from . import backend
+
+
+class Blob:
+    """Holds ``data`` and ``diff`` on one device, float32 unless told otherwise.
+
+    ``reshape`` keeps the existing arrays when the element count is unchanged
+    (a view with the new shape), so steady-state training allocates nothing.
+    """
+
+    def __init__(self, shape=(), xp=None, dtype=numpy.float32, name=None):
+        self.xp = xp if xp is not None else backend.get_array_module()
+        self.dtype = numpy.dtype(dtype)
+        self.name = name
+        shape = tuple(int(d) for d in shape)
+        self.data = self.xp.zeros(shape, dtype=self.dtype)
+        self._diff = None
+
+    # diff is allocated on first use: data-only blobs (test nets, inputs) never pay for it
+    @property
+    def diff(self):
+        if self._diff is None or self._diff.shape != self.data.shape:
+            self._diff = self.xp.zeros(self.data.shape, dtype=self.dtype)
+        return self._diff
+
+    @diff.setter
+    def diff(self, value):
+        self._set_array("_diff", value)
+
+    def _set_array(self, attr, value):
+        value = self.xp.asarray(value, dtype=self.dtype)
+        if value.shape != self.data.shape:
+            raise ValueError(f"blob {self.name or ''} has shape {self.shape}, got an array of shape {value.shape}")
+        setattr(self, attr, value)
+
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+    @property
+    def count(self):
+        return int(self.data.size)
+
+    @property
+    def num_axes(self):
+        return self.data.ndim
+
+    def shape_at(self, axis):
+        return self.data.shape[self.canonical_axis(axis)]
+
+    def canonical_axis(self, axis):
+        n = self.data.ndim
+        if not -n <= axis < max(n, 1):
+            raise ValueError(f"axis {axis} out of range for a {n}-axis blob {self.shape}")
+        return axis + n if axis < 0 else axis
+
+    def count_range(self, start, end=None):
+        dims = self.data.shape[start:end]
+        return int(numpy.prod(dims, dtype=numpy.int64)) if dims else 1
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"negative dimension in blob shape {shape}")
+        if shape == self.data.shape:
+            return
+        size = int(numpy.prod(shape, dtype=numpy.int64)) if shape else 1
+        if size == self.data.size:
+            self.data = self.data.reshape(shape)
+            if self._diff is not None:
+                self._diff = self._diff.reshape(shape)
+        else:
+            self.data = self.xp.zeros(shape, dtype=self.dtype)
+            self._diff = None
+
+    def reshape_like(self, other):
+        self.reshape(other.shape)
+
+    def share_data(self, other):
+        """Use another blob's data array (Caffe's ShareData)."""
+        self.data = other.data
+
+    def to(self, xp):
+        """Move data and diff to another array module (numpy <-> cupy)."""
+        if xp is self.xp:
+            return self
+        self.data = xp.asarray(backend.to_numpy(self.data)) if xp is numpy else xp.asarray(self.data)
+        if self._diff is not None:
+            self._diff = xp.asarray(backend.to_numpy(self._diff)) if xp is numpy else xp.asarray(self._diff)
+        self.xp = xp
+        return self
+
+    def __repr__(self):
+        return f"Blob({self.name or ''} {self.shape})"
