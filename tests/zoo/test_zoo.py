@@ -1,0 +1,168 @@
+"""The model zoo: readme parsing, search path, resolution, and fetching over loopback HTTP."""
+
+import hashlib
+import http.server
+import os
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+import zoo
+from brewnet.cli import main
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB of "weights"
+SHA1 = hashlib.sha1(PAYLOAD).hexdigest()
+
+
+def write_model(root, key="tiny", sha1=SHA1, url="http://127.0.0.1:1/tiny.caffemodel", extra=""):
+    folder = root / key
+    folder.mkdir(parents=True)
+    (folder / "readme.md").write_text(
+        f"---\nname: Tiny model\ncaffemodel: tiny.caffemodel\ncaffemodel_url: {url}\n"
+        f"license: BSD-2-Clause\nsha1: {sha1}\n{extra}---\n\nA model for tests.\n")
+    (folder / "deploy.prototxt").write_text(
+        'name: "tiny"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }\n')
+    return folder
+
+
+@pytest.fixture
+def zoo_env(tmp_path, monkeypatch):
+    root = tmp_path / "zoo"
+    root.mkdir()
+    monkeypatch.setenv("BREWNET_ZOO", str(root))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return root
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves PAYLOAD (or a corrupted copy) at any path, honouring `Range: bytes=N-`."""
+
+    body = PAYLOAD
+    requests = []
+
+    def do_GET(self):
+        type(self).requests.append(self.headers.get("Range"))
+        body, status = self.body, 200
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            start = int(rng[6:].split("-")[0])
+            body, status = body[start:], 206
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    RangeHandler.body = PAYLOAD
+    RangeHandler.requests = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_fetch_verify_and_resolve(zoo_env, server):
+    write_model(zoo_env, url=f"{server}/tiny.caffemodel")
+    with pytest.raises(zoo.ZooError, match="not fetched yet: run `brewnet zoo fetch tiny`"):
+        zoo.resolve_weights("zoo:tiny")
+    result = run("zoo", "fetch", "tiny")
+    assert result.exit_code == 0, result.output
+    path = zoo.resolve_weights("zoo:tiny")
+    assert open(path, "rb").read() == PAYLOAD
+    assert path.startswith(str(zoo.cache_dir()))
+    assert run("zoo", "verify", "tiny").exit_code == 0
+    listed = run("zoo", "list").output
+    assert "tiny" in listed and "present" in listed and "ok" in listed
+    # a second fetch finds it verified and downloads nothing
+    RangeHandler.requests.clear()
+    assert "already present" in run("zoo", "fetch", "tiny").output
+    assert RangeHandler.requests == []
+
+
+def test_fetch_resumes_a_partial_download(zoo_env, server):
+    model = zoo.find_model(write_model(zoo_env, url=f"{server}/tiny.caffemodel").name)
+    part = model.cached_weights.with_name(model.cached_weights.name + ".part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(PAYLOAD[:1000])
+    assert run("zoo", "fetch", "tiny").exit_code == 0
+    assert RangeHandler.requests == ["bytes=1000-"]
+    assert model.cached_weights.read_bytes() == PAYLOAD and not part.exists()
+
+
+def test_corrupted_download_is_refused_and_removed(zoo_env, server):
+    RangeHandler.body = PAYLOAD[:-1] + b"\x00"
+    model = zoo.find_model(write_model(zoo_env, url=f"{server}/tiny.caffemodel").name)
+    result = run("zoo", "fetch", "tiny")
+    assert result.exit_code != 0
+    assert "does not match" in result.output and "Traceback" not in result.output
+    assert not model.cached_weights.exists()
+    assert not model.cached_weights.with_name(model.cached_weights.name + ".part").exists()
+
+
+def test_fetch_from_file_url_and_unreachable_url(zoo_env, tmp_path):
+    source = tmp_path / "weights.bin"
+    source.write_bytes(PAYLOAD)
+    write_model(zoo_env)
+    assert run("zoo", "fetch", "tiny", "--url", source.as_uri()).exit_code == 0
+    write_model(zoo_env, key="far", url="http://127.0.0.1:9/none.caffemodel")
+    result = run("zoo", "fetch", "far", "--timeout", "2")
+    assert result.exit_code != 0 and "cannot download" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_name_suggests(zoo_env):
+    write_model(zoo_env)
+    result = run("zoo", "info", "tinny")
+    assert result.exit_code != 0
+    assert "did you mean 'tiny'" in result.output and "known models: tiny" in result.output
+
+
+def test_readme_problems_name_the_file_and_field(tmp_path):
+    bad = tmp_path / "readme.md"
+    bad.write_text("# no front matter\n")
+    with pytest.raises(zoo.ZooError, match="readme.md: no YAML front matter"):
+        zoo.read_front_matter(bad)
+    bad.write_text("---\nname: x\ncaffemodel: x.caffemodel\nlicense: MIT\nsha1: 00\n---\n")
+    with pytest.raises(zoo.ZooError, match="lacks the required field 'caffemodel_url'"):
+        zoo.read_front_matter(bad)
+
+
+def test_resolve_model_gives_the_deploy_prototxt(zoo_env):
+    folder = write_model(zoo_env)
+    assert zoo.resolve_model("zoo:tiny") == str(folder / "deploy.prototxt")
+    assert zoo.resolve_model("plain/path.prototxt") == "plain/path.prototxt"
+
+
+def test_bvlc_model_folders_list_as_zoo_entries(fixtures, monkeypatch, tmp_path):
+    monkeypatch.setenv("BREWNET_ZOO", str(fixtures / "bvlc-caffe" / "models"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    output = run("zoo", "list").output
+    for key in ("bvlc_alexnet", "bvlc_reference_caffenet"):
+        assert key in output
+    model = zoo.find_model("bvlc_alexnet")
+    assert model.meta["sha1"] == "9116a64c0fbe4459d18f4bb6b56d647b63920377"
+    assert "not fetched" in output
+
+
+def test_zoo_add_imports_a_checked_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("BREWNET_ZOO", raising=False)
+    src = write_model(tmp_path / "src")
+    (src / "tiny.caffemodel").write_bytes(PAYLOAD)
+    result = run("zoo", "add", str(src))
+    assert result.exit_code == 0, result.output
+    assert "weights verified" in result.output
+    assert zoo.resolve_weights("zoo:tiny").startswith(str(zoo.cache_dir()))
+    # a second add of the same name is refused
+    assert run("zoo", "add", str(src)).exit_code != 0
