@@ -1,0 +1,296 @@
+"""Convolution, Deconvolution and Im2col (Caffe's BaseConvolutionLayer family).
+
+Each batch (in chunks when the column matrix would be huge) is one im2col copy and
+one GEMM per group; see layers/im2col.py. Weight shape (num_output, C/group, *kernel)
+for Convolution, (C, num_output/group, *kernel) for Deconvolution, as in Caffe.
+"""
+
+import numpy
+
+from netdef import DefinitionError
+
+from . import fillers
+from .base import Layer
+from .im2col import ConvEngine, conv_out_size, deconv_out_size
+from .registry import register
+
+
+def _spatial_values(layer, cp, field, n_spatial, default):
+    """One value per spatial axis from a repeated field or its _h/_w pair, Caffe's rules."""
+    h, w = field + "_h", field + "_w"
+    name = "kernel_size" if field == "kernel" else field
+    if cp.HasField(h) or cp.HasField(w):
+        if n_spatial != 2:
+            raise DefinitionError(f"layer {layer.name!r} ({layer.type}): {h} & {w} can only be used for 2D convolution")
+        if len(getattr(cp, name)):
+            raise DefinitionError(f"layer {layer.name!r} ({layer.type}): give either {name} or {h}/{w}, not both")
+        return (getattr(cp, h), getattr(cp, w))
+    values = list(getattr(cp, name))
+    if not values:
+        if default is None:
+            raise DefinitionError(f"layer {layer.name!r} ({layer.type}): convolution_param needs kernel_size (or kernel_h and kernel_w)")
+        return (default,) * n_spatial
+    if len(values) not in (1, n_spatial):
+        raise DefinitionError(
+            f"layer {layer.name!r} ({layer.type}): {name} must be given once or once per spatial axis "
+            f"({len(values)} given, {n_spatial} spatial axes)")
+    return tuple(values) * n_spatial if len(values) == 1 else tuple(values)
+
+
+class _ConvGeometry(Layer):
+    """Reads convolution_param's kernel/stride/pad/dilation and the channel axis."""
+
+    def _read_geometry(self, bottom):
+        cp = self.param.convolution_param
+        self.channel_axis = bottom[0].canonical_axis(cp.axis)
+        self.n_spatial = bottom[0].num_axes - self.channel_axis - 1
+        if self.n_spatial < 1:
+            raise DefinitionError(f"layer {self.name!r} ({self.type}): input {bottom[0].shape} has no spatial axis after axis {cp.axis}")
+        n = self.n_spatial
+        self.kernel = _spatial_values(self, cp, "kernel", n, None)
+        self.stride = _spatial_values(self, cp, "stride", n, 1)
+        self.pad = _spatial_values(self, cp, "pad", n, 0)
+        dil = list(cp.dilation)
+        if len(dil) not in (0, 1, n):
+            raise DefinitionError(f"layer {self.name!r} ({self.type}): dilation must be given once or once per spatial axis")
+        self.dilation = (tuple(dil) * n if len(dil) == 1 else tuple(dil)) if dil else (1,) * n
+        for what, vals in (("kernel size", self.kernel), ("stride", self.stride), ("dilation", self.dilation)):
+            if any(v <= 0 for v in vals):
+                raise DefinitionError(f"layer {self.name!r} ({self.type}): {what} must be positive, got {vals}")
+        self.channels = bottom[0].shape[self.channel_axis]
+
+    def _split(self, shape):
+        """(num, C, spatial) of a blob shape around the channel axis (num = product before it)."""
+        a = self.channel_axis
+        return int(numpy.prod(shape[:a], dtype=numpy.int64)), shape[a], tuple(shape[a + 1:])
+
+
+class _BaseConv(_ConvGeometry):
+    min_bottoms = 1
+    min_tops = 1
+    reverse = False  # True for Deconvolution
+
+    def setup(self, bottom, top):
+        if len(bottom) != len(top):
+            raise DefinitionError(f"layer {self.name!r} ({self.type}) needs as many tops as bottoms")
+        self._read_geometry(bottom)
+        cp = self.param.convolution_param
+        self.num_output = cp.num_output
+        self.group = cp.group
+        self.bias_term = cp.bias_term
+        if self.num_output <= 0:
+            raise DefinitionError(f"layer {self.name!r} ({self.type}): num_output must be positive")
+        if self.channels % self.group or self.num_output % self.group:
+            raise DefinitionError(
+                f"layer {self.name!r} ({self.type}): channels ({self.channels}) and num_output "
+                f"({self.num_output}) must both be multiples of group ({self.group})")
+        if self.reverse:
+            wshape = (self.channels, self.num_output // self.group) + self.kernel
+        else:
+            wshape = (self.num_output, self.channels // self.group) + self.kernel
+        if self.blobs:
+            want = [wshape] + ([(self.num_output,)] if self.bias_term else [])
+            got = [tuple(b.shape) for b in self.blobs]
+            if got != want:
+                raise DefinitionError(f"layer {self.name!r} ({self.type}): parameter shapes {got} do not match expected {want}")
+        else:
+            self.blobs.append(self.make_blob(wshape))
+            fillers.fill(self.blobs[0], cp.weight_filler, self.rng)
+            if self.bias_term:
+                self.blobs.append(self.make_blob((self.num_output,)))
+                fillers.fill(self.blobs[1], cp.bias_filler, self.rng)
+        self._engine = None
+        self._cols = {}
+        self._fresh = set()
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if len(shape) != self.channel_axis + 1 + self.n_spatial:
+            raise ValueError(f"layer {self.name!r} ({self.type}): bottom number of axes may not change ({shape})")
+        num, C, S = self._split(shape)
+        if C != self.channels:
+            raise ValueError(f"layer {self.name!r} ({self.type}): input has {C} channels, the weights expect {self.channels}")
+        for b in bottom[1:]:
+            if b.shape != shape:
+                raise ValueError(f"layer {self.name!r} ({self.type}): all bottoms must have shape {shape}, got {b.shape}")
+        size = deconv_out_size if self.reverse else conv_out_size
+        out = tuple(size(*a) for a in zip(S, self.kernel, self.stride, self.pad, self.dilation))
+        if any(o <= 0 for o in out):
+            raise ValueError(f"layer {self.name!r} ({self.type}): output size {out} from input {shape} is not positive")
+        self.num, self.in_spatial, self.out_spatial = num, S, out
+        # the engine's image side is the conv input (or the deconv output)
+        img_S, col_S = (out, S) if self.reverse else (S, out)
+        img_C, col_M = (self.num_output, self.channels) if self.reverse else (self.channels, self.num_output)
+        key = (img_C, img_S, col_M, col_S)
+        if self._engine is None or self._engine_key != key:
+            self._engine = ConvEngine(self.xp, bottom[0].dtype, img_C, img_S, col_M, self.group,
+                                      self.kernel, self.stride, self.pad, self.dilation, col_S)
+            self._engine_key = key
+            self._cols = {}
+        top_shape = shape[:self.channel_axis] + (self.num_output,) + out
+        for t in top:
+            t.reshape(top_shape)
+
+    # (num, C, *spatial) views of blobs around the channel axis
+    def _nd(self, array, C, spatial):
+        return array.reshape((self.num, C) + spatial)
+
+    def _add_bias(self, y):
+        b = self.blobs[1].data.reshape((1, self.num_output) + (1,) * self.n_spatial)
+        y += b
+
+    def _bias_grad(self, dy):
+        n = dy.shape[0]
+        return dy.reshape(n, self.num_output, -1).sum(axis=(0, 2))
+
+
+@register("Convolution", v1="CONVOLUTION")
+class Convolution(_BaseConv):
+    def forward(self, bottom, top):
+        eng, W = self._engine, self.blobs[0].data
+        self._fresh = set()
+        for i, (b, t) in enumerate(zip(bottom, top)):
+            x = self._nd(b.data, self.channels, self.in_spatial)
+            y = self._nd(t.data, self.num_output, self.out_spatial)
+            if eng.is_1x1:
+                self._forward_1x1(x, W, y)
+            else:
+                for a, z in eng.chunks(self.num):
+                    col = self._im2col(i, x[a:z])
+                    eng.from_colside(eng.gemm_forward(col, W), y[a:z])
+                # the columns stay valid for backward only when the batch was one chunk
+                if len(eng.chunks(self.num)) == 1:
+                    self._fresh.add(i)
+            if self.bias_term:
+                self._add_bias(y)
+
+    def _im2col(self, i, x):
+        """im2col into the layer's reusable column buffer for bottom i."""
+        col = self._engine.im2col(x, out=self._cols.get(i))
+        self._cols[i] = self._engine.col_buffer(col)
+        return col
+
+    def _forward_1x1(self, x, W, y):
+        # no im2col: a batched GEMM per sample straight from the input layout
+        G, n = self.group, self.num
+        Wm = W.reshape(G, self.num_output // G, self.channels // G)
+        xg = x.reshape(n, G, self.channels // G, -1)
+        y.reshape(n, G, self.num_output // G, -1)[...] = self.xp.matmul(Wm, xg)
+
+    def backward(self, top, propagate_down, bottom):
+        eng, W = self._engine, self.blobs[0].data
+        need_w = self.param_needs_grad(0)
+        for i, (t, b) in enumerate(zip(top, bottom)):
+            dy = self._nd(t.diff, self.num_output, self.out_spatial)
+            if self.bias_term and self.param_needs_grad(1):
+                self.blobs[1].diff += self._bias_grad(dy)
+            if not (need_w or propagate_down[i]):
+                continue
+            x = self._nd(b.data, self.channels, self.in_spatial)
+            dx = self._nd(b.diff, self.channels, self.in_spatial) if propagate_down[i] else None
+            if eng.is_1x1:
+                self._backward_1x1(x, W, dy, dx, need_w)
+                continue
+            chunks = eng.chunks(self.num)
+            dW = None
+            for a, z in chunks:
+                ym = eng.to_colside(dy[a:z])
+                if need_w:
+                    if i in self._fresh and len(chunks) == 1:
+                        col = eng._col_matrix(self._cols[i], z - a)  # kept from forward
+                    else:
+                        col = self._im2col(i, x[a:z])
+                    g = eng.gemm_weight(col, ym)
+                    dW = g if dW is None else dW + g
+                if dx is not None:
+                    eng.data_to_image(ym, W, z - a, dx[a:z])
+            if need_w:
+                self.blobs[0].diff += dW
+
+    def _backward_1x1(self, x, W, dy, dx, need_w):
+        xp, G, n = self.xp, self.group, self.num
+        Mg, Cg = self.num_output // G, self.channels // G
+        xg = x.reshape(n, G, Cg, -1)
+        dyg = dy.reshape(n, G, Mg, -1)
+        if need_w:
+            # sum over samples of dy_n x_n^T (per-sample GEMMs, summed)
+            dW = xp.matmul(dyg, xg.transpose(0, 1, 3, 2)).sum(axis=0)
+            self.blobs[0].diff += dW.reshape(self.blobs[0].shape)
+        if dx is not None:
+            Wm = W.reshape(G, Mg, Cg)
+            dx.reshape(n, G, Cg, -1)[...] = xp.matmul(Wm.transpose(0, 2, 1), dyg)
+
+
+@register("Deconvolution", v1="DECONVOLUTION")
+class Deconvolution(_BaseConv):
+    reverse = True
+
+    def forward(self, bottom, top):
+        eng, W = self._engine, self.blobs[0].data
+        for b, t in zip(bottom, top):
+            x = self._nd(b.data, self.channels, self.in_spatial)
+            y = self._nd(t.data, self.num_output, self.out_spatial)
+            for a, z in eng.chunks(self.num):
+                eng.data_to_image(eng.to_colside(x[a:z]), W, z - a, y[a:z])
+            if self.bias_term:
+                self._add_bias(y)
+
+    def backward(self, top, propagate_down, bottom):
+        eng, W = self._engine, self.blobs[0].data
+        need_w = self.param_needs_grad(0)
+        for i, (t, b) in enumerate(zip(top, bottom)):
+            dy = self._nd(t.diff, self.num_output, self.out_spatial)
+            if self.bias_term and self.param_needs_grad(1):
+                self.blobs[1].diff += self._bias_grad(dy)
+            if not (need_w or propagate_down[i]):
+                continue
+            x = self._nd(b.data, self.channels, self.in_spatial)
+            dx = self._nd(b.diff, self.channels, self.in_spatial) if propagate_down[i] else None
+            dW = None
+            for a, z in eng.chunks(self.num):
+                col = eng.im2col(dy[a:z], out=self._cols.get(0))
+                self._cols[0] = eng.col_buffer(col)
+                if need_w:
+                    g = eng.gemm_weight(col, eng.to_colside(x[a:z]))
+                    dW = g if dW is None else dW + g
+                if dx is not None:
+                    eng.from_colside(eng.gemm_forward(col, W), dx[a:z])
+            if need_w:
+                self.blobs[0].diff += dW
+
+
+@register("Im2col", v1="IM2COL")
+class Im2col(_ConvGeometry):
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def setup(self, bottom, top):
+        self._read_geometry(bottom)
+        self._engine = None
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        num, C, S = self._split(shape)
+        out = tuple(conv_out_size(*a) for a in zip(S, self.kernel, self.stride, self.pad, self.dilation))
+        key = (C, S)
+        if self._engine is None or self._engine_key != key:
+            eng = ConvEngine(self.xp, bottom[0].dtype, C, S, 1, 1, self.kernel, self.stride, self.pad,
+                             self.dilation, out)
+            eng.layout = "B"  # Caffe's per-sample (c, k..., o...) order
+            self._engine, self._engine_key = eng, key
+        self.num, self.C, self.S, self.O = num, C, S, out
+        kk = int(numpy.prod(self.kernel))
+        top[0].reshape(shape[:self.channel_axis] + (C * kk,) + out)
+
+    def forward(self, bottom, top):
+        eng = self._engine
+        x = bottom[0].data.reshape((self.num, self.C) + self.S)
+        win = eng._window_view(eng._padded_source(x))  # (n, C, *k, *O)
+        self.xp.copyto(top[0].data.reshape(win.shape), win)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        eng = self._engine
+        dcol = top[0].diff.reshape((self.num, 1, self.C) + self.kernel + self.O)
+        eng.col2im(dcol, bottom[0].diff.reshape((self.num, self.C) + self.S))

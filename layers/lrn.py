@@ -1,0 +1,92 @@
+"""Local response normalization, both of Caffe's regions.
+
+ACROSS_CHANNELS: scale = k + alpha/size * (sum of x^2 over `size` neighbouring channels),
+                 y = x * scale^-beta.
+WITHIN_CHANNEL:  Caffe builds it from Power/Pooling(AVE)/Power/Eltwise layers:
+                 y = x * (1 + alpha * avg)^-beta, avg = (sum of x^2 over a size x size window,
+                 zero outside the image) / size^2 (the AVE divisor is always size^2 here,
+                 since its window is clipped to image+pad, which a centred window never passes).
+"""
+
+from netdef import DefinitionError, caffe_pb2
+
+from .base import Layer
+from .registry import register
+
+
+def _window_sum(xp, a, size, axes, out=None):
+    """Sum of a over a centred window of odd `size` along each axis in `axes` (zero outside)."""
+    half = (size - 1) // 2
+    for axis in axes:
+        n = a.shape[axis]
+        pad_shape = list(a.shape)
+        pad_shape[axis] = n + size - 1
+        padded = xp.zeros(pad_shape, dtype=a.dtype)
+        idx = [slice(None)] * a.ndim
+        idx[axis] = slice(half, half + n)
+        padded[tuple(idx)] = a
+        acc = xp.zeros_like(a)
+        for o in range(size):
+            idx[axis] = slice(o, o + n)
+            acc += padded[tuple(idx)]
+        a = acc
+    if out is not None:
+        out[...] = a
+        return out
+    return a
+
+
+@register("LRN", v1="LRN")
+class LRN(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def setup(self, bottom, top):
+        lp = self.param.lrn_param
+        self.size = lp.local_size
+        if self.size % 2 != 1:
+            raise DefinitionError(f"layer {self.name!r} (LRN): local_size must be odd, got {self.size}")
+        self.alpha, self.beta, self.k = lp.alpha, lp.beta, lp.k
+        self.within = lp.norm_region == caffe_pb2.LRNParameter.WITHIN_CHANNEL
+
+    def reshape(self, bottom, top):
+        if bottom[0].num_axes != 4:
+            raise ValueError(f"layer {self.name!r} (LRN): input must have 4 axes (num, channels, height, width), got {bottom[0].shape}")
+        top[0].reshape(bottom[0].shape)
+
+    def _const(self, value, like):
+        return like.dtype.type(value)
+
+    def forward(self, bottom, top):
+        xp, x = self.xp, bottom[0].data
+        c = lambda v: self._const(v, x)  # noqa: E731  (keep float32 math float32)
+        if self.within:
+            s = _window_sum(xp, x * x, self.size, (2, 3))
+            s *= c(self.alpha / (self.size * self.size))
+            s += c(1)
+        else:
+            s = _window_sum(xp, x * x, self.size, (1,))
+            s *= c(self.alpha / self.size)
+            s += c(self.k)
+        self.scale = s  # kept for backward
+        self.power = xp.power(s, c(-self.beta))
+        y = x * self.power
+        top[0].data[...] = y
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        xp, x, dy = self.xp, bottom[0].data, top[0].diff
+        c = lambda v: self._const(v, x)  # noqa: E731
+        # d/dx of x * s^-beta where s depends on x^2 over the window (symmetric, so its transpose
+        # is the same window sum): dx = dy * s^-beta - 2 * beta * a' * x * window(dy * x * s^-beta / s)
+        ratio = dy * x * self.power / self.scale
+        if self.within:
+            acc = _window_sum(xp, ratio, self.size, (2, 3))
+            coef = c(2 * self.alpha * self.beta / (self.size * self.size))
+        else:
+            acc = _window_sum(xp, ratio, self.size, (1,))
+            coef = c(2 * self.alpha * self.beta / self.size)
+        acc *= x
+        acc *= coef
+        bottom[0].diff[...] = dy * self.power - acc

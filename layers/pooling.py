@@ -1,0 +1,360 @@
+"""Pooling (MAX / AVE / STOCHASTIC) and SPP, with Caffe's output sizes and divisors.
+
+Every method loops over the kernel offsets (kh*kw strided slices, each over the
+whole batch): no gathers, no per-pixel Python, ties broken like Caffe (the
+first maximum in row-major window order wins).
+"""
+
+import math
+
+import numpy
+
+from netdef import DefinitionError, caffe_pb2
+
+from .base import Layer
+from .registry import register
+
+P = caffe_pb2.PoolingParameter
+
+
+def pooled_size(size, kernel, stride, pad, ceil_mode):
+    """Caffe's pooled extent, including its rule that the last window starts inside image+pad."""
+    span = (size + 2 * pad - kernel) / stride
+    out = (math.ceil(span) if ceil_mode else math.floor(span)) + 1
+    if pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+class PoolCore:
+    """One 2-D pooling geometry on (N, C, H, W) arrays; forward keeps what backward needs."""
+
+    def __init__(self, xp, method, kernel, stride, pad, in_hw, out_hw):
+        self.xp, self.method = xp, method
+        self.k, self.s, self.p = kernel, stride, pad
+        self.in_hw, self.out_hw = in_hw, out_hw
+        # padded extent holding every (possibly clipped) window
+        self.hw_p = tuple(max(n + 2 * p_, p_ + (o - 1) * s_ + k_)
+                          for n, p_, o, s_, k_ in zip(in_hw, pad, out_hw, stride, kernel))
+        self.trivial = self.hw_p == tuple(in_hw)
+        self._buf = None  # padded input
+        self._acc = None  # padded gradient accumulator
+        self._max = None
+        self.idx = None  # offset index (row-major in the window) of the chosen input
+
+    def _padded(self, x, fill):
+        if self.trivial:
+            return x
+        shape = x.shape[:2] + self.hw_p
+        if self._buf is None or self._buf.shape != shape or self._buf.dtype != x.dtype:
+            self._buf = self.xp.empty(shape, dtype=x.dtype)
+        buf = self._buf
+        buf.fill(fill)
+        (ph, pw), (h, w) = self.p, self.in_hw
+        buf[:, :, ph:ph + h, pw:pw + w] = x
+        return buf
+
+    def _offsets(self):
+        (kh, kw), (sh, sw), (oh, ow) = self.k, self.s, self.out_hw
+        for i in range(kh):
+            for j in range(kw):
+                yield i * kw + j, (slice(None), slice(None),
+                                   slice(i, i + (oh - 1) * sh + 1, sh), slice(j, j + (ow - 1) * sw + 1, sw))
+
+    def divisor(self, dtype):
+        """AVE pool size per output position: window clipped to image+pad, before clipping to the image."""
+        xp = self.xp
+        sizes = []
+        for n, k_, s_, p_, o in zip(self.in_hw, self.k, self.s, self.p, self.out_hw):
+            start = numpy.arange(o) * s_ - p_
+            end = numpy.minimum(start + k_, n + p_)
+            sizes.append(end - start)
+        return xp.asarray(numpy.outer(*sizes).astype(dtype))
+
+    # -- forward -------------------------------------------------------------
+    def forward_max(self, x, y):
+        """Window maxima; the argmax is found later, only if a mask or a gradient is asked for."""
+        xp = self.xp
+        src = self._padded(x, -numpy.inf)
+        for o, sl in self._offsets():
+            if o == 0:
+                y[...] = src[sl]
+            else:
+                xp.maximum(y, src[sl], out=y)
+        # a private copy: an in-place layer after this one (ReLU) may change y before backward
+        if self._max is None or self._max.shape != y.shape or self._max.dtype != y.dtype:
+            self._max = xp.empty_like(y)
+        xp.copyto(self._max, y)
+        self._src, self.idx = src, None
+
+    def argmax(self):
+        """Offset of the first maximum of each window in row-major order (Caffe's strict '>')."""
+        if self.idx is None:
+            xp, y = self.xp, self._max
+            idx = xp.full(y.shape, -1, dtype=numpy.int32)
+            hit = xp.empty(y.shape, dtype=bool)
+            for o, sl in self._offsets():
+                xp.equal(self._src[sl], y, out=hit)
+                hit &= idx < 0
+                xp.copyto(idx, o, where=hit)
+            self.idx = idx
+        return self.idx
+
+    def mask(self, dtype):
+        """Caffe's top mask: flat index h*W+w of each maximum in its input plane."""
+        xp = self.xp
+        kw = self.k[1]
+        (sh, sw), (ph, pw), (oh, ow), W = self.s, self.p, self.out_hw, self.in_hw[1]
+        hs = (xp.arange(oh) * sh - ph).reshape(oh, 1)
+        ws = (xp.arange(ow) * sw - pw).reshape(1, ow)
+        idx = self.argmax()
+        h = hs + idx // kw
+        w = ws + idx % kw
+        return (h * W + w).astype(dtype)
+
+    def forward_ave(self, x, y):
+        src = self._padded(x, 0)
+        y.fill(0)
+        for _, sl in self._offsets():
+            y += src[sl]
+        y /= self.divisor(y.dtype)
+
+    def forward_stochastic_train(self, x, y, rng):
+        """Sample one input per window with probability proportional to its value (Caffe's GPU rule)."""
+        xp = self.xp
+        src = self._padded(x, 0)
+        total = xp.zeros(y.shape, dtype=x.dtype)
+        for _, sl in self._offsets():
+            total += src[sl]
+        thres = total * xp.asarray(rng.random(size=y.shape).astype(x.dtype))
+        cum = xp.zeros_like(total)
+        idx = xp.full(y.shape, -1, dtype=numpy.int32)
+        y.fill(0)
+        hit = xp.empty(y.shape, dtype=bool)
+        for o, sl in self._offsets():
+            v = src[sl]
+            cum += v
+            xp.greater_equal(cum, thres, out=hit)
+            hit &= idx < 0
+            xp.copyto(idx, o, where=hit)
+            xp.copyto(y, v, where=hit)
+        self.idx = idx
+
+    def forward_stochastic_test(self, x, y):
+        """Probability-weighted average: sum(x^2) / sum(x), 0 where the sum is not positive."""
+        xp = self.xp
+        src = self._padded(x, 0)
+        total = xp.zeros(y.shape, dtype=x.dtype)
+        sq = xp.zeros(y.shape, dtype=x.dtype)
+        for _, sl in self._offsets():
+            v = src[sl]
+            total += v
+            sq += v * v
+        pos = total > 0
+        y[...] = xp.where(pos, sq / xp.where(pos, total, 1), 0)
+
+    # -- backward ------------------------------------------------------------
+    def _scatter(self, dx, contributions):
+        """Sum per-offset (N, C, oh, ow) contributions into dx through the padded frame."""
+        xp = self.xp
+        if self.trivial:
+            acc = dx
+        else:
+            shape = dx.shape[:2] + self.hw_p
+            if self._acc is None or self._acc.shape != shape or self._acc.dtype != dx.dtype:
+                self._acc = xp.empty(shape, dtype=dx.dtype)
+            acc = self._acc
+        acc.fill(0)
+        for sl, c in contributions:
+            acc[sl] += c
+        if not self.trivial:
+            (ph, pw), (h, w) = self.p, self.in_hw
+            dx[...] = acc[:, :, ph:ph + h, pw:pw + w]
+
+    def backward_argmax(self, dy, dx):
+        xp = self.xp
+        idx = self.argmax() if self.method == P.MAX else self.idx
+        zero = xp.zeros((), dtype=dy.dtype)
+        self._scatter(dx, ((sl, xp.where(idx == o, dy, zero)) for o, sl in self._offsets()))
+
+    def backward_ave(self, dy, dx):
+        g = dy / self.divisor(dy.dtype)
+        self._scatter(dx, ((sl, g) for _, sl in self._offsets()))
+
+
+def _pool_geometry(layer, pp, bottom_hw):
+    """kernel, stride, pad (each (h, w)) from a PoolingParameter, with Caffe's checks."""
+    name = f"layer {layer.name!r} ({layer.type})"
+    if pp.global_pooling:
+        if pp.HasField("kernel_size") or pp.HasField("kernel_h") or pp.HasField("kernel_w"):
+            raise DefinitionError(f"{name}: with global_pooling the kernel size cannot be given")
+        kernel = tuple(bottom_hw)
+    else:
+        if pp.HasField("kernel_size") == (pp.HasField("kernel_h") and pp.HasField("kernel_w")):
+            raise DefinitionError(f"{name}: give kernel_size OR kernel_h and kernel_w")
+        kernel = (pp.kernel_size,) * 2 if pp.HasField("kernel_size") else (pp.kernel_h, pp.kernel_w)
+    if pp.HasField("pad") and (pp.HasField("pad_h") or pp.HasField("pad_w")) or \
+            pp.HasField("pad_h") != pp.HasField("pad_w"):
+        raise DefinitionError(f"{name}: give pad OR pad_h and pad_w")
+    if pp.HasField("stride") and (pp.HasField("stride_h") or pp.HasField("stride_w")) or \
+            pp.HasField("stride_h") != pp.HasField("stride_w"):
+        raise DefinitionError(f"{name}: give stride OR stride_h and stride_w")
+    pad = (pp.pad_h, pp.pad_w) if pp.HasField("pad_h") else (pp.pad,) * 2
+    stride = (pp.stride_h, pp.stride_w) if pp.HasField("stride_h") else (pp.stride,) * 2
+    if min(kernel) <= 0:
+        raise DefinitionError(f"{name}: kernel size must be positive, got {kernel}")
+    if min(stride) <= 0:
+        raise DefinitionError(f"{name}: stride must be positive, got {stride}")
+    if pp.global_pooling and (pad != (0, 0) or stride != (1, 1)):
+        raise DefinitionError(f"{name}: with global_pooling only pad 0 and stride 1 are allowed")
+    if pad != (0, 0):
+        if pp.pool not in (P.MAX, P.AVE):
+            raise DefinitionError(f"{name}: padding is implemented only for MAX and AVE pooling")
+        if pad[0] >= kernel[0] or pad[1] >= kernel[1]:
+            raise DefinitionError(f"{name}: pad {pad} must be smaller than the kernel {kernel}")
+    return kernel, stride, pad
+
+
+@register("Pooling", v1="POOLING")
+class Pooling(Layer):
+    exact_bottoms = 1
+    min_tops = 1
+    max_tops = 2  # MAX may output the argmax mask as a second top
+
+    def setup(self, bottom, top):
+        pp = self.param.pooling_param
+        self.method = pp.pool
+        if len(top) > 1 and self.method != P.MAX:
+            raise DefinitionError(f"layer {self.name!r} (Pooling): only MAX pooling has a second (mask) top")
+        if bottom[0].num_axes != 4:
+            raise DefinitionError(f"layer {self.name!r} (Pooling): input must have 4 axes (num, channels, height, width), got {bottom[0].shape}")
+        self.global_pooling = pp.global_pooling
+        self.ceil_mode = pp.round_mode == P.CEIL
+        self.kernel, self.stride, self.pad = _pool_geometry(self, pp, bottom[0].shape[2:])
+        self._core = None
+
+    def reshape(self, bottom, top):
+        if bottom[0].num_axes != 4:
+            raise ValueError(f"layer {self.name!r} (Pooling): input must have 4 axes, got {bottom[0].shape}")
+        n, c, h, w = bottom[0].shape
+        if self.global_pooling:
+            self.kernel = (h, w)
+        out = tuple(pooled_size(*a, self.ceil_mode) for a in zip((h, w), self.kernel, self.stride, self.pad))
+        key = ((h, w), out, self.kernel)
+        if self._core is None or self._core_key != key:
+            self._core = PoolCore(self.xp, self.method, self.kernel, self.stride, self.pad, (h, w), out)
+            self._core_key = key
+        for t in top:
+            t.reshape(n, c, *out)
+
+    def forward(self, bottom, top):
+        core, x, y = self._core, bottom[0].data, top[0].data
+        if self.method == P.MAX:
+            core.forward_max(x, y)
+            if len(top) > 1:
+                top[1].data[...] = core.mask(y.dtype)
+        elif self.method == P.AVE:
+            core.forward_ave(x, y)
+        elif self.method == P.STOCHASTIC:
+            if self.train:
+                core.forward_stochastic_train(x, y, self.rng)
+            else:
+                core.forward_stochastic_test(x, y)
+        else:
+            raise ValueError(f"layer {self.name!r} (Pooling): unknown pooling method {self.method}")
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        core, dy, dx = self._core, top[0].diff, bottom[0].diff
+        if self.method == P.AVE:
+            core.backward_ave(dy, dx)
+        elif self.method == P.STOCHASTIC and not self.train:
+            raise ValueError(f"layer {self.name!r} (Pooling): STOCHASTIC pooling has no backward in TEST phase (as in Caffe)")
+        else:
+            core.backward_argmax(dy, dx)
+
+
+def spp_level_geometry(level, h, w):
+    """Kernel, stride, pad of pyramid level `level` (2**level bins per side), Caffe's formula."""
+    bins = 2 ** level
+    kh, kw = -(-h // bins), -(-w // bins)
+    ph, pw = (kh * bins - h + 1) // 2, (kw * bins - w + 1) // 2
+    return (kh, kw), (kh, kw), (ph, pw)
+
+
+@register("SPP")
+class SPP(Layer):
+    """Spatial pyramid pooling: pool at 1, 2, 4, ... bins per side, flatten, concatenate."""
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def setup(self, bottom, top):
+        sp = self.param.spp_param
+        self.height = sp.pyramid_height
+        self.method = {caffe_pb2.SPPParameter.MAX: P.MAX, caffe_pb2.SPPParameter.AVE: P.AVE,
+                       caffe_pb2.SPPParameter.STOCHASTIC: P.STOCHASTIC}[sp.pool]
+        if bottom[0].num_axes != 4:
+            raise DefinitionError(f"layer {self.name!r} (SPP): input must have 4 axes, got {bottom[0].shape}")
+        if self.height < 1:
+            raise DefinitionError(f"layer {self.name!r} (SPP): pyramid_height must be at least 1")
+        self._key = None
+
+    def reshape(self, bottom, top):
+        n, c, h, w = bottom[0].shape
+        if min(h, w) <= 0:
+            raise ValueError(f"layer {self.name!r} (SPP): input dimensions cannot be zero ({bottom[0].shape})")
+        if self._key != (h, w):
+            self._cores = []
+            for level in range(self.height):
+                kernel, stride, pad = spp_level_geometry(level, h, w)
+                if pad != (0, 0) and (pad[0] >= kernel[0] or pad[1] >= kernel[1]):
+                    raise ValueError(f"layer {self.name!r} (SPP): level {level} needs pad {pad} >= kernel {kernel} "
+                                     f"for a {h}x{w} input (Caffe refuses this too)")
+                out = tuple(pooled_size(*a, True) for a in zip((h, w), kernel, stride, pad))
+                self._cores.append(PoolCore(self.xp, self.method, kernel, stride, pad, (h, w), out))
+            self._key = (h, w)
+        sizes = [c * core.out_hw[0] * core.out_hw[1] for core in self._cores]
+        self._bounds = numpy.cumsum([0] + sizes)
+        if self.height == 1:
+            top[0].reshape(n, c, *self._cores[0].out_hw)  # Caffe does not flatten a 1-level pyramid
+        else:
+            top[0].reshape(n, int(self._bounds[-1]))
+
+    def _level_view(self, array, i):
+        core = self._cores[i]
+        n, c = array.shape[0], self._c
+        a, b = self._bounds[i], self._bounds[i + 1]
+        return array.reshape(n, -1)[:, a:b].reshape((n, c) + core.out_hw)
+
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        self._c = x.shape[1]
+        for i, core in enumerate(self._cores):
+            out = self.xp.empty((x.shape[0], x.shape[1]) + core.out_hw, dtype=x.dtype)
+            if self.method == P.MAX:
+                core.forward_max(x, out)
+            elif self.method == P.AVE:
+                core.forward_ave(x, out)
+            elif self.train:
+                core.forward_stochastic_train(x, out, self.rng)
+            else:
+                core.forward_stochastic_test(x, out)
+            self._level_view(top[0].data, i)[...] = out
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dx = bottom[0].diff
+        part = self.xp.empty_like(dx)
+        for i, core in enumerate(self._cores):
+            dy = self.xp.ascontiguousarray(self._level_view(top[0].diff, i))
+            if self.method == P.AVE:
+                core.backward_ave(dy, part)
+            else:
+                core.backward_argmax(dy, part)
+            if i == 0:
+                dx[...] = part
+            else:
+                dx += part
