@@ -1,0 +1,256 @@
+"""`brewnet train`, `brewnet test` and `brewnet device`: Caffe's `caffe train`,
+`caffe test` and `caffe device_query`, with Caffe's log lines on stderr."""
+
+import logging
+import os
+import platform
+import sys
+
+import click
+
+from netdef.errors import DefinitionError
+
+log = logging.getLogger("brewnet.train")
+
+EFFECTS = ("stop", "snapshot", "none")
+
+
+def _stages(values):
+    """--stage may repeat and may hold a comma-separated list (Caffe's form)."""
+    return [s.strip() for value in values for s in value.split(",") if s.strip()]
+
+
+def _gpu_ids(flag):
+    """Device ids from --gpu: one id, a comma list, or 'all'."""
+    from layers import backend
+
+    if flag == "all":
+        cupy = backend.get_array_module("gpu")  # DeviceError when there is no GPU
+        return list(range(cupy.cuda.runtime.getDeviceCount()))
+    try:
+        ids = [int(part) for part in flag.split(",") if part.strip()]
+    except ValueError:
+        raise DefinitionError(f"--gpu: expected a device id, a comma-separated list of ids or 'all', got '{flag}'")
+    if not ids:
+        raise DefinitionError("--gpu: no device id given")
+    return ids
+
+
+def _use_gpu(flag):
+    """Switch to GPU mode on the device --gpu names (fails with DeviceError when impossible)."""
+    from layers import backend
+
+    ids = _gpu_ids(flag)
+    if len(ids) > 1:
+        if flag != "all":
+            raise DefinitionError(f"--gpu {flag}: brewnet trains on one GPU; give a single device id")
+        log.warning("brewnet trains on one GPU: using GPU %d of %d", ids[0], len(ids))
+    backend.set_mode_gpu()
+    backend.set_device(ids[0])
+    log.info("Using GPU %d", ids[0])
+
+
+def select_device(gpu_flag, solver_param=None):
+    """Caffe's rule: --gpu wins; otherwise a solver file that says solver_mode: GPU
+    (explicitly) trains on its device_id; otherwise CPU. Unlike Caffe, a GPU asked
+    for only by the file falls back to CPU with a warning when none is usable."""
+    from layers import backend
+    from netdef import caffe_pb2
+
+    if gpu_flag:
+        _use_gpu(gpu_flag)
+        return
+    if (solver_param is not None and solver_param.HasField("solver_mode")
+            and solver_param.solver_mode == caffe_pb2.SolverParameter.GPU):
+        try:
+            backend.set_mode_gpu()
+            backend.set_device(solver_param.device_id)
+            log.info("Using GPU %d (solver_mode: GPU)", solver_param.device_id)
+            return
+        except backend.DeviceError as exc:
+            log.warning("solver_mode GPU requested but no GPU is available; running on CPU (%s)", exc)
+    backend.set_mode_cpu()
+    log.info("Use CPU.")
+
+
+def _fail(message):
+    click.echo(f"brewnet: error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.command("train")
+@click.option("--solver", "solver_path", required=True, metavar="SOLVER.prototxt",
+              help="The solver definition (Caffe's SolverParameter text format).")
+@click.option("--weights", metavar="W[,W2...]",
+              help="Weights to finetune from (.caffemodel, .caffemodel.h5 or zoo:NAME); comma-separated files "
+                   "are copied in order. Not with --snapshot.")
+@click.option("--snapshot", metavar="S.solverstate", help="Resume training from a solver state. Not with --weights.")
+@click.option("--gpu", metavar="ID|all",
+              help="Train on this GPU (needs cupy: pip install 'brewnet[gpu]'); fails when it cannot. Without it, "
+                   "solver_mode: GPU in the solver file selects device_id, falling back to CPU with a warning "
+                   "when no GPU is usable; an unset solver_mode trains on CPU, as `caffe train` does.")
+@click.option("--stage", "stages", multiple=True, metavar="STAGE",
+              help="Add a stage to the train net's state (repeatable, or comma-separated).")
+@click.option("--level", type=int, default=None, help="The train net's level.")
+@click.option("--sigint-effect", type=click.Choice(EFFECTS), default="stop", show_default=True,
+              help="What Ctrl-C does: stop after the current iteration (writing the final snapshot when "
+                   "snapshot_after_train), snapshot and continue, or nothing. A second Ctrl-C aborts.")
+@click.option("--sighup-effect", type=click.Choice(EFFECTS), default="snapshot", show_default=True,
+              help="What SIGHUP does.")
+def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect):
+    """Train or finetune a net from a solver prototxt (like `caffe train`).
+
+    Log lines match Caffe's (Iteration N, loss = ...; Train/Test net output #k: ...),
+    so Caffe's log parsers read them; a progress line shows on terminals.
+    """
+    import numpy
+
+    from solver import SignalHandler, TrainingDivergedError, get_solver, read_solver_param
+    from solver.log import Progress, setup_logging
+
+    handler = setup_logging(stream=sys.stderr)
+    if weights and snapshot:
+        raise DefinitionError("give --snapshot to resume training or --weights to finetune, not both")
+    param = read_solver_param(solver_path)
+    if level is not None:
+        param.train_state.level = level
+    param.train_state.stage.extend(_stages(stages))
+    select_device(gpu, param)
+    if snapshot:
+        if not os.path.isfile(snapshot):
+            raise DefinitionError("--snapshot: solver state file not found", snapshot)
+        param.ClearField("weights")
+    elif weights:
+        param.ClearField("weights")
+        param.weights.append(weights)
+
+    with SignalHandler(sigint_effect, sighup_effect) as signals:
+        solver = get_solver(param, source=solver_path)
+        solver.set_action_function(signals.check)
+        progress = Progress(sys.stderr)
+        handler.progress = progress
+        solver.iteration_hooks.append(lambda s: progress.update(s.iter))
+        try:
+            if snapshot:
+                log.info("Resuming from %s", snapshot)
+                solver.restore(snapshot)
+            progress.start(solver.iter, param.max_iter)
+            log.info("Starting Optimization")
+            # numpy's overflow warnings would only precede our own divergence message
+            with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                solver.solve()
+        except TrainingDivergedError as exc:
+            progress.close()
+            _fail(str(exc))
+        finally:
+            progress.close()
+            handler.progress = None
+
+
+@click.command("test")
+@click.option("--model", required=True, metavar="NET.prototxt", help="The net to score (built in the TEST phase).")
+@click.option("--weights", required=True, metavar="W.caffemodel", help="Its weights (.caffemodel, .h5 or zoo:NAME).")
+@click.option("--iterations", type=int, default=50, show_default=True, help="Batches to run.")
+@click.option("--gpu", metavar="ID", help="Run on this GPU (needs cupy); CPU otherwise.")
+@click.option("--stage", "stages", multiple=True, metavar="STAGE", help="Net stage (repeatable or comma-separated).")
+@click.option("--level", type=int, default=0, show_default=True, help="Net level.")
+def test(model, weights, iterations, gpu, stages, level):
+    """Score a trained net over N batches (like `caffe test`): per-batch outputs,
+    then each output averaged."""
+    from layers.backend import to_numpy
+    from layers.net import Net
+    from netdef import caffe_pb2
+    from solver.log import fmt, setup_logging
+    from solver.solver import _resolve_weights
+
+    setup_logging(stream=sys.stderr)
+    if iterations < 1:
+        raise DefinitionError(f"--iterations must be at least 1, got {iterations}")
+    select_device(gpu)
+    if model.startswith("zoo:"):
+        import zoo
+
+        model = zoo.resolve_model(model)
+    if not os.path.isfile(model):
+        raise DefinitionError("--model: net file not found", model)
+    net = Net(model, phase=caffe_pb2.TEST, level=level, stages=_stages(stages), source=model)
+    net.copy_trained_layers_from(_resolve_weights(weights))
+    log.info("Running for %d iterations.", iterations)
+    totals = None
+    loss = 0.0
+    for i in range(iterations):
+        loss += net.forward()
+        values = [to_numpy(net.blobs[name].data).astype("float64").ravel() for name in net.outputs]
+        for name, vals in zip(net.outputs, values):
+            for v in vals:
+                log.info("Batch %d, %s = %s", i, name, fmt(v))
+        totals = values if totals is None else [t + v for t, v in zip(totals, values)]
+    log.info("Loss: %s", fmt(loss / iterations))
+    for name, total in zip(net.outputs, totals or []):
+        weight = float(net.blob_loss_weights.get(name, 0.0))
+        for mean in total / iterations:
+            note = f" (* {fmt(weight)} = {fmt(weight * mean)} loss)" if weight else ""
+            log.info("%s = %s%s", name, fmt(mean), note)
+
+
+def _blas_lines():
+    try:
+        import threadpoolctl
+
+        infos = threadpoolctl.threadpool_info()
+        return [f"BLAS: {i.get('internal_api')} {i.get('version') or ''} ({i.get('num_threads')} threads, "
+                f"{i.get('filepath')})" for i in infos] or ["BLAS: none loaded"]
+    except ImportError:
+        pass
+    import numpy
+
+    try:
+        config = numpy.show_config(mode="dicts")
+        blas = config.get("Build Dependencies", {}).get("blas", {})
+        return [f"BLAS: {blas.get('name', 'unknown')} {blas.get('version', '')}".rstrip()]
+    except TypeError:  # numpy < 1.25 has no mode argument
+        return ["BLAS: see numpy.show_config()"]
+
+
+def _gpu_lines():
+    try:
+        import cupy
+    except ImportError:
+        return ["GPU: not available (pip install 'brewnet[gpu]')"]
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # cupy's CUDARuntimeError when no driver/device
+        return [f"GPU: not available (cupy {cupy.__version__} sees no CUDA device: {exc})"]
+    if count == 0:
+        return [f"GPU: not available (cupy {cupy.__version__} sees no CUDA device)"]
+    lines = [f"cupy: {cupy.__version__}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"]
+    for i in range(count):
+        props = cupy.cuda.runtime.getDeviceProperties(i)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        with cupy.cuda.Device(i):
+            free, total = cupy.cuda.runtime.memGetInfo()
+        lines.append(f"GPU {i}: {name}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free), "
+                     f"compute capability {props['major']}.{props['minor']}")
+    return lines
+
+
+@click.command("device")
+def device():
+    """Show the devices brewnet sees: numpy, BLAS, CPU threads and GPUs."""
+    import numpy
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    lines = [f"Python: {platform.python_version()}", f"numpy: {numpy.__version__}", *_blas_lines(),
+             f"CPU threads: {usable} usable of {os.cpu_count()}"]
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(var):
+            lines.append(f"{var}={os.environ[var]}")
+    lines += _gpu_lines()
+    for line in lines:
+        click.echo(line)
+
+
+COMMANDS = [train, test, device]

@@ -1,0 +1,603 @@
+"""Caffe's Solver: builds the train and test nets a SolverParameter names,
+runs the iteration loop (test, forward/backward, display, update, snapshot)
+and restores from solver states, with Caffe's exact order of operations and
+its log lines (so Caffe's log parsers read brewnet logs).
+
+The solver computes on the array module that is current when it is built
+(pycaffe semantics: call ``brewnet.set_mode_gpu()`` first for GPU); the
+``brewnet train`` command applies solver_mode/device_id from the file.
+"""
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+
+import numpy
+import netdef
+import netdef.upgrade
+from layers import backend
+from netdef import caffe_pb2
+from netdef.errors import DefinitionError
+
+from . import lr_policy, updates
+from . import snapshot as snapshots
+from .log import fmt
+
+log = logging.getLogger("brewnet.solver")
+
+NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
+ACTIONS = (STOP, SNAPSHOT, NONE)
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the message is one line naming the
+    iteration, the first layer whose output went non-finite and the snapshot."""
+
+
+# -- reading the solver file ---------------------------------------------------
+
+def upgrade_solver_param(param, source=None):
+    """Legacy ``solver_type`` enum -> ``type`` string, in place (for hand-built parameters)."""
+    if netdef.upgrade.solver_needs_upgrade(param):
+        netdef.upgrade_solver(param, source or "<SolverParameter>")
+    return param
+
+
+def read_solver_param(path):
+    """The SolverParameter of a solver prototxt, upgraded like Caffe's
+    ReadSolverParamsFromTextFileOrDie (including its snapshot_prefix defaults:
+    unset -> the solver file's path without extension; a folder -> that
+    folder plus the solver file's stem)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DefinitionError("solver file not found", path)
+    return netdef.apply_default_snapshot_prefix(netdef.read_solver(path), path)
+
+
+# -- signals ---------------------------------------------------------------------
+
+class SignalHandler:
+    """Caffe's SignalHandler: SIGINT/SIGHUP only set flags; the solver asks
+    ``check()`` once per iteration and gets stop/snapshot/none.
+
+    Use as a context manager around training. A second SIGINT arriving before
+    the first was acted on raises KeyboardInterrupt (a way out of a stuck pass).
+    """
+
+    def __init__(self, sigint_effect=STOP, sighup_effect=SNAPSHOT):
+        for name, effect in (("sigint_effect", sigint_effect), ("sighup_effect", sighup_effect)):
+            if effect not in ACTIONS:
+                raise DefinitionError(f"{name}: invalid signal effect '{effect}' (one of stop, snapshot, none)")
+        self.effects = {signal.SIGINT: sigint_effect}
+        if hasattr(signal, "SIGHUP"):
+            self.effects[signal.SIGHUP] = sighup_effect
+        self.pending = {sig: False for sig in self.effects}
+        self._previous = {}
+
+    def handle(self, signum, frame=None):
+        if signum == signal.SIGINT and self.pending[signum] and self.effects[signum] != NONE:
+            raise KeyboardInterrupt
+        self.pending[signum] = True
+
+    def check(self):
+        """The requested action since the last call (SIGHUP first, as Caffe)."""
+        for sig in (getattr(signal, "SIGHUP", None), signal.SIGINT):
+            if sig in self.pending and self.pending[sig]:
+                self.pending[sig] = False
+                return self.effects[sig]
+        return NONE
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.effects:
+                self._previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+        return False
+
+
+# -- the solver ------------------------------------------------------------------
+
+class Solver:
+    """Base of the Caffe solvers; subclasses give ``rule`` (see updates.py)
+    and ``history_parts`` (blobs of history per learnable parameter)."""
+
+    type = None
+    history_parts = 1
+    rule = None
+
+    def __init__(self, param_or_path, source=None, xp=None, dtype=numpy.float32):
+        if isinstance(param_or_path, caffe_pb2.SolverParameter):
+            param = caffe_pb2.SolverParameter()
+            param.CopyFrom(param_or_path)
+            self.source = source or "<SolverParameter>"
+            upgrade_solver_param(param, self.source)
+        else:
+            self.source = os.fspath(param_or_path)
+            param = read_solver_param(self.source)
+        self.param = param
+        self.xp = xp if xp is not None else backend.get_array_module()
+        self.dtype = numpy.dtype(dtype)
+        self._check_param()
+        self.sanity_check()
+        self._check_snapshot_prefix()
+        if param.random_seed >= 0:
+            from layers.net import set_random_seed
+
+            set_random_seed(param.random_seed)
+        self.net = self._init_train_net()
+        self.test_nets = self._init_test_nets()
+        for spec in param.weights:
+            self.load_weights(spec)
+        self.iter = 0
+        self.current_step = 0
+        self._init_history()
+        self.requested_early_exit = False
+        self._action_function = None
+        self._losses = []
+        self.smoothed_loss = 0.0
+        self.loss = None
+        self._callbacks = []
+        self.iteration_hooks = []  # called with the solver after each finished iteration
+        log.info("Solver scaffolding done.")
+
+    # -- parameter checks -----------------------------------------------------
+    def _check_param(self):
+        p = self.param
+        if p.average_loss < 1:
+            raise DefinitionError(f"average_loss must be at least 1, got {p.average_loss}", self.source)
+        if p.iter_size < 1:
+            raise DefinitionError(f"iter_size must be at least 1, got {p.iter_size}", self.source)
+        if p.regularization_type not in updates.REGULARIZATION_TYPES:
+            raise DefinitionError(f"unknown regularization_type '{p.regularization_type}' (one of L2, L1)",
+                                  self.source)
+        lr_policy.check_policy(p, self.source)
+
+    def sanity_check(self):
+        """Per-type restrictions (Caffe's constructor_sanity_check)."""
+
+    def _check_snapshot_prefix(self):
+        p = self.param
+        if p.snapshot < 0:
+            raise DefinitionError(f"snapshot must be >= 0, got {p.snapshot}", self.source)
+        if not (p.snapshot or p.snapshot_after_train):
+            return
+        folder = os.path.dirname(p.snapshot_prefix) or "."
+        if not os.path.exists(folder):
+            # unlike Caffe, make the snapshot folder rather than fail on it
+            try:
+                os.makedirs(folder, exist_ok=True)
+                log.info("Created snapshot folder %s", folder)
+            except OSError:
+                pass
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise DefinitionError(f"snapshot_prefix '{p.snapshot_prefix}': cannot write there; make sure the "
+                                  f"folder {folder} exists and is writable", self.source)
+
+    # -- building nets --------------------------------------------------------
+    def _read_net_file(self, path, field):
+        if not os.path.isfile(path):
+            raise DefinitionError(f"{field}: net file '{path}' not found (relative paths are read from the "
+                                  f"current folder, {os.getcwd()})", self.source)
+        return netdef.read_net(path)
+
+    @staticmethod
+    def _embedded_net(message):
+        copy = caffe_pb2.NetParameter()
+        copy.CopyFrom(message)
+        return copy
+
+    def _build_net(self, net_param, phase, extra_state, source):
+        from layers.net import Net
+
+        state = caffe_pb2.NetState()
+        state.phase = phase
+        state.MergeFrom(net_param.state)
+        if extra_state is not None:
+            state.MergeFrom(extra_state)
+        net_param.state.CopyFrom(state)
+        return Net(net_param, phase=state.phase, level=state.level, stages=list(state.stage), xp=self.xp,
+                   dtype=self.dtype, source=source)
+
+    def _init_train_net(self):
+        p = self.param
+        fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+        if len(fields) != 1:
+            how = "none" if not fields else ", ".join(fields)
+            raise DefinitionError(f"give exactly one train net with one of net, net_param, train_net, "
+                                  f"train_net_param (got {how})", self.source)
+        field = fields[0]
+        if field.endswith("_param"):
+            net_param, source = self._embedded_net(getattr(p, field)), f"{self.source} ({field})"
+            log.info("Creating training net specified in %s.", field)
+        else:
+            path = getattr(p, field)
+            net_param, source = self._read_net_file(path, field), path
+            log.info("Creating training net from %s file: %s", field, path)
+        return self._build_net(net_param, caffe_pb2.TRAIN, p.train_state, source)
+
+    def _init_test_nets(self):
+        p = self.param
+        if p.HasField("net") and p.HasField("net_param"):
+            raise DefinitionError("give net or net_param, not both", self.source)
+        generic = p.HasField("net") or p.HasField("net_param")
+        explicit = len(p.test_net_param) + len(p.test_net)
+        if (generic and len(p.test_iter) < explicit) or (not generic and len(p.test_iter) != explicit):
+            raise DefinitionError(f"test_iter must be given once per test net ({explicit} test net(s), "
+                                  f"{len(p.test_iter)} test_iter)", self.source)
+        count = max(explicit, len(p.test_iter)) if generic else explicit
+        if len(p.test_state) and len(p.test_state) != count:
+            raise DefinitionError(f"test_state must be left out or given once per test net ({count} test net(s), "
+                                  f"{len(p.test_state)} test_state)", self.source)
+        if count and p.test_interval <= 0:
+            raise DefinitionError(f"test_interval must be > 0 when there are test nets (got {p.test_interval}; "
+                                  f"remove test_iter to train without testing)", self.source)
+        specs = []  # (net_param, source)
+        for i, message in enumerate(p.test_net_param):
+            specs.append((self._embedded_net(message), f"{self.source} (test_net_param #{i})"))
+        for path in p.test_net:
+            specs.append((self._read_net_file(path, "test_net"), path))
+        for _ in range(count - explicit):
+            if p.HasField("net_param"):
+                specs.append((self._embedded_net(p.net_param), f"{self.source} (net_param)"))
+            else:
+                specs.append((self._read_net_file(p.net, "net"), p.net))
+        nets = []
+        for i, (net_param, source) in enumerate(specs):
+            log.info("Creating test net (#%d) specified by %s", i, source)
+            state = p.test_state[i] if len(p.test_state) else None
+            nets.append(self._build_net(net_param, caffe_pb2.TEST, state, source))
+        return nets
+
+    def load_weights(self, spec):
+        """Copy trained layers from a comma-separated list of weight files
+        (or ``zoo:NAME``) into the train net and every test net, logging
+        which layers were copied, left to their fillers, or ignored.
+        Returns {"copied", "fresh", "ignored"} (layer names) for the train net."""
+        report = {"copied": [], "fresh": [], "ignored": []}
+        for name in (part.strip() for part in spec.split(",")):
+            if not name:
+                continue
+            path = _resolve_weights(name)
+            log.info("Finetuning from %s", name)
+            weights = netdef.read_weights(path)  # read once, copied into every net
+            for net in [self.net, *self.test_nets]:
+                net.copy_trained_layers_from(weights)
+            report = describe_copy(self.net, weights)
+            if report["copied"]:
+                log.info("Copied weights for layers: %s", ", ".join(report["copied"]))
+            if report["fresh"]:
+                log.info("Not in %s, so initialized by their fillers: %s", name, ", ".join(report["fresh"]))
+            if report["ignored"]:
+                log.info("Ignored layers of %s that this net lacks: %s", name, ", ".join(report["ignored"]))
+        return report
+
+    def _init_history(self):
+        params = self.net.learnable_params
+        self.history = [self.xp.zeros(p.shape, dtype=p.data.dtype)
+                        for _ in range(self.history_parts) for p in params]
+
+    # -- actions (signals) ----------------------------------------------------
+    def set_action_function(self, function):
+        """``function()`` -> 'stop' | 'snapshot' | 'none', asked once per iteration."""
+        self._action_function = function
+
+    def requested_action(self):
+        return self._action_function() if self._action_function is not None else NONE
+
+    def add_callback(self, on_start=None, on_gradients_ready=None):
+        """pycaffe's add_callback: called before each iteration's passes and before each update."""
+        self._callbacks.append((on_start, on_gradients_ready))
+
+    # -- the loop -------------------------------------------------------------
+    def _update_smoothed_loss(self, loss, start_iter):
+        average = self.param.average_loss
+        if len(self._losses) < average:
+            self._losses.append(loss)
+            size = len(self._losses)
+            self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
+        else:
+            slot = (self.iter - start_iter) % average
+            self.smoothed_loss += (loss - self._losses[slot]) / average
+            self._losses[slot] = loss
+
+    def step(self, iters):
+        """Run ``iters`` iterations (Caffe's Solver::Step)."""
+        p = self.param
+        start_iter = self.iter
+        stop_iter = self.iter + int(iters)
+        self._losses = []
+        self.smoothed_loss = 0.0
+        timer = time.monotonic()
+        last_iter = self.iter
+        while self.iter < stop_iter:
+            self.net.clear_param_diffs()
+            if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
+                self.test_all()
+                if self.requested_early_exit:
+                    break
+            for on_start, _ in self._callbacks:
+                if on_start is not None:
+                    on_start()
+            display = bool(p.display) and self.iter % p.display == 0
+            loss = 0.0
+            for _ in range(p.iter_size):
+                pass_loss = self.net.forward_backward()
+                if not math.isfinite(pass_loss):
+                    self._diverged(pass_loss)
+                loss += pass_loss
+            loss /= p.iter_size
+            self.loss = loss  # this iteration's loss (mean over iter_size passes)
+            self._update_smoothed_loss(loss, start_iter)
+            if display:
+                now = time.monotonic()
+                lapse = now - timer
+                per_s = (self.iter - last_iter) / (lapse if lapse else 1)
+                log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter, fmt(per_s), fmt(lapse),
+                         p.display, fmt(self.smoothed_loss))
+                timer, last_iter = now, self.iter
+                self._log_outputs(self.net, "Train")
+            for _, on_gradients_ready in self._callbacks:
+                if on_gradients_ready is not None:
+                    on_gradients_ready()
+            self.apply_update()
+            request = self.requested_action()
+            if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
+                self.snapshot()
+            for hook in self.iteration_hooks:
+                hook(self)
+            if request == STOP:
+                self.requested_early_exit = True
+                break
+
+    def _log_outputs(self, net, kind):
+        index = 0
+        for name in net.outputs:
+            weight = float(net.blob_loss_weights.get(name, 0.0))
+            for value in backend.to_numpy(net.blobs[name].data).ravel():
+                note = f" (* {fmt(weight)} = {fmt(weight * value)} loss)" if weight else ""
+                log.info("    %s net output #%d: %s = %s%s", kind, index, name, fmt(value), note)
+                index += 1
+
+    def _diverged(self, loss):
+        where = ""
+        first = self.net.first_nonfinite() if hasattr(self.net, "first_nonfinite") else None
+        if first:
+            layer, blob = first
+            where = f"; first non-finite output: layer '{layer}' (top '{blob}')"
+        saved = ""
+        if self.param.snapshot_prefix:
+            try:
+                model_path, _ = self.snapshot()
+                saved = f"; state before this iteration saved as {model_path}"
+            except OSError as exc:
+                saved = f"; could not save a snapshot: {exc}"
+        raise TrainingDivergedError(f"training diverged: loss = {fmt(loss)} at iteration {self.iter} of "
+                                    f"{self.net.name or 'the train net'}{where}{saved} (try a lower base_lr or "
+                                    f"clip_gradients)")
+
+    def apply_update(self):
+        """Learning rate, clipping, then per parameter normalize/regularize/rule; net.update(); ++iter."""
+        p, xp = self.param, self.xp
+        rate, self.current_step = lr_policy.learning_rate(p, self.iter, self.current_step)
+        rate = float(numpy.float32(rate))
+        if p.display and self.iter % p.display == 0:
+            log.info("Iteration %d, lr = %s", self.iter, fmt(rate))
+        params = self.net.learnable_params
+        clipped = updates.clip_gradients([b.diff for b in params], p.clip_gradients, xp)
+        if clipped:
+            norm, scale = clipped
+            log.info("Gradient clipping: scaling down gradients (L2 norm %s > %s) by scale factor %s", fmt(norm),
+                     fmt(p.clip_gradients), fmt(scale))
+        count = len(params)
+        lrs, decays = self.net.params_lr, self.net.params_weight_decay
+        for i, blob in enumerate(params):
+            diff = blob.diff
+            updates.normalize(diff, p.iter_size)
+            updates.regularize(diff, blob.data, p.weight_decay * decays[i], p.regularization_type, xp)
+            type(self).rule(diff, self.history[i::count], rate * lrs[i], p, self.iter, xp)
+        self.net.update()
+        self.iter += 1
+
+    def solve(self, resume_file=None):
+        """Train to max_iter (Caffe's Solver::Solve)."""
+        p = self.param
+        log.info("Solving %s", self.net.name)
+        log.info("Learning Rate Policy: %s", p.lr_policy)
+        self.requested_early_exit = False
+        if resume_file:
+            log.info("Restoring previous solver status from %s", resume_file)
+            self.restore(resume_file)
+        start_iter = self.iter
+        self.step(p.max_iter - self.iter)
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+            self.snapshot()
+        if self.requested_early_exit:
+            log.info("Optimization stopped early.")
+            return
+        if p.display and self.iter % p.display == 0:
+            loss = self.net.forward()
+            self._update_smoothed_loss(loss, start_iter)
+            log.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
+        if p.test_interval and self.iter % p.test_interval == 0:
+            self.test_all()
+        log.info("Optimization Done.")
+
+    # -- testing --------------------------------------------------------------
+    def test_all(self):
+        for i in range(len(self.test_nets)):
+            if self.requested_early_exit:
+                break
+            self.test(i)
+
+    def test(self, test_net_id=0):
+        """Average each test-net output over test_iter batches and log them; returns {name: [values]}."""
+        p = self.param
+        log.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
+        net = self.test_nets[test_net_id]
+        net.share_trained_layers_with(self.net)
+        batches = p.test_iter[test_net_id]
+        totals = None
+        loss = 0.0
+        for _ in range(batches):
+            request = self.requested_action()
+            while request != NONE:
+                if request == SNAPSHOT:
+                    self.snapshot()
+                elif request == STOP:
+                    self.requested_early_exit = True
+                request = self.requested_action()
+            if self.requested_early_exit:
+                break
+            batch_loss = net.forward()
+            if p.test_compute_loss:
+                loss += batch_loss
+            values = [backend.to_numpy(net.blobs[name].data).astype(numpy.float64).ravel() for name in net.outputs]
+            totals = values if totals is None else [t + v for t, v in zip(totals, values)]
+        if self.requested_early_exit:
+            log.info("Test interrupted.")
+            return None
+        if p.test_compute_loss:
+            log.info("Test loss: %s", fmt(loss / batches))
+        results = {}
+        index = 0
+        for name, total in zip(net.outputs, totals or []):
+            weight = float(net.blob_loss_weights.get(name, 0.0))
+            means = total / batches
+            results[name] = means
+            for mean in means:
+                note = f" (* {fmt(weight)} = {fmt(weight * mean)} loss)" if weight else ""
+                log.info("    Test net output #%d: %s = %s%s", index, name, fmt(mean), note)
+                index += 1
+        return results
+
+    # -- snapshots ------------------------------------------------------------
+    def snapshot(self):
+        """Write PREFIX_iter_N.caffemodel and .solverstate (or .h5); returns both paths."""
+        p = self.param
+        model_path, state_path = snapshots.filenames(p, self.iter)
+        hdf5 = p.snapshot_format == caffe_pb2.SolverParameter.HDF5
+        log.info("Snapshotting to %s %s", "HDF5 file" if hdf5 else "binary proto file", model_path)
+        netdef.write_weights(self.net.to_proto(write_diff=p.snapshot_diff), model_path)
+        state = snapshots.build_state(self.iter, model_path, self.current_step, self.history)
+        log.info("Snapshotting solver state to %s %s", "HDF5 file" if hdf5 else "binary proto file", state_path)
+        netdef.write_solverstate(state, state_path)
+        return model_path, state_path
+
+    def restore(self, state_file):
+        """Load iter, current_step, history and the learned_net weights of a
+        .solverstate (binary or .h5), ours or real Caffe's."""
+        state_file = os.fspath(state_file)
+        state = snapshots.read_state(state_file)
+        self.iter = state.iter
+        if state.HasField("learned_net") and state.learned_net:
+            self.net.copy_trained_layers_from(snapshots.resolve_learned_net(state.learned_net, state_file))
+        self.current_step = state.current_step
+        if len(state.history) != len(self.history):
+            raise DefinitionError(f"holds {len(state.history)} history blobs but this {self.type} solver on this net "
+                                  f"needs {len(self.history)} (written by another solver type or net?)", state_file)
+        log.info("%sSolver: restoring history", self.type)
+        for i, (target, blob) in enumerate(zip(self.history, state.history)):
+            array = netdef.blob_to_array(blob)
+            if array.size != target.size:
+                raise DefinitionError(f"history blob #{i} has shape {tuple(array.shape)}, the parameter has "
+                                      f"{tuple(target.shape)}", state_file)
+            target[...] = self.xp.asarray(array.reshape(target.shape), dtype=target.dtype)
+
+
+def describe_copy(net, weights):
+    """Which layers of ``net`` with parameters a NetParameter of weights covers."""
+    source = {layer.name for layer in weights.layer if len(layer.blobs)}
+    with_params = [name for name, layer in zip(net.layer_names, net.layers) if layer.blobs]
+    return {"copied": [n for n in with_params if n in source],
+            "fresh": [n for n in with_params if n not in source],
+            "ignored": [layer.name for layer in weights.layer
+                        if len(layer.blobs) and layer.name not in set(net.layer_names)]}
+
+
+def _resolve_weights(name):
+    if name.startswith("zoo:"):
+        import zoo
+
+        resolve = getattr(zoo, "resolve_weights", None)
+        if resolve is None:
+            raise DefinitionError(f"'{name}': this brewnet has no model zoo support")
+        return resolve(name)
+    if not os.path.isfile(name):
+        raise DefinitionError("weights file not found", name)
+    return name
+
+
+# -- the solver types ------------------------------------------------------------
+
+class SGDSolver(Solver):
+    type = "SGD"
+    rule = staticmethod(updates.sgd)
+
+
+class NesterovSolver(SGDSolver):
+    type = "Nesterov"
+    rule = staticmethod(updates.nesterov)
+
+
+class AdaGradSolver(SGDSolver):
+    type = "AdaGrad"
+    rule = staticmethod(updates.adagrad)
+
+    def sanity_check(self):
+        if self.param.momentum != 0:
+            raise DefinitionError("momentum cannot be used with AdaGrad (remove it)", self.source)
+
+
+class RMSPropSolver(SGDSolver):
+    type = "RMSProp"
+    rule = staticmethod(updates.rmsprop)
+
+    def sanity_check(self):
+        if self.param.momentum != 0:
+            raise DefinitionError("momentum cannot be used with RMSProp (remove it; rms_decay is its decay)",
+                                  self.source)
+        if not 0 <= self.param.rms_decay < 1:
+            raise DefinitionError(f"rms_decay must be in [0, 1), got {self.param.rms_decay:g}", self.source)
+
+
+class AdaDeltaSolver(SGDSolver):
+    type = "AdaDelta"
+    history_parts = 2  # gradient and update averages; Caffe stores the second after the first
+    rule = staticmethod(updates.adadelta)
+
+
+class AdamSolver(SGDSolver):
+    type = "Adam"
+    history_parts = 2  # first and second moments, in that order
+    rule = staticmethod(updates.adam)
+
+
+SOLVER_TYPES = {cls.type: cls for cls in (SGDSolver, NesterovSolver, AdaGradSolver, RMSPropSolver,
+                                          AdaDeltaSolver, AdamSolver)}
+
+
+def get_solver(path_or_param, **kwargs):
+    """The solver the ``type`` field names (default SGD), like caffe.get_solver."""
+    if isinstance(path_or_param, caffe_pb2.SolverParameter):
+        param = upgrade_solver_param(_copy(path_or_param), kwargs.get("source"))
+        source = kwargs.pop("source", None) or "<SolverParameter>"
+    else:
+        source = os.fspath(path_or_param)
+        param = read_solver_param(source)
+    cls = SOLVER_TYPES.get(param.type)
+    if cls is None:
+        raise DefinitionError(f"type: unknown solver type '{param.type}' (one of {', '.join(SOLVER_TYPES)})", source)
+    return cls(param, source=source, **kwargs)
+
+
+def _copy(param):
+    copy = caffe_pb2.SolverParameter()
+    copy.CopyFrom(param)
+    return copy
