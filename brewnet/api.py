@@ -141,10 +141,13 @@ class Net:
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not {what} of net '{self.name}' "
                              f"({what}: {', '.join(allowed) or 'none'})")
+        from layers.backend import to_numpy
+
         xp, dtype = self._net.xp, self._net.dtype
         for name, value in arrays.items():
             blob = self.blobs[name]
-            value = xp.asarray(value, dtype=dtype)
+            # numpy or cupy in, the net's device out (a CPU net fed cupy arrays copies them to the host)
+            value = xp.asarray(to_numpy(value) if xp is numpy else value, dtype=dtype)
             if attr == "data" and value.shape != blob.shape:
                 blob.reshape(value.shape)  # a new batch size or image size: the forward reshapes the rest
             elif value.shape != blob.shape:
@@ -186,7 +189,7 @@ class Net:
         batch = self.blobs[next(iter(kwargs))].shape[0] or total
         chunks = collections.defaultdict(list)
         for begin in range(0, total, batch):
-            part = {k: numpy.asarray(v[begin:begin + batch]) for k, v in kwargs.items()}
+            part = {k: to_numpy(v[begin:begin + batch]) for k, v in kwargs.items()}
             n = len(next(iter(part.values())))
             if n < batch:  # pad the last batch to the net's size, dropped below
                 part = {k: numpy.concatenate([v, numpy.zeros((batch - n,) + v.shape[1:], v.dtype)])
@@ -212,7 +215,7 @@ class Net:
         layer = self.layers[0] if self.layers else None
         if layer is None or layer.type != "MemoryData":
             raise ValueError(f"net '{self.name}': set_input_arrays needs a MemoryData layer first")
-        labels = numpy.asarray(labels)
+        labels = labels if hasattr(labels, "device") else numpy.asarray(labels)  # cupy labels stay on the GPU
         if labels.ndim == 1:
             labels = labels.reshape(-1, 1, 1, 1)
         return layer.set_input_arrays(data, labels)

@@ -32,6 +32,8 @@ class Blob:
         self._set_array("_diff", value)
 
     def _set_array(self, attr, value):
+        if self.xp is numpy:
+            value = backend.to_numpy(value)  # a cupy array given to a CPU blob comes to the host
         value = self.xp.asarray(value, dtype=self.dtype)
         if value.shape != self.data.shape:
             raise ValueError(f"blob {self.name or ''} has shape {self.shape}, got an array of shape {value.shape}")
