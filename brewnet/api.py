@@ -21,17 +21,10 @@ from netdef.errors import DefinitionError
 
 
 def _resolve(spec, what):
-    """Turn ``zoo:NAME`` into a path through the zoo package."""
-    if not (isinstance(spec, str) and spec.startswith("zoo:")):
-        return spec
-    try:
-        import zoo
-    except ImportError:
-        zoo = None
-    resolver = getattr(zoo, f"resolve_{what}", None)
-    if resolver is None:
-        raise DefinitionError(f"{spec}: zoo models need the brewnet zoo package (zoo.resolve_{what} is missing)")
-    return resolver(spec)
+    """Turn ``zoo:NAME`` into a path (the zoo's deploy prototxt or verified weights)."""
+    import zoo
+
+    return zoo.resolve_model(spec) if what == "model" else zoo.resolve_weights(spec)
 
 
 def _parse_args(args, weights, phase):

@@ -522,13 +522,10 @@ def describe_copy(net, weights):
 
 
 def _resolve_weights(name):
-    if name.startswith("zoo:"):
-        import zoo
+    import zoo
 
-        resolve = getattr(zoo, "resolve_weights", None)
-        if resolve is None:
-            raise DefinitionError(f"'{name}': this brewnet has no model zoo support")
-        return resolve(name)
+    if zoo.is_zoo_spec(name):
+        return zoo.resolve_weights(name)
     if not os.path.isfile(name):
         raise DefinitionError("weights file not found", name)
     return name

@@ -57,8 +57,10 @@ def fetch_cmd(name, url, timeout):
     if present and model.sha1_ok(present):
         click.echo(f"{model.key}: weights already present and verified at {present}")
         return
-    dest = zoo_lib.download(url or model.meta["caffemodel_url"], model.cached_weights, model.meta["sha1"],
-                            timeout=timeout)
+    url = url or str(model.meta["caffemodel_url"])
+    if "://" not in url:  # a path relative to the model folder (bundled models use this)
+        url = (model.folder / url).resolve().as_uri()
+    dest = zoo_lib.download(url, model.cached_weights, model.meta["sha1"], timeout=timeout)
     click.echo(f"{model.key}: fetched {dest} (sha1 verified)")
 
 
