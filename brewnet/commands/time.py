@@ -38,8 +38,16 @@ def time_cmd(model, iterations, phase, level, stage, weights, gpu):
         backend.set_mode_cpu()
     from brewnet.api import _resolve
 
-    net = Net(str(_resolve(model, "model")), phase=caffe_pb2.TRAIN if phase.lower() == "train" else caffe_pb2.TEST,
-              level=level, stages=list(stage) or None)
+    import netdef
+
+    source = str(_resolve(model, "model"))
+    net_param = netdef.read_net(source)
+    phase_value = caffe_pb2.TRAIN if phase.lower() == "train" else caffe_pb2.TEST
+    net = Net(net_param, phase=phase_value, level=level, stages=list(stage) or None, source=source)
+    if not any(net.layer_need_backward):
+        # a deploy net has no loss: time the backward a training net would run
+        net_param.force_backward = True
+        net = Net(net_param, phase=phase_value, level=level, stages=list(stage) or None, source=source)
     if weights:
         net.copy_trained_layers_from(str(_resolve(weights, "weights")))
 
