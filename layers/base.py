@@ -23,6 +23,10 @@ class Layer:
     max_tops = None
     # loss layers get loss_weight 1 on their first top unless the prototxt says otherwise
     is_loss = False
+    # True (or a property that is True) where forward draws from self.rng: the
+    # default resume_state then saves the generator, so a resumed run draws alike
+    rng_in_forward = False
+
     # True for layers whose backward is meaningless w.r.t. some bottoms (labels, indices)
     def allow_force_backward(self, bottom_index):
         return True
@@ -82,5 +86,29 @@ class Layer:
         """Write bottom diffs where propagate_down[i]; accumulate param diffs."""
         raise NotImplementedError(f"{type(self).__name__}.backward")
 
+    # -- exact resume (brewnet's addition; Caffe saves none of this) ------------
+    def resume_state(self):
+        """What the next forward depends on beyond the learnable blobs (data
+        positions, random generators, carried hidden state), as a JSON-able
+        dict; None for a stateless layer. Saved beside solver snapshots."""
+        if self.rng_in_forward:
+            return {"rng": self.rng.bit_generator.state}
+        return None
+
+    def restore_resume_state(self, state):
+        """Put back what ``resume_state`` returned (in a freshly built net)."""
+        if self.rng_in_forward and state and "rng" in state:
+            set_rng_state(self.rng, state["rng"], self.name)
+
     def __repr__(self):
         return f"<{self.type} layer {self.name!r}>"
+
+
+def set_rng_state(rng, state, name="?"):
+    """Restore a numpy Generator from ``rng.bit_generator.state`` (as saved in JSON)."""
+    try:
+        rng.bit_generator.state = state
+    except (TypeError, ValueError, KeyError) as exc:
+        from netdef import DefinitionError
+
+        raise DefinitionError(f"layer {name!r}: cannot restore its random generator state ({exc})") from None

@@ -6,6 +6,11 @@ Data, ImageData and WindowData build whole batches in a background thread
 records of a batch into one array, transform it at once (layers/transformer.py),
 queue it. forward only copies a ready batch into the tops. The loader thread
 holds no reference to the layer, so a dropped layer stops its thread.
+
+Exact resume: each queued batch carries the reader state (position, random
+generators) reached after it, so ``resume_state`` describes the next batch
+forward will DELIVER, not the loader's read-ahead; ``restore_resume_state``
+stops the loader, repositions it and starts it again.
 """
 
 import os
@@ -18,7 +23,7 @@ import numpy
 
 from netdef import DefinitionError, caffe_pb2
 
-from .base import Layer
+from .base import Layer, set_rng_state
 from .db import DBReader, datums_to_batch, read_image, read_list_file, read_mean_file, resize_linear
 from .registry import register
 from .transformer import DataTransformer
@@ -73,10 +78,36 @@ class _Prefetcher:
     def close(self):
         self.stop.set()
 
+    def join(self):
+        """Stop and wait for the thread (it finishes the batch it is loading)."""
+        self.close()
+        self.thread.join()
+
+
+def _rng_state(rng):
+    return rng.bit_generator.state
+
+
+def _seek(reader, current, target):
+    """Move a cycling DBReader from record index ``current`` to ``target``."""
+    size = len(reader)
+    target %= size
+    if target < current:  # back to the first record rather than round the cycle
+        if reader.backend == "lmdb":
+            reader.cursor.first()
+        else:
+            reader._iter = None  # value() restarts the iteration
+        current = 0
+    for _ in range(target - current):
+        reader.next()
+    return target
+
 
 class _PrefetchingDataLayer(Layer):
-    """Shared part of the prefetching layers: subclasses build ``self._load`` (a
-    callable returning (data, labels) numpy arrays) and ``self._shapes``."""
+    """Shared part of the prefetching layers: subclasses call ``_start`` with
+    ``load`` (a callable returning (data, labels) numpy arrays), ``capture``
+    (-> the loader's JSON-able state now) and ``apply`` (state -> reposition
+    the loader), and set ``self._shapes``. None of them may refer to the layer."""
 
     exact_bottoms = 0
     min_tops = 1
@@ -88,9 +119,30 @@ class _PrefetchingDataLayer(Layer):
     def _transformer(self):
         return DataTransformer(self.param.transform_param, self.phase, _child_rng(self.rng), self.dtype, self.name)
 
-    def _start(self, load, depth):
-        self._prefetcher = _Prefetcher(load, depth)
+    def _start(self, load, depth, capture, apply):
+        def load_with_state():
+            data, labels = load()
+            return data, labels, capture()
+
+        self._load_with_state, self._depth, self._apply = load_with_state, depth, apply
+        self._delivered = capture()  # the state the next delivered batch starts from
+        self._run_prefetcher()
+
+    def _run_prefetcher(self):
+        self._prefetcher = _Prefetcher(self._load_with_state, self._depth)
         weakref.finalize(self, self._prefetcher.close)
+
+    def resume_state(self):
+        return self._delivered
+
+    def restore_resume_state(self, state):
+        self._prefetcher.join()  # no read-ahead may run while the loader is moved
+        try:
+            self._apply(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _error(self, f"cannot restore the saved data position ({exc})") from None
+        self._delivered = state
+        self._run_prefetcher()
 
     def reshape(self, bottom, top):
         data_shape, label_shape = self._shapes
@@ -99,7 +151,7 @@ class _PrefetchingDataLayer(Layer):
             top[1].reshape(label_shape)
 
     def forward(self, bottom, top):
-        data, labels = self._prefetcher.get()
+        data, labels, self._delivered = self._prefetcher.get()
         _copy_to_top(top[0], data)
         if len(top) > 1:
             _copy_to_top(top[1], labels)
@@ -124,10 +176,10 @@ class DataLayer(_PrefetchingDataLayer):
             raise _error(self, "data_param.batch_size must be positive")
         backend = "lmdb" if p.backend == caffe_pb2.DataParameter.LMDB else "leveldb"
         reader = DBReader(p.source, backend, what=f"layer {self.name!r} ({self.type})")
+        position = [0]  # index of the reader's current record
         if p.rand_skip:
             skip = int(self.rng.integers(0, p.rand_skip))
-            for _ in range(skip % len(reader)):
-                reader.next()
+            position[0] = _seek(reader, 0, skip)
         transform = self._transformer()
         what = f"layer {self.name!r} ({self.type})"
         first = _datum_batch([reader.value()], transform, what, p.source)
@@ -138,10 +190,21 @@ class DataLayer(_PrefetchingDataLayer):
 
         def load():
             records = reader.take(batch_size)
+            position[0] = (position[0] + batch_size) % len(reader)
             data, labels = _datum_batch(records, transform, what, p.source, labels=True)
             return transform(data), labels.astype(dtype)
 
-        self._start(load, p.prefetch)
+        def capture():
+            return {"position": position[0], "records": len(reader), "transform_rng": _rng_state(transform.rng)}
+
+        def apply(state):
+            if state["records"] != len(reader):
+                raise ValueError(f"saved for a source of {state['records']} records, {p.source} has {len(reader)}")
+            position[0] = _seek(reader, position[0], state["position"])
+            set_rng_state(transform.rng, state["transform_rng"], name)
+
+        name = self.name
+        self._start(load, p.prefetch, capture, apply)
 
 
 def _datum_batch(records, transform, what, source, labels=False):
@@ -173,6 +236,8 @@ class ImageDataLayer(_PrefetchingDataLayer):
             raise _error(self, f"image list {p.source or '(source not set)'} does not exist")
         lines = read_list_file(p.source, f"layer {self.name!r}")
         rng = _child_rng(self.rng)
+        # rng only draws the permutations: its state before the current one regenerates it
+        order_rng = _rng_state(rng)
         order = rng.permutation(len(lines)) if p.shuffle else numpy.arange(len(lines))
         position = 0
         if p.rand_skip:
@@ -194,7 +259,7 @@ class ImageDataLayer(_PrefetchingDataLayer):
         c, h, w = transform.output_shape(first.shape[2], first.shape[0], first.shape[1])
         batch_size = int(p.batch_size)
         self._shapes = ((batch_size, c, h, w), (batch_size,))
-        state = {"order": order, "pos": position}
+        state = {"order": order, "pos": position, "order_rng": order_rng}
         dtype = self.dtype
 
         def load():
@@ -205,6 +270,7 @@ class ImageDataLayer(_PrefetchingDataLayer):
                 if state["pos"] >= len(lines):  # epoch done: start over, reshuffled
                     state["pos"] = 0
                     if p.shuffle:
+                        state["order_rng"] = _rng_state(rng)
                         state["order"] = rng.permutation(len(lines))
             images = [read(i) for i in picks]
             for i, img in zip(picks, images):
@@ -216,7 +282,22 @@ class ImageDataLayer(_PrefetchingDataLayer):
             labels = numpy.array([lines[i][1] for i in picks], dtype=dtype)
             return transform(batch), labels
 
-        self._start(load, self.param.data_param.prefetch)
+        def capture():
+            return {"position": state["pos"], "images": len(lines),
+                    "order_rng": state["order_rng"] if p.shuffle else None,
+                    "transform_rng": _rng_state(transform.rng)}
+
+        def apply(saved):
+            if saved["images"] != len(lines) or not 0 <= saved["position"] < len(lines):
+                raise ValueError(f"saved for a list of {saved['images']} images, {p.source} has {len(lines)}")
+            if p.shuffle:
+                set_rng_state(rng, saved["order_rng"], name)
+                state["order_rng"] = saved["order_rng"]
+                state["order"] = rng.permutation(len(lines))
+            state["pos"] = int(saved["position"])
+            set_rng_state(transform.rng, saved["transform_rng"], name)
+
+        self._start(load, self.param.data_param.prefetch, capture, apply)
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +368,13 @@ class WindowDataLayer(_PrefetchingDataLayer):
                     item += 1
             return out.astype(dtype, copy=False), labels
 
-        self._start(load, self.param.data_param.prefetch)
+        def capture():
+            return {"rng": _rng_state(rng)}
+
+        def apply(state):
+            set_rng_state(rng, state["rng"], name)
+
+        self._start(load, self.param.data_param.prefetch, capture, apply)
 
     def _read_window_file(self, p):
         """[(path, (c, h, w))], fg and bg windows as (image_index, label, overlap, x1, y1, x2, y2)."""
@@ -396,6 +483,7 @@ class HDF5DataLayer(Layer):
         self.shuffle = bool(p.shuffle)
         self.file_order = self.rng.permutation(len(self.files)) if self.shuffle else numpy.arange(len(self.files))
         self.current_file = 0
+        self._loaded = None  # index into self.files of the file in self.arrays
         self._load(self.file_order[0])
         self.current_row = 0
         self.batch_size = int(p.batch_size)
@@ -422,8 +510,39 @@ class HDF5DataLayer(Layer):
         if arrays[0].shape[0] == 0:
             raise _error(self, f"HDF5 file {path} holds no rows")
         self.arrays = arrays
+        self._loaded = int(index)
         self.rows = arrays[0].shape[0]
         self.row_order = self.rng.permutation(self.rows) if self.shuffle else numpy.arange(self.rows)
+
+    def resume_state(self):
+        state = {"files": len(self.files), "current_file": int(self.current_file),
+                 "current_row": int(self.current_row), "rows": int(self.rows)}
+        if self.shuffle:  # the permutations in use and the generator that draws the next ones
+            state.update(file_order=[int(i) for i in self.file_order], row_order=[int(i) for i in self.row_order],
+                         rng=self.rng.bit_generator.state)
+        return state
+
+    def restore_resume_state(self, state):
+        try:
+            if state["files"] != len(self.files):
+                raise ValueError(f"saved for {state['files']} files, {self.param.hdf5_data_param.source} "
+                                 f"lists {len(self.files)}")
+            if ("rng" in state) != self.shuffle:
+                raise ValueError("saved with shuffle " + ("on" if "rng" in state else "off"))
+            file_order = numpy.asarray(state["file_order"] if self.shuffle else self.file_order, dtype=numpy.int64)
+            index = int(file_order[state["current_file"]])
+            if index != self._loaded:
+                self._load(index)
+            if state["rows"] != self.rows or not 0 <= state["current_row"] < self.rows:
+                raise ValueError(f"saved for {state['rows']} rows in {self.files[index]}, it has {self.rows}")
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise _error(self, f"cannot restore the saved data position ({exc})") from None
+        self.file_order = file_order
+        self.current_file = int(state["current_file"])
+        self.current_row = int(state["current_row"])
+        if self.shuffle:
+            self.row_order = numpy.asarray(state["row_order"], dtype=numpy.int64)
+            set_rng_state(self.rng, state["rng"], self.name)
 
     def reshape(self, bottom, top):
         for t, a in zip(top, self.arrays):
@@ -522,6 +641,7 @@ class MemoryDataLayer(Layer):
         self._transform = None
         self.data = self.labels = None
         self.n = self.pos = 0
+        self._pending_pos = None
 
     def reshape(self, bottom, top):
         top[0].reshape((self.batch_size,) + self.shape)
@@ -547,7 +667,7 @@ class MemoryDataLayer(Layer):
                           "set_input_arrays/reset (as Caffe); use add_arrays to transform", stacklevel=2)
         self.data = self.xp.asarray(data[:n], dtype=self.dtype)
         self.labels = self.xp.asarray(labels[:n], dtype=self.dtype).reshape(n)
-        self.n, self.pos = n, 0
+        self.n, self.pos = n, self._take_pending(n)
 
     def set_input_arrays(self, data, labels):
         """pycaffe's Net.set_input_arrays for this layer: (N, C, H, W) data, N labels."""
@@ -564,7 +684,31 @@ class MemoryDataLayer(Layer):
         self._check(transformed, labels, transformed.shape[0])
         self.data = self.xp.asarray(transformed)
         self.labels = self.xp.asarray(labels, dtype=self.dtype).reshape(-1)
-        self.n, self.pos = transformed.shape[0], 0
+        self.n = transformed.shape[0]
+        self.pos = self._take_pending(self.n)
+
+    def _take_pending(self, n):
+        position, self._pending_pos = self._pending_pos, None
+        return 0 if position is None else position % n
+
+    def resume_state(self):
+        state = {"position": int(self.pos)}
+        if self._transform is not None:
+            state["transform_rng"] = self._transform.rng.bit_generator.state
+        return state
+
+    def restore_resume_state(self, state):
+        """The position in the arrays (the same arrays must be given, before or after)."""
+        position = int(state.get("position", 0))
+        if self.n:
+            self.pos = position % self.n
+        else:  # no arrays yet: the first ones given start there
+            self._pending_pos = position
+        if "transform_rng" in state:
+            if self._transform is None:
+                self._transform = DataTransformer(self.param.transform_param, self.phase, _child_rng(self.rng),
+                                                  self.dtype, self.name)
+            set_rng_state(self._transform.rng, state["transform_rng"], self.name)
 
     def forward(self, bottom, top):
         if self.data is None:

@@ -581,6 +581,31 @@ class Net:
                 logger.info("    [Backward] Layer %s, bottom blob %s diff: %g", self.layer_names[i],
                             self.blob_names[b], float(abs(blob.diff).mean()))
 
+    # -- exact resume ------------------------------------------------------------------
+    def resume_state(self):
+        """{layer name: state} of the layers whose next forward depends on more
+        than their blobs (data positions, random generators, carried state)."""
+        states = {}
+        for name, layer in zip(self.layer_names, self.layers):
+            get = getattr(layer, "resume_state", None)  # Python layers may lack it
+            state = get() if get is not None else None
+            if state is not None:
+                states[name] = state
+        return states
+
+    def restore_resume_state(self, states):
+        """Apply what ``resume_state`` returned; returns the names of saved
+        layers this net lacks (their state is dropped)."""
+        missing = []
+        for name, state in states.items():
+            index = self._layer_index.get(name)
+            restore = getattr(self.layers[index], "restore_resume_state", None) if index is not None else None
+            if restore is None:
+                missing.append(name)
+            else:
+                restore(state)
+        return missing
+
     # -- weights -------------------------------------------------------------------
     def copy_trained_layers_from(self, weights):
         """Copy parameters from a weights file (binary or HDF5) or NetParameter,

@@ -351,6 +351,8 @@ class Dropout(_Neuron):
     TEST: identity. The mask is drawn on the host from self.rng.
     """
 
+    rng_in_forward = True  # the masks: saved with snapshots for exact resume
+
     def configure(self):
         ratio = self.param.dropout_param.dropout_ratio
         if not 0 <= ratio < 1:

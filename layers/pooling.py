@@ -72,33 +72,113 @@ class PoolCore:
         return xp.asarray(numpy.outer(*sizes).astype(dtype))
 
     # -- forward -------------------------------------------------------------
+    def _clipped_offsets(self):
+        """Per kernel offset: (index, output slice, input slice) over the windows whose element at
+        that offset lies inside the image (all of them when the windows tile the image)."""
+        if getattr(self, "_clipped", None) is None:
+            per_axis = []
+            for k_, s_, p_, n, o in zip(self.k, self.s, self.p, self.in_hw, self.out_hw):
+                axis = []
+                for i in range(k_):
+                    a = max(0, -(-(p_ - i) // s_))  # first output whose input row o*s - p + i >= 0
+                    b = min(o, (n - 1 + p_ - i) // s_ + 1)  # one past the last with row < n
+                    start = a * s_ - p_ + i
+                    axis.append((slice(a, b), slice(start, start + (b - a - 1) * s_ + 1, s_)) if b > a else None)
+                per_axis.append(axis)
+            kw = self.k[1]
+            self._clipped = [(i * kw + j, (Ellipsis, ah[0], aw[0]), (Ellipsis, ah[1], aw[1]))
+                             for i, ah in enumerate(per_axis[0]) if ah
+                             for j, aw in enumerate(per_axis[1]) if aw]
+        return self._clipped
+
+    def _max_sources(self, x):
+        """(offset index, output slice, input view) per kernel offset, for MAX pooling.
+
+        Strided reads are several times slower than contiguous ones in numpy, and so are
+        ufuncs over partial views. Unless the windows tile the image exactly, the input is
+        copied once into its stride phases (-inf padded: xpad[..., a::sh, b::sw]), so every
+        offset reads one phase with unit stride and covers the whole output.
+        """
+        xp = self.xp
+        (sh, sw), (kh, kw), (ph, pw) = self.s, self.k, self.p
+        if self.trivial and kh <= sh and kw <= sw:
+            return [(o, osl, x[isl]) for o, osl, isl in self._clipped_offsets()]
+        (H, W), (oh, ow) = self.in_hw, self.out_hw
+        shape = (sh, sw) + x.shape[:2] + (-(-self.hw_p[0] // sh), -(-self.hw_p[1] // sw))
+        if self._buf is None or self._buf.shape != shape or self._buf.dtype != x.dtype:
+            # the border (padding, ceil overhang) is never written again: -inf once
+            self._buf = xp.full(shape, -numpy.inf, dtype=x.dtype)
+        phases = self._buf
+        for a in range(sh):
+            r0 = (a - ph) % sh  # first input row that lands in phase a
+            for b in range(sw):
+                c0 = (b - pw) % sw
+                src = x[..., r0::sh, c0::sw]
+                rows = slice((r0 + ph) // sh, (r0 + ph) // sh + src.shape[-2])
+                cols = slice((c0 + pw) // sw, (c0 + pw) // sw + src.shape[-1])
+                phases[a, b, :, :, rows, cols] = src
+        full = (Ellipsis, slice(None), slice(None))
+        return [(i * kw + j, full, phases[i % sh, j % sw, :, :, i // sh:i // sh + oh, j // sw:j // sw + ow])
+                for i in range(kh) for j in range(kw)]
+
     def forward_max(self, x, y):
         """Window maxima; the argmax is found later, only if a mask or a gradient is asked for."""
         xp = self.xp
-        src = self._padded(x, -numpy.inf)
-        for o, sl in self._offsets():
-            if o == 0:
-                y[...] = src[sl]
+        sources = self._max_sources(x)
+        if sources[0][0] != 0 or sources[0][1] != (Ellipsis, slice(None), slice(None)):
+            y.fill(-numpy.inf)  # some windows miss some offsets
+        for n, (o, osl, src) in enumerate(sources):
+            if n == 0 and y[osl].shape == y.shape:
+                xp.copyto(y, src)
             else:
-                xp.maximum(y, src[sl], out=y)
+                yv = y[osl]
+                xp.maximum(yv, src, out=yv)
         # a private copy: an in-place layer after this one (ReLU) may change y before backward
         if self._max is None or self._max.shape != y.shape or self._max.dtype != y.dtype:
             self._max = xp.empty_like(y)
         xp.copyto(self._max, y)
-        self._src, self.idx = src, None
+        self._sources, self.idx = sources, None
 
     def argmax(self):
         """Offset of the first maximum of each window in row-major order (Caffe's strict '>')."""
         if self.idx is None:
             xp, y = self.xp, self._max
-            idx = xp.full(y.shape, -1, dtype=numpy.int32)
+            # offsets in reverse, each overwriting where it holds the maximum: the first one wins.
+            # Plain arithmetic (idx += (o - idx) * hit) vectorizes; masked copies do not.
+            idx = xp.zeros(y.shape, dtype=numpy.int32)
             hit = xp.empty(y.shape, dtype=bool)
-            for o, sl in self._offsets():
-                xp.equal(self._src[sl], y, out=hit)
-                hit &= idx < 0
-                xp.copyto(idx, o, where=hit)
+            step = xp.empty(y.shape, dtype=numpy.int32)
+            for o, osl, src in reversed(self._sources):
+                h, iv, st = hit[osl], idx[osl], step[osl]
+                xp.equal(src, y[osl], out=h)
+                xp.subtract(numpy.int32(o), iv, out=st)
+                st *= h
+                iv += st
             self.idx = idx
         return self.idx
+
+    def _flat_index(self, idx):
+        """Flat index into the (N, C, H, W) input of the input element chosen by each window."""
+        xp = self.xp
+        (H, W), (oh, ow), kw = self.in_hw, self.out_hw, self.k[1]
+        n, c = idx.shape[:2]
+        itype = numpy.int32 if n * c * H * W < 2 ** 31 else numpy.int64
+        key = (idx.shape, itype)
+        if getattr(self, "_flat_key", None) != key:
+            (sh, sw), (ph, pw) = self.s, self.p
+            rows = numpy.arange(oh) * sh - ph
+            cols = numpy.arange(ow) * sw - pw
+            base = (numpy.arange(n * c).reshape(n, c, 1, 1) * (H * W) + (rows[:, None] * W + cols)[None, None])
+            self._flat_base = xp.asarray(base.astype(itype))
+            offs = [i * W + j for i in range(self.k[0]) for j in range(kw)]
+            self._flat_offs = xp.asarray(numpy.array(offs, dtype=itype))
+            self._flat_key = key
+        flat = xp.take(self._flat_offs, idx)
+        flat += self._flat_base
+        if any(self.p):
+            # a window without any match (NaN input) keeps offset 0, which padding may put outside
+            xp.clip(flat, 0, n * c * H * W - 1, out=flat)
+        return flat.reshape(-1)
 
     def mask(self, dtype):
         """Caffe's top mask: flat index h*W+w of each maximum in its input plane."""
@@ -174,6 +254,16 @@ class PoolCore:
     def backward_argmax(self, dy, dx):
         xp = self.xp
         idx = self.argmax() if self.method == P.MAX else self.idx
+        if self.method == P.MAX and dx.flags.c_contiguous and dy.flags.c_contiguous:
+            # one scatter of dy onto the flat input index of each window's maximum
+            flat = self._flat_index(idx)
+            dxf = dx.reshape(-1)
+            dxf.fill(0)
+            if all(k_ <= s_ for k_, s_ in zip(self.k, self.s)):
+                dxf[flat] = dy.reshape(-1)  # windows do not overlap: no index repeats
+            else:
+                xp.add.at(dxf, flat, dy.reshape(-1))
+            return
         zero = xp.zeros((), dtype=dy.dtype)
         self._scatter(dx, ((sl, xp.where(idx == o, dy, zero)) for o, sl in self._offsets()))
 
@@ -220,6 +310,8 @@ class Pooling(Layer):
     exact_bottoms = 1
     min_tops = 1
     max_tops = 2  # MAX may output the argmax mask as a second top
+    # STOCHASTIC draws from self.rng: its state is saved for exact resume (layers/base.py)
+    rng_in_forward = property(lambda self: getattr(self, "method", None) == P.STOCHASTIC)
 
     def setup(self, bottom, top):
         pp = self.param.pooling_param
@@ -289,6 +381,7 @@ class SPP(Layer):
 
     exact_bottoms = 1
     exact_tops = 1
+    rng_in_forward = Pooling.rng_in_forward
 
     def setup(self, bottom, top):
         sp = self.param.spp_param

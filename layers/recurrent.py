@@ -23,8 +23,11 @@ gradient and the h_T/c_T top diffs are ignored). Here they take part in the
 gradient like any other blob. Without expose_hidden the results are identical.
 """
 
+import numpy
+
 from netdef import DefinitionError
 
+from .backend import to_numpy
 from .base import Layer
 from .fillers import fill
 from .registry import register
@@ -90,6 +93,21 @@ class _Recurrent(Layer):
 
     def allow_force_backward(self, bottom_index):
         return bottom_index != 1  # never to the sequence indicators
+
+    # -- exact resume: the state carried to the next forward -----------------------
+    def resume_state(self):
+        if self.expose_hidden or self._state is None:
+            return None  # exposed states arrive through the bottoms
+        return {"state": [to_numpy(a).tolist() for a in self._state]}
+
+    def restore_resume_state(self, state):
+        if self.expose_hidden or not state:
+            return
+        arrays = [numpy.asarray(a, dtype=self.dtype) for a in state["state"]]
+        if len(arrays) != self.n_states or any(a.ndim != 2 or a.shape[1] != self.num_output for a in arrays):
+            self._fail(f"saved recurrent state has shapes {[a.shape for a in arrays]}, expected "
+                       f"{self.n_states} of (N, {self.num_output})")
+        self._state = tuple(self.xp.asarray(a) for a in arrays)
 
     def _fail(self, message):
         raise DefinitionError(f"layer {self.name!r} ({self.type}): {message}")

@@ -5,8 +5,16 @@ A snapshot is two files, ``PREFIX_iter_N.caffemodel`` and
 snapshot_format: HDF5). netdef writes each atomically (temp file + rename),
 so an interrupted snapshot never leaves a half-written file under either
 name and earlier snapshots stay intact.
+
+Beside the state, brewnet writes ``<state file>.resume.json``: the data
+readers' positions, the layers' random generator states, carried recurrent
+state and the smoothed-loss window, none of which Caffe saves. Resuming with
+it continues exactly as the uninterrupted run; without it (a state written by
+Caffe) resuming behaves as Caffe's (data from the beginning). Caffe never
+reads the sidecar, so the two snapshot files stay Caffe's own.
 """
 
+import json
 import os
 
 import numpy
@@ -58,3 +66,37 @@ def read_state(path):
     if not os.path.isfile(path):
         raise DefinitionError("solver state file not found", path)
     return netdef.read_solverstate(path)
+
+
+RESUME_SUFFIX = ".resume.json"
+RESUME_FORMAT = 1
+
+
+def resume_filename(state_path):
+    return os.fspath(state_path) + RESUME_SUFFIX
+
+
+def write_resume(state_path, payload):
+    """Write the resume sidecar of ``state_path`` atomically; returns its path."""
+    path = resume_filename(state_path)
+    payload = {"format": RESUME_FORMAT, **payload}
+    with netdef.atomic_write(path, "w") as handle:
+        json.dump(payload, handle, separators=(",", ":"))
+    return path
+
+
+def read_resume(state_path):
+    """The sidecar of ``state_path`` as a dict, or None when there is none."""
+    path = resume_filename(state_path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            payload = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise DefinitionError(f"unreadable resume file ({exc}); delete it to resume as Caffe does "
+                              "(data from the beginning)", path) from None
+    if not isinstance(payload, dict) or payload.get("format") != RESUME_FORMAT:
+        raise DefinitionError(f"not a brewnet resume file of format {RESUME_FORMAT}; delete it to resume as "
+                              "Caffe does (data from the beginning)", path)
+    return payload

@@ -142,6 +142,8 @@ class Solver:
         self._action_function = None
         self._losses = []
         self.smoothed_loss = 0.0
+        self._loss_origin = 0  # iteration whose loss went into slot 0 of the window
+        self._resume_window = None  # (losses, smoothed_loss, origin) from a resume file, for the next step()
         self.loss = None
         self._callbacks = []
         self.iteration_hooks = []  # called with the solver after each finished iteration
@@ -296,14 +298,14 @@ class Solver:
         self._callbacks.append((on_start, on_gradients_ready))
 
     # -- the loop -------------------------------------------------------------
-    def _update_smoothed_loss(self, loss, start_iter):
+    def _update_smoothed_loss(self, loss):
         average = self.param.average_loss
         if len(self._losses) < average:
             self._losses.append(loss)
             size = len(self._losses)
             self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
         else:
-            slot = (self.iter - start_iter) % average
+            slot = (self.iter - self._loss_origin) % average
             self.smoothed_loss += (loss - self._losses[slot]) / average
             self._losses[slot] = loss
 
@@ -312,8 +314,10 @@ class Solver:
         p = self.param
         start_iter = self.iter
         stop_iter = self.iter + int(iters)
-        self._losses = []
-        self.smoothed_loss = 0.0
+        self._losses, self.smoothed_loss, self._loss_origin = [], 0.0, start_iter
+        if self._resume_window is not None:  # a restored run: its window goes on
+            self._losses, self.smoothed_loss, self._loss_origin = self._resume_window
+            self._resume_window = None
         timer = time.monotonic()
         last_iter = self.iter
         while self.iter < stop_iter:
@@ -334,7 +338,7 @@ class Solver:
                 loss += pass_loss
             loss /= p.iter_size
             self.loss = loss  # this iteration's loss (mean over iter_size passes)
-            self._update_smoothed_loss(loss, start_iter)
+            self._update_smoothed_loss(loss)
             if display:
                 now = time.monotonic()
                 lapse = now - timer
@@ -397,13 +401,33 @@ class Solver:
                      fmt(p.clip_gradients), fmt(scale))
         count = len(params)
         lrs, decays = self.net.params_lr, self.net.params_weight_decay
+        from layers.net import Net
+
+        # plain SGD with L2 on host arrays: regularize, rule and update in one cache-blocked sweep
+        # per parameter instead of eight passes over memory (parameters never alias: unique owners)
+        fused = (type(self).rule is updates.sgd and p.regularization_type == "L2"
+                 and type(self.net).update is Net.update
+                 and all(type(b.data) is numpy.ndarray and b.data.flags.c_contiguous for b in params))
         for i, blob in enumerate(params):
             diff = blob.diff
             updates.normalize(diff, p.iter_size)
-            updates.regularize(diff, blob.data, p.weight_decay * decays[i], p.regularization_type, xp)
+            decay = p.weight_decay * decays[i]
+            if fused and updates.sgd_l2_fused(diff, blob.data, self.history[i], decay, rate * lrs[i],
+                                              p.momentum, self._fused_scratch(), apply=True):
+                continue
+            updates.regularize(diff, blob.data, decay, p.regularization_type, xp)
             type(self).rule(diff, self.history[i::count], rate * lrs[i], p, self.iter, xp)
-        self.net.update()
+            if fused:
+                blob.data -= diff  # Net.update for this one: the fused ones applied theirs
+        if not fused:
+            self.net.update()
         self.iter += 1
+
+    def _fused_scratch(self):
+        scratch = getattr(self, "_scratch", None)
+        if scratch is None:
+            scratch = self._scratch = numpy.empty(updates.FUSED_BLOCK, dtype=self.dtype)
+        return scratch
 
     def solve(self, resume_file=None):
         """Train to max_iter (Caffe's Solver::Solve)."""
@@ -414,7 +438,6 @@ class Solver:
         if resume_file:
             log.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file)
-        start_iter = self.iter
         self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()
@@ -423,7 +446,7 @@ class Solver:
             return
         if p.display and self.iter % p.display == 0:
             loss = self.net.forward()
-            self._update_smoothed_loss(loss, start_iter)
+            self._update_smoothed_loss(loss)
             log.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
         if p.test_interval and self.iter % p.test_interval == 0:
             self.test_all()
@@ -488,7 +511,32 @@ class Solver:
         state = snapshots.build_state(self.iter, model_path, self.current_step, self.history)
         log.info("Snapshotting solver state to %s %s", "HDF5 file" if hdf5 else "binary proto file", state_path)
         netdef.write_solverstate(state, state_path)
+        snapshots.write_resume(state_path, self.resume_state())
         return model_path, state_path
+
+    def resume_state(self):
+        """What a snapshot needs beyond Caffe's files to continue exactly (JSON-able)."""
+        return {"iter": int(self.iter),
+                "train_net": self.net.resume_state(),
+                "test_nets": [net.resume_state() for net in self.test_nets],
+                "smoothed_loss": {"losses": [float(v) for v in self._losses], "value": float(self.smoothed_loss),
+                                  "origin": int(self._loss_origin)}}
+
+    def restore_resume_state(self, saved, source="<resume state>"):
+        """Apply ``resume_state()``'s result: data positions, random states, loss window."""
+        if len(saved["test_nets"]) != len(self.test_nets):
+            log.warning("%s: saved %d test net(s), this solver has %d: restoring those present",
+                        source, len(saved["test_nets"]), len(self.test_nets))
+        missing = self.net.restore_resume_state(saved["train_net"])
+        for net, states in zip(self.test_nets, saved["test_nets"]):
+            missing += net.restore_resume_state(states)
+        if missing:
+            log.warning("%s: no layer named %s in this net: its saved state is dropped", source,
+                        ", ".join(sorted(set(missing))))
+        window = saved["smoothed_loss"]
+        losses = [float(v) for v in window["losses"]]
+        if len(losses) <= self.param.average_loss:  # else average_loss shrank: start a new window, as Caffe
+            self._resume_window = (losses, float(window["value"]), int(window["origin"]))
 
     def restore(self, state_file):
         """Load iter, current_step, history and the learned_net weights of a
@@ -509,6 +557,22 @@ class Solver:
                 raise DefinitionError(f"history blob #{i} has shape {tuple(array.shape)}, the parameter has "
                                       f"{tuple(target.shape)}", state_file)
             target[...] = self.xp.asarray(array.reshape(target.shape), dtype=target.dtype)
+        self._resume_window = None
+        saved = snapshots.read_resume(state_file)
+        sidecar = snapshots.resume_filename(state_file)
+        if saved is not None and saved.get("iter") != state.iter:
+            log.warning("%s is for iteration %s, the state for %d: not used", sidecar, saved.get("iter"), state.iter)
+            saved = None
+        if saved is None:
+            log.info("No saved data positions or random states beside %s (a Caffe solver state?): data layers "
+                     "start from the beginning, as in Caffe", state_file)
+            return
+        log.info("Restoring data positions and random states from %s", sidecar)
+        try:
+            self.restore_resume_state(saved, sidecar)
+        except (KeyError, TypeError) as exc:
+            raise DefinitionError(f"malformed resume file ({exc}); delete it to resume as Caffe does", sidecar) \
+                from None
 
 
 def describe_copy(net, weights):

@@ -20,3 +20,16 @@ def fixtures():
     if path is None or not path.is_dir():
         pytest.skip("BREWNET_FIXTURES is not set to the shared fixtures folder")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_brewnet_logger():
+    """CLI runs inside a test install brewnet's console handler (propagate off):
+    undo it afterwards so later tests' caplog still sees the 'brewnet' logger."""
+    import logging
+
+    logger = logging.getLogger("brewnet")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.propagate, logger.level = saved[1], saved[2]

@@ -11,7 +11,9 @@ from gpu_parity import CASES, SKIPPED, Case, run_case
 
 def test_every_registered_layer_type_has_a_case_or_a_reason():
     covered = {c.type for c in CASES}
-    missing = sorted(set(layers.known_types()) - covered - set(SKIPPED))
+    # built-in types only: other tests register plugin types of their own
+    builtin = {t for t in layers.known_types() if layers.get_layer_class(t).__module__.startswith("layers.")}
+    missing = sorted(builtin - covered - set(SKIPPED))
     assert not missing, f"layer types without a CPU/GPU parity case: {missing}"
     assert not covered & set(SKIPPED)
 

@@ -44,7 +44,8 @@ def test_train_prints_caffe_lines_and_snapshots_then_test_scores(tiny):
     assert lines and all(GLOG.match(line) for line in lines), [line for line in lines if not GLOG.match(line)][:3]
     assert "\r" not in err  # no progress line when stderr is not a terminal
     assert sorted(p.name for p in (tiny.folder / "snaps").iterdir()) == [
-        "tiny_iter_4.caffemodel", "tiny_iter_4.solverstate", "tiny_iter_8.caffemodel", "tiny_iter_8.solverstate"]
+        "tiny_iter_4.caffemodel", "tiny_iter_4.solverstate", "tiny_iter_4.solverstate.resume.json",
+        "tiny_iter_8.caffemodel", "tiny_iter_8.solverstate", "tiny_iter_8.solverstate.resume.json"]
 
     scored = brewnet("test", "--model", "net.prototxt", "--weights", "snaps/tiny_iter_8.caffemodel",
                      "--iterations", 4)
@@ -143,7 +144,8 @@ def test_sigint_stops_a_running_train_with_a_snapshot(tiny):
     assert proc.returncode == 0, rest
     assert "Optimization stopped early." in rest
     snaps = sorted(p.name for p in (tiny.folder / "snaps").iterdir())
-    assert len(snaps) == 2 and snaps[0].endswith(".caffemodel") and snaps[1].endswith(".solverstate")
+    assert len(snaps) == 3 and snaps[0].endswith(".caffemodel") and snaps[1].endswith(".solverstate")
+    assert snaps[2] == snaps[1] + ".resume.json"
     assert not [p for p in tiny.folder.iterdir() if ".tmp" in p.name]
 
 

@@ -99,7 +99,7 @@ def test_interrupted_snapshot_leaves_previous_files_intact(tiny, monkeypatch):
     s.step(4)
     snaps = tiny.folder / "snaps"
     before = {p.name: p.read_bytes() for p in snaps.iterdir()}
-    assert set(before) == {"tiny_iter_4.caffemodel", "tiny_iter_4.solverstate"}
+    assert set(before) == {"tiny_iter_4.caffemodel", "tiny_iter_4.solverstate", "tiny_iter_4.solverstate.resume.json"}
 
     def dies_halfway(message, path):
         data = message.SerializeToString()
@@ -173,7 +173,8 @@ def test_sighup_snapshot_keeps_training(tiny):
         s.solve()
     assert s.iter == 8
     assert sorted(p.name for p in (tiny.folder / "snaps").iterdir()) == [
-        "tiny_iter_3.caffemodel", "tiny_iter_3.solverstate", "tiny_iter_8.caffemodel", "tiny_iter_8.solverstate"]
+        "tiny_iter_3.caffemodel", "tiny_iter_3.solverstate", "tiny_iter_3.solverstate.resume.json",
+        "tiny_iter_8.caffemodel", "tiny_iter_8.solverstate", "tiny_iter_8.solverstate.resume.json"]
 
 
 def test_testing_averages_outputs_and_logs_caffe_lines(tiny, caplog):
