@@ -10,6 +10,7 @@ import numpy
 from netdef import DefinitionError
 
 from .base import Layer
+from .blas import matmul_acc
 from .fillers import fill
 from .registry import register
 
@@ -98,12 +99,17 @@ class InnerProductLayer(Layer):
         dy = top[0].diff.reshape(self.m, self.num_output)
         x = bottom[0].data.reshape(self.m, self.k)
         if self.param_needs_grad(0):
+            # accumulate straight into the diff: a weight-sized temporary costs more than the GEMM
             w = self.blobs[0]
-            w.diff += (x.T @ dy) if self.transpose else (dy.T @ x)
+            if self.transpose:
+                matmul_acc(x.T, dy, w.diff)
+            else:
+                matmul_acc(dy.T, x, w.diff)
         if self.bias_term and self.param_needs_grad(1):
             self.blobs[1].diff += dy.sum(axis=0)
         if propagate_down[0]:
-            bottom[0].diff[...] = (dy @ self._weight_nk()).reshape(bottom[0].shape)
+            dx = bottom[0].diff.reshape(self.m, self.k)
+            self.xp.matmul(dy, self._weight_nk(), out=dx)
 
 
 @register("Embed")

@@ -11,7 +11,7 @@ from netdef import DefinitionError
 
 from . import fillers
 from .base import Layer
-from .im2col import ConvEngine, conv_out_size, deconv_out_size
+from .im2col import WORKSPACE, ConvEngine, conv_out_size, deconv_out_size
 from .registry import register
 
 
@@ -127,6 +127,9 @@ class _BaseConv(_ConvGeometry):
                                       self.kernel, self.stride, self.pad, self.dilation, col_S)
             self._engine_key = key
             self._cols = {}
+        if not self._engine.is_1x1:
+            eng = self._engine
+            WORKSPACE.reserve(self.xp, bottom[0].dtype, int(numpy.prod(eng.col_shape(min(num, eng.chunk)))))
         top_shape = shape[:self.channel_axis] + (self.num_output,) + out
         for t in top:
             t.reshape(top_shape)
@@ -165,10 +168,19 @@ class Convolution(_BaseConv):
                 self._add_bias(y)
 
     def _im2col(self, i, x):
-        """im2col into the layer's reusable column buffer for bottom i."""
-        col = self._engine.im2col(x, out=self._cols.get(i))
-        self._cols[i] = self._engine.col_buffer(col)
-        return col
+        """im2col of bottom i into the shared column workspace; remembers the token and view."""
+        eng = self._engine
+        token = object()
+        buf = WORKSPACE.take(self.xp, x.dtype, eng.col_shape(x.shape[0]), token)
+        self._cols[i] = (token, buf)
+        return eng.im2col(x, out=buf)
+
+    def _kept_columns(self, i, n):
+        """The columns forward left in the workspace for bottom i, if nobody overwrote them."""
+        token, buf = self._cols.pop(i, (None, None))
+        if buf is None or i not in self._fresh or not WORKSPACE.holds(self.xp, buf.dtype, token):
+            return None
+        return self._engine._col_matrix(buf, n)
 
     def _forward_1x1(self, x, W, y):
         # no im2col: a batched GEMM per sample straight from the input layout
@@ -196,9 +208,8 @@ class Convolution(_BaseConv):
             for a, z in chunks:
                 ym = eng.to_colside(dy[a:z])
                 if need_w:
-                    if i in self._fresh and len(chunks) == 1:
-                        col = eng._col_matrix(self._cols[i], z - a)  # kept from forward
-                    else:
+                    col = self._kept_columns(i, z - a) if len(chunks) == 1 else None
+                    if col is None:
                         col = self._im2col(i, x[a:z])
                     g = eng.gemm_weight(col, ym)
                     dW = g if dW is None else dW + g
@@ -248,8 +259,7 @@ class Deconvolution(_BaseConv):
             dx = self._nd(b.diff, self.channels, self.in_spatial) if propagate_down[i] else None
             dW = None
             for a, z in eng.chunks(self.num):
-                col = eng.im2col(dy[a:z], out=self._cols.get(0))
-                self._cols[0] = eng.col_buffer(col)
+                col = eng.im2col(dy[a:z], out=WORKSPACE.take(self.xp, dy.dtype, eng.col_shape(z - a), self))
                 if need_w:
                     g = eng.gemm_weight(col, eng.to_colside(x[a:z]))
                     dW = g if dW is None else dW + g

@@ -9,6 +9,8 @@ normalize (iter_size), regularize (weight decay), then the rule's update.
 
 import math
 
+from layers.blas import axpy
+
 REGULARIZATION_TYPES = ("L2", "L1")
 
 
@@ -51,7 +53,7 @@ def regularize(diff, data, local_decay, kind, xp):
         return
     decay = _scalar(diff, local_decay)
     if kind == "L2":
-        diff += decay * data
+        axpy(decay, data, diff)  # no weight-sized temporary (150 MB for CaffeNet's fc6)
     elif kind == "L1":
         diff += decay * xp.sign(data)
     else:
@@ -64,8 +66,43 @@ def sgd(diff, hist, local_rate, param, iteration, xp):
     """v = momentum * v + lr * g; step = v."""
     (v,) = hist
     v *= _scalar(v, param.momentum)
-    v += _scalar(v, local_rate) * diff
+    axpy(_scalar(v, local_rate), diff, v)
     diff[...] = v
+
+
+# elements per block of the fused step: three float32 blocks stay in the core's cache
+FUSED_BLOCK = 1 << 17
+
+
+def sgd_l2_fused(diff, data, v, local_decay, local_rate, momentum, scratch=None, apply=False):
+    """regularize (L2) + sgd (+ Net.update's data -= diff when ``apply``) in one sweep, block by
+    block: the same float operations in the same order as regularize(), sgd() and Net.update,
+    but each block of data/diff/history is loaded from memory once instead of once per
+    operation (CaffeNet's 61M parameters make this memory-bound).
+    numpy only; returns False (doing nothing) for other arrays."""
+    import numpy
+
+    if not all(type(a) is numpy.ndarray and a.flags.c_contiguous for a in (diff, data, v)):
+        return False
+    decay = _scalar(diff, local_decay)
+    rate, mom = _scalar(v, local_rate), _scalar(v, momentum)
+    d, w, h = diff.reshape(-1), data.reshape(-1), v.reshape(-1)
+    block = min(FUSED_BLOCK, d.size)
+    usable = scratch is not None and scratch.dtype == diff.dtype and scratch.size >= block
+    tmp = scratch[:block] if usable else numpy.empty(block, diff.dtype)
+    for start in range(0, d.size, block):
+        stop = min(start + block, d.size)
+        db, hb, t = d[start:stop], h[start:stop], tmp[:stop - start]
+        if local_decay:
+            numpy.multiply(w[start:stop], decay, out=t)
+            db += t
+        hb *= mom
+        numpy.multiply(db, rate, out=t)
+        hb += t
+        db[...] = hb
+        if apply:
+            w[start:stop] -= db
+    return True
 
 
 def nesterov(diff, hist, local_rate, param, iteration, xp):

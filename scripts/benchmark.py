@@ -1,0 +1,457 @@
+#!/usr/bin/env python
+"""Training throughput of brewnet next to PyTorch (CPU), on LeNet, CIFAR-10-quick and CaffeNet.
+
+One command: measures the float32 GEMM peak, then runs interleaved rounds (brewnet, PyTorch,
+brewnet, ...) in which every measurement is a fresh subprocess, so that peak memory
+(ru_maxrss) belongs to one net and one framework only. Training = forward + backward +
+SGD update (momentum 0.9, weight decay 5e-4) through the brewnet Solver, and
+torch.optim.SGD with the same settings on a model translated layer by layer from the
+same prototxt (same shapes). Prints a table of medians and writes JSON.
+
+This is a benchmark, not a test: nothing fails on timing. The machine may be shared;
+the load average at start and end goes into the JSON so noisy runs can be told apart.
+
+  python scripts/benchmark.py                       # all nets, 5 rounds
+  python scripts/benchmark.py --nets lenet --rounds 3
+  python scripts/benchmark.py --quick --no-torch    # a smoke run
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parent.parent
+# the repository's packages first: a stray "solver" folder elsewhere on the path must not shadow ours
+sys.path.insert(0, str(ROOT))
+
+# net key -> deploy prototxt (the train net is derived from it), batch, timing budget
+NETS = {
+    "lenet": dict(deploy="configs/lenet/lenet_deploy.prototxt", batch=64, min_seconds=3.0, warmup=5),
+    "lenet_lmdb": dict(train="configs/lenet/lenet_train_test.prototxt", batch=64, min_seconds=3.0, warmup=5,
+                       needs="data/mnist_train_lmdb"),
+    "cifar10_quick": dict(deploy="configs/cifar10_quick/cifar10_quick_deploy.prototxt", batch=100,
+                          min_seconds=4.0, warmup=3),
+    "caffenet": dict(deploy="configs/caffenet/caffenet_deploy.prototxt", batch=10, min_seconds=6.0, warmup=2),
+}
+DEFAULT_NETS = "lenet,lenet_lmdb,cifar10_quick,caffenet"
+# figures measured on this machine kind (issue #8), shown for reference only
+REFERENCE = {
+    "lenet": {"caffe": 2690, "pytorch": 2920, "chainer": 920},
+    "cifar10_quick": {"pytorch": 1250, "chainer": 150},
+    "caffenet": {"caffe": 17.3, "pytorch": 19.4, "chainer": 10.2},
+}
+SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def _maxrss_mib():
+    # Linux reports kilobytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---------------------------------------------------------------------------
+# net definitions
+# ---------------------------------------------------------------------------
+def train_net_param(spec, batch):
+    """A TRAIN NetParameter: the deploy net with (data, label) Input and SoftmaxWithLoss
+    in place of the final Softmax; or the train_test net as is (LMDB data)."""
+    import netdef
+    from netdef import caffe_pb2
+
+    if "train" in spec:
+        return netdef.read_net(str(ROOT / spec["train"]))
+    param = netdef.read_net(str(ROOT / spec["deploy"]))
+    inp = param.layer[0]
+    if inp.type != "Input":
+        raise SystemExit(f"{spec['deploy']}: the first layer must be an Input layer")
+    inp.input_param.shape[0].dim[0] = batch
+    del inp.input_param.shape[1:]
+    inp.input_param.shape.add().dim.append(batch)
+    del inp.top[1:]
+    inp.top.append("label")
+    last = param.layer[-1]
+    if last.type == "Softmax":
+        logits = last.bottom[0]
+        del param.layer[-1]
+    else:
+        logits = last.top[0]
+    loss = param.layer.add()
+    loss.name, loss.type = "loss", "SoftmaxWithLoss"
+    loss.bottom.extend([logits, "label"])
+    loss.top.append("loss")
+    param.state.phase = caffe_pb2.TRAIN
+    return param
+
+
+def training_flops(net, layer_params):
+    """Multiply-adds x 2 of one training image: forward, weight gradient and data gradient of
+    every Convolution/InnerProduct (no data gradient for a layer fed by the data)."""
+    total = 0
+    data_tops = set()
+    for lp in layer_params:
+        if lp.type in ("Input", "Data", "DummyData"):
+            data_tops.update(lp.top)
+    for layer, bottom, top in zip(net.layers, net.bottom_vecs, net.top_vecs):
+        if layer.type not in ("Convolution", "InnerProduct"):
+            continue
+        weights = layer.blobs[0].count
+        if layer.type == "Convolution":
+            out_spatial = top[0].count // (top[0].shape[0] * top[0].shape[1])
+            fwd = 2 * weights * out_spatial
+        else:
+            fwd = 2 * weights
+        passes = 2 if layer.param.bottom[0] in data_tops else 3
+        total += passes * fwd
+    return total
+
+
+# ---------------------------------------------------------------------------
+# workers (each runs in its own process)
+# ---------------------------------------------------------------------------
+def _timed_loop(step, warmup, min_iters, min_seconds):
+    for _ in range(warmup):
+        step()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker_brewnet(job):
+    import numpy
+
+    os.chdir(ROOT)  # the LMDB source path is relative to the repository
+    import layers.all_layers  # noqa: F401  (the baseline includes the framework's code)
+    import solver as solver_pkg
+    from netdef import caffe_pb2
+
+    rss0 = _maxrss_mib()
+
+    spec = NETS[job["net"]]
+    net_param = train_net_param(spec, spec["batch"])
+    sp = caffe_pb2.SolverParameter()
+    sp.net_param.CopyFrom(net_param)
+    sp.base_lr, sp.momentum, sp.weight_decay = SGD["lr"], SGD["momentum"], SGD["weight_decay"]
+    sp.lr_policy = "fixed"
+    sp.max_iter = 10 ** 9
+    sp.display = 0
+    sp.snapshot_after_train = False
+    sp.random_seed = 1
+    sp.type = "SGD"
+    import logging
+
+    logging.disable(logging.INFO)  # no per-iteration log lines inside the timing
+    solver = solver_pkg.get_solver(sp)
+    net = solver.net
+    rng = numpy.random.default_rng(0)
+    if "data" in net.inputs:
+        data = net.blobs["data"]
+        data.data[...] = rng.standard_normal(data.shape, dtype=numpy.float32)
+        label = net.blobs["label"]
+        n_out = net.blobs[net.layers[-1].param.bottom[0]].shape[1]
+        label.data[...] = rng.integers(0, n_out, size=label.shape).astype(numpy.float32)
+    flops = training_flops(net, solver.net.net_param.layer)
+    times = _timed_loop(lambda: solver.step(1), job["warmup"], job["min_iters"], job["min_seconds"])
+    loss = float(net.blobs["loss"].data)
+    return dict(times=times, flops_per_image=flops, loss=loss, rss_base_mib=rss0, rss_peak_mib=_maxrss_mib())
+
+
+def torch_model(net_param):
+    """nn.Sequential from a chain-shaped train NetParameter (the nets benchmarked here)."""
+    import torch
+    from torch import nn
+
+    from netdef import caffe_pb2
+
+    P = caffe_pb2.PoolingParameter
+    mods, channels, flat = [], None, None
+    shape = None
+    for lp in net_param.layer:
+        t = lp.type
+        if t == "Input":
+            shape = list(lp.input_param.shape[0].dim)
+            channels = shape[1]
+            continue
+        if t == "SoftmaxWithLoss":
+            break
+        if t == "Convolution":
+            cp = lp.convolution_param
+            k = cp.kernel_size[0]
+            s = cp.stride[0] if len(cp.stride) else 1
+            p = cp.pad[0] if len(cp.pad) else 0
+            mods.append(nn.Conv2d(channels, cp.num_output, k, s, p, groups=cp.group, bias=cp.bias_term))
+            channels = cp.num_output
+        elif t == "Pooling":
+            pp = lp.pooling_param
+            k, s, p = pp.kernel_size, pp.stride, pp.pad
+            # Caffe rounds the output size up: ceil_mode
+            if pp.pool == P.MAX:
+                mods.append(nn.MaxPool2d(k, s, p, ceil_mode=True))
+            else:
+                mods.append(nn.AvgPool2d(k, s, p, ceil_mode=True))
+        elif t == "ReLU":
+            mods.append(nn.ReLU(inplace=True))
+        elif t == "LRN":
+            q = lp.lrn_param
+            mods.append(nn.LocalResponseNorm(q.local_size, q.alpha, q.beta, q.k))
+        elif t == "Dropout":
+            mods.append(nn.Dropout(lp.dropout_param.dropout_ratio))
+        elif t == "InnerProduct":
+            if flat is None:
+                mods.append(nn.Flatten())
+                with torch.no_grad():
+                    probe = nn.Sequential(*mods)(torch.zeros([1] + shape[1:]))
+                flat = probe.shape[1]
+            mods.append(nn.Linear(flat, lp.inner_product_param.num_output))
+            flat = lp.inner_product_param.num_output
+        else:
+            raise SystemExit(f"benchmark: no PyTorch translation for layer type {t}")
+    return nn.Sequential(*mods), shape
+
+
+def worker_torch(job):
+    import torch
+
+    rss0 = _maxrss_mib()  # after the import: the delta is what training itself takes
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    spec = NETS[job["net"]]
+    net_param = train_net_param(spec, spec["batch"])
+    model, shape = torch_model(net_param)
+    model.train()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        n_out = model(x[:1]).shape[1]
+    y = torch.randint(0, n_out, (shape[0],))
+    opt = torch.optim.SGD(model.parameters(), **SGD)
+    lossf = torch.nn.CrossEntropyLoss()
+    last = {}
+
+    def step():
+        opt.zero_grad()
+        loss = lossf(model(x), y)
+        loss.backward()
+        opt.step()
+        last["loss"] = loss
+
+    times = _timed_loop(step, job["warmup"], job["min_iters"], job["min_seconds"])
+    return dict(times=times, loss=float(last["loss"]), rss_base_mib=rss0, rss_peak_mib=_maxrss_mib(),
+                threads=torch.get_num_threads())
+
+
+def worker_gemm(job):
+    import numpy
+
+    n = job["size"]
+    rng = numpy.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=numpy.float32)
+    b = rng.standard_normal((n, n), dtype=numpy.float32)
+    c = numpy.empty((n, n), dtype=numpy.float32)
+    numpy.matmul(a, b, out=c)
+    best = float("inf")
+    for _ in range(job["repeats"]):
+        t0 = time.perf_counter()
+        numpy.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return dict(gflops=2.0 * n ** 3 / best / 1e9, seconds=best, size=n)
+
+
+WORKERS = {"brewnet": worker_brewnet, "pytorch": worker_torch, "gemm": worker_gemm}
+
+
+def run_worker(job):
+    """One measurement in a fresh interpreter; returns its JSON answer (or an error dict)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+    load = os.getloadavg()[0]  # others' work on the machine skews the timing: keep it with the result
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail), "load_average_1min": load}
+    result = json.loads(lines[-1])
+    result["load_average_1min"] = load
+    return result
+
+
+def torch_available():
+    proc = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
+    return proc.returncode == 0
+
+
+# ---------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def _fmt(value, spec):
+    width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
+    return "-".rjust(width) if value is None else format(value, spec)
+
+
+def summarize(net, spec, runs, peak):
+    """Medians over rounds for one net: img/s, ratio, % of peak, memory."""
+    out = {"batch": spec["batch"]}
+    for fw in ("brewnet", "pytorch"):
+        good = [r for r in runs[fw] if "error" not in r]
+        errors = [r["error"] for r in runs[fw] if "error" in r]
+        if not good:
+            out[fw] = {"errors": errors} if errors else None
+            continue
+        # per round: the median iteration time; across rounds: the median of those
+        per_round = [spec["batch"] / statistics.median(r["times"]) for r in good]
+        rec = {
+            "img_per_s": _median(per_round),
+            "img_per_s_rounds": per_round,
+            "img_per_s_spread": [min(per_round), max(per_round)],
+            "iterations": [len(r["times"]) for r in good],
+            "peak_rss_mib": _median([r["rss_peak_mib"] for r in good]),
+            "rss_delta_mib": _median([r["rss_peak_mib"] - r["rss_base_mib"] for r in good]),
+            "final_loss": good[-1]["loss"],
+        }
+        if errors:
+            rec["errors"] = errors
+        if "flops_per_image" in good[0]:
+            rec["flops_per_image"] = good[0]["flops_per_image"]
+        out[fw] = rec
+    b, t = out.get("brewnet"), out.get("pytorch")
+    flops = (b or {}).get("flops_per_image")
+    if b and "img_per_s" in b and flops and peak:
+        b["gemm_peak_fraction"] = b["img_per_s"] * flops / (peak * 1e9)
+        if t and "img_per_s" in t:
+            t["gemm_peak_fraction"] = t["img_per_s"] * flops / (peak * 1e9)
+    if b and t and "img_per_s" in b and "img_per_s" in t:
+        out["ratio_brewnet_over_pytorch"] = b["img_per_s"] / t["img_per_s"]
+        out["memory_ratio_brewnet_over_pytorch"] = b["rss_delta_mib"] / t["rss_delta_mib"]
+    out["reference_img_per_s"] = REFERENCE.get(net)
+    out["raw"] = {fw: [{"load_average_1min": r.get("load_average_1min")} for r in runs[fw]] for fw in runs}
+    return out
+
+
+def print_table(results, peak):
+    click.echo(f"float32 GEMM peak (2048^3 matmul, best of N): {peak:.1f} GFLOP/s")
+    head = (f"{'net (batch)':<20} {'brewnet img/s':>14} {'PyTorch img/s':>14} {'ratio':>6} "
+            f"{'%peak bn':>8} {'%peak pt':>8} {'MiB bn':>8} {'MiB pt':>8} {'rounds':>6} "
+            f"{'bn min-max':>15} {'pt min-max':>15}")
+    click.echo(head)
+    click.echo("-" * len(head))
+    for net, r in results.items():
+        b, t = r.get("brewnet") or {}, r.get("pytorch") or {}
+        def spread(rec):
+            lo_hi = rec.get("img_per_s_spread")
+            return f"{lo_hi[0]:.1f}-{lo_hi[1]:.1f}" if lo_hi else "-"
+        frac_b = b.get("gemm_peak_fraction")
+        frac_t = t.get("gemm_peak_fraction")
+        click.echo(
+            f"{net + ' (' + str(r['batch']) + ')':<20} {_fmt(b.get('img_per_s'), '14.1f')} "
+            f"{_fmt(t.get('img_per_s'), '14.1f')} {_fmt(r.get('ratio_brewnet_over_pytorch'), '6.2f')} "
+            f"{_fmt(frac_b and 100 * frac_b, '7.1f')}% {_fmt(frac_t and 100 * frac_t, '7.1f')}% "
+            f"{_fmt(b.get('rss_delta_mib'), '8.0f')} {_fmt(t.get('rss_delta_mib'), '8.0f')} "
+            f"{len(b.get('img_per_s_rounds', [])):>6} {spread(b):>15} {spread(t):>15}")
+        for fw, rec in (("brewnet", b), ("pytorch", t)):
+            for err in rec.get("errors", []):
+                click.echo(f"    {fw} error: {err}")
+    click.echo("MiB = peak RSS growth of the measuring process (ru_maxrss after training minus after "
+               "importing the framework); %peak = img/s x training FLOP per image / GEMM peak.")
+    loads = [r.get("load_average_1min") for res in results.values() for fw in ("brewnet", "pytorch")
+             for r in (res.get("raw", {}).get(fw) or [])]
+    loads = [x for x in loads if x is not None]
+    if loads and max(loads) > 1.5:
+        click.echo(f"note: the machine was busy (1-min load average {min(loads):.1f}-{max(loads):.1f} on "
+                   f"{os.cpu_count()} CPUs): timings are noisy; PyTorch's thread pool suffers most when oversubscribed.")
+
+
+@click.command()
+@click.option("--nets", default=DEFAULT_NETS, show_default=True,
+              help=f"Comma-separated nets from: {', '.join(NETS)}.")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Interleaved rounds (brewnet, PyTorch, brewnet, ...); medians are reported.")
+@click.option("--quick", is_flag=True, help="A smoke run: one round, a couple of iterations each.")
+@click.option("--torch/--no-torch", "use_torch", default=None,
+              help="Also time PyTorch (default: when `import torch` works).")
+@click.option("--json-out", default="runs/benchmark.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the results as JSON.")
+@click.option("--worker", default=None, hidden=True, help="Internal: run one measurement (JSON job).")
+def main(nets, rounds, quick, use_torch, json_out, worker):
+    """Time brewnet training against PyTorch on the same machine."""
+    if worker is not None:
+        job = json.loads(worker)
+        click.echo(json.dumps(WORKERS[job["kind"]](job)))
+        return
+    names = [n.strip() for n in nets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in NETS]
+    if unknown:
+        raise click.BadParameter(f"unknown net(s) {', '.join(unknown)}; choose from {', '.join(NETS)}",
+                                 param_hint="--nets")
+    skipped = {}
+    for n in list(names):
+        need = NETS[n].get("needs")
+        if need and not (ROOT / need).exists():
+            skipped[n] = f"{need} is missing (make it with scripts/get_mnist.py and scripts/convert_mnist.py)"
+            names.remove(n)
+            click.echo(f"skipping {n}: {skipped[n]}", err=True)
+    if use_torch is None:
+        use_torch = torch_available()
+    if quick:
+        rounds = 1
+    gemm_job = {"kind": "gemm", "size": 512 if quick else 2048, "repeats": 2 if quick else 10}
+    load_start = os.getloadavg()
+    peaks = [run_worker(gemm_job)]
+    runs = {n: {"brewnet": [], "pytorch": []} for n in names}
+    frameworks = ["brewnet"] + (["pytorch"] if use_torch else [])
+    for r in range(rounds):
+        for n in names:
+            spec = NETS[n]
+            for fw in frameworks:
+                if fw == "pytorch" and "deploy" not in spec:
+                    continue  # the LMDB variant is brewnet's data path only
+                job = {"kind": fw, "net": n,
+                       "warmup": 1 if quick else spec["warmup"],
+                       "min_iters": 2 if quick else 3,
+                       "min_seconds": 0.0 if quick else spec["min_seconds"]}
+                res = run_worker(job)
+                runs[n][fw].append(res)
+                if "times" in res:
+                    rate = spec["batch"] / statistics.median(res["times"])
+                    click.echo(f"round {r + 1}/{rounds} {n:<14} {fw:<8} {rate:10.1f} img/s", err=True)
+                else:
+                    click.echo(f"round {r + 1}/{rounds} {n:<14} {fw:<8} failed: {res.get('error')}", err=True)
+    peaks.append(run_worker(gemm_job))
+    good_peaks = [p["gflops"] for p in peaks if "gflops" in p]
+    peak = max(good_peaks) if good_peaks else None
+    results = {n: summarize(n, NETS[n], runs[n], peak) for n in names}
+    print_table(results, peak or 0.0)
+    import numpy
+
+    report = {
+        "gemm_peak_gflops": peak,
+        "gemm_peak_runs": peaks,
+        "nets": results,
+        "skipped": skipped,
+        "raw": runs,
+        "settings": {"rounds": rounds, "quick": quick, "torch": use_torch, "sgd": SGD},
+        "machine": {
+            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "numpy": numpy.__version__, "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        },
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    out = Path(json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

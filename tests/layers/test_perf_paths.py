@@ -1,0 +1,143 @@
+"""The speed paths: BLAS accumulation helpers, the shared im2col workspace, scatter-based max-pool backward."""
+
+import numpy
+import pytest
+from google.protobuf import text_format
+
+from layers import blas
+from layers.blas import axpy, matmul_acc
+from layers.net import Net
+from netdef import caffe_pb2
+from tests.gradcheck import make_layer, setup_layer
+
+RNG = numpy.random.default_rng(7)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_matmul_acc_adds_in_place(dtype, ta, tb, monkeypatch):
+    monkeypatch.setattr(blas, "GEMM_MIN_BYTES", 0)  # take the BLAS path even for tiny arrays
+    a = RNG.standard_normal((5, 7) if ta else (7, 5)).astype(dtype)
+    b = RNG.standard_normal((9, 5) if tb else (5, 9)).astype(dtype)
+    a, b = (a.T if ta else a), (b.T if tb else b)
+    out = RNG.standard_normal((7, 9)).astype(dtype)
+    want = out + a @ b
+    got = matmul_acc(a, b, out)
+    assert got is out
+    numpy.testing.assert_allclose(out, want, rtol=1e-5)
+
+
+def test_axpy_blas_path(monkeypatch):
+    monkeypatch.setattr(blas, "AXPY_MIN_BYTES", 0)
+    for dtype in (numpy.float32, numpy.float64):
+        x, y = RNG.standard_normal((3, 4)).astype(dtype), RNG.standard_normal((3, 4)).astype(dtype)
+        want = y + 0.25 * x
+        assert axpy(0.25, x, y) is y
+        numpy.testing.assert_allclose(y, want, rtol=1e-6)
+
+
+def test_matmul_acc_and_axpy_fallbacks(monkeypatch):
+    monkeypatch.setattr(blas, "GEMM_MIN_BYTES", 0)
+    monkeypatch.setattr(blas, "AXPY_MIN_BYTES", 0)
+    # a non-contiguous result and a dtype BLAS lacks take the plain numpy path
+    out = numpy.zeros((4, 3), numpy.float32).T
+    matmul_acc(numpy.ones((3, 2), numpy.float32), numpy.ones((2, 4), numpy.float32), out)
+    assert (out == 2).all()
+    y = numpy.ones(6, numpy.float16)
+    axpy(0.5, numpy.full(6, 2, numpy.float16), y)
+    assert y.dtype == numpy.float16 and (y == 2).all()
+    y32 = numpy.ones((2, 3), numpy.float32)
+    axpy(-1.0, numpy.full((2, 3), 3, numpy.float32), y32)
+    assert (y32 == -2).all()
+
+
+def test_inner_product_backward_accumulates_param_diffs():
+    layer = make_layer('name: "ip" type: "InnerProduct" inner_product_param { num_output: 4 '
+                       'weight_filler { type: "gaussian" } }', dtype=numpy.float32)
+    x = RNG.standard_normal((3, 5)).astype(numpy.float32)
+    bottom, top = setup_layer(layer, [x], dtype=numpy.float32)
+    layer.forward(bottom, top)
+    dy = RNG.standard_normal(top[0].shape).astype(numpy.float32)
+    top[0].diff[...] = dy
+    layer.blobs[0].diff[...] = 1.0
+    layer.backward(top, [True], bottom)
+    numpy.testing.assert_allclose(layer.blobs[0].diff, 1.0 + dy.T @ x, rtol=1e-5)
+    numpy.testing.assert_allclose(bottom[0].diff, dy @ layer.blobs[0].data, rtol=1e-5)
+
+
+TWO_CONVS = """
+name: "two"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2"
+  convolution_param { num_output: 5 kernel_size: 3 stride: 2 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "p" type: "Pooling" bottom: "c2" top: "p" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "p" bottom: "target" top: "loss" }
+layer { name: "t" type: "Input" top: "target" input_param { shape { dim: 2 dim: 5 dim: 2 dim: 2 } } }
+"""
+
+
+def test_shared_column_workspace_gives_each_layer_its_own_gradient():
+    """c2 overwrites the workspace after c1's forward: c1's backward must rebuild its columns."""
+    param = text_format.Parse(TWO_CONVS, caffe_pb2.NetParameter())
+    # the target's Input must come before the loss: move it to the front
+    layers = list(param.layer)
+    del param.layer[:]
+    param.layer.extend([layers[0], layers[-1]] + layers[1:-1])
+    net = Net(param, phase=caffe_pb2.TRAIN, dtype=numpy.float64, rng=0)
+    net.blobs["data"].data[...] = RNG.standard_normal(net.blobs["data"].shape)
+    net.blobs["target"].data[...] = RNG.standard_normal(net.blobs["target"].shape)
+    net.clear_param_diffs()
+    net.forward()
+    net.backward()
+    for name in ("c1", "c2"):
+        i = net.layer_names.index(name)
+        lp = net.layers[i].param
+        alone = make_layer(text_format.MessageToString(lp), dtype=numpy.float64)
+        bottom, top = setup_layer(alone, [net.bottom_vecs[i][0].data.copy()])
+        for mine, theirs in zip(alone.blobs, net.layers[i].blobs):
+            mine.data[...] = theirs.data
+        alone.forward(bottom, top)
+        top[0].diff[...] = net.top_vecs[i][0].diff
+        alone.backward(top, [True], bottom)
+        numpy.testing.assert_allclose(net.layers[i].blobs[0].diff, alone.blobs[0].diff, rtol=1e-10)
+        numpy.testing.assert_allclose(net.layers[i].blobs[1].diff, alone.blobs[1].diff, rtol=1e-10)
+
+
+@pytest.mark.parametrize("params,hw", [("kernel_size: 3 stride: 2", (7, 8)), ("kernel_size: 2 stride: 2", (6, 6)),
+                                       ("kernel_size: 3 stride: 2 pad: 1", (6, 7)),
+                                       ("kernel_size: 3 stride: 1", (5, 5))])
+def test_max_pool_backward_routes_each_gradient_to_the_window_maximum(params, hw):
+    layer = make_layer(f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {params} }}')
+    x = RNG.permutation(2 * 3 * hw[0] * hw[1]).reshape((2, 3) + hw).astype(numpy.float64)
+    bottom, top = setup_layer(layer, [x], n_tops=2)
+    layer.forward(bottom, top)
+    dy = RNG.standard_normal(top[0].shape)
+    top[0].diff[...] = dy
+    layer.backward(top, [True, False], bottom)
+    # reference: add each window's gradient at its mask position (Caffe's flat h * W + w)
+    want = numpy.zeros_like(x).reshape(2, 3, -1)
+    mask = top[1].data.astype(int).reshape(2, 3, -1)
+    for n in range(2):
+        for c in range(3):
+            numpy.add.at(want[n, c], mask[n, c], dy[n, c].ravel())
+    numpy.testing.assert_array_equal(bottom[0].diff, want.reshape(x.shape))
+
+
+@pytest.mark.parametrize("dtype,decay", [(numpy.float32, 5e-4), (numpy.float64, 5e-4), (numpy.float32, 0.0)])
+def test_fused_sgd_step_matches_regularize_then_sgd(dtype, decay):
+    from solver import updates
+
+    n = updates.FUSED_BLOCK * 2 + 123  # several blocks and a ragged tail
+    data = RNG.standard_normal(n).astype(dtype)
+    diff = RNG.standard_normal(n).astype(dtype)
+    v = RNG.standard_normal(n).astype(dtype)
+    param = caffe_pb2.SolverParameter(momentum=0.9)
+    want_diff, want_v = diff.copy(), v.copy()
+    updates.regularize(want_diff, data, decay, "L2", numpy)
+    updates.sgd(want_diff, [want_v], 0.01, param, 0, numpy)
+    scratch = numpy.empty(updates.FUSED_BLOCK, numpy.float32)  # a float32 scratch must not be used for float64
+    assert updates.sgd_l2_fused(diff, data, v, decay, 0.01, param.momentum, scratch)
+    numpy.testing.assert_array_equal(v, want_v)
+    numpy.testing.assert_array_equal(diff, want_diff)
