@@ -8,7 +8,7 @@ import numpy
 import pytest
 from google.protobuf import text_format
 
-from gradcheck import make_layer, setup_layer
+from layers.gradcheck import make_layer, setup_layer
 from layers import db
 from netdef import DefinitionError, caffe_pb2
 

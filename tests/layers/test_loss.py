@@ -6,7 +6,7 @@ import pathlib
 import numpy
 import pytest
 
-from gradcheck import check_gradient, make_layer, setup_layer
+from layers.gradcheck import check_gradient, make_layer, setup_layer
 from netdef import DefinitionError, caffe_pb2
 
 

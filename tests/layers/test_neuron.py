@@ -6,7 +6,7 @@ import numpy
 import pytest
 from google.protobuf import text_format
 
-from gradcheck import check_gradient, make_layer, setup_layer
+from layers.gradcheck import check_gradient, make_layer, setup_layer
 from layers.blob import Blob
 from layers.registry import get_layer_class
 from netdef import DefinitionError, caffe_pb2

@@ -7,7 +7,7 @@ broadcast shapes, in-place use). Caffe's own numbers are replayed in test_common
 import numpy
 import pytest
 
-from gradcheck import check_gradient, make_layer, setup_layer
+from layers.gradcheck import check_gradient, make_layer, setup_layer
 from netdef import DefinitionError, caffe_pb2
 
 rng = numpy.random.default_rng(7)

@@ -8,7 +8,7 @@ from layers import blas
 from layers.blas import axpy, matmul_acc
 from layers.net import Net
 from netdef import caffe_pb2
-from tests.gradcheck import make_layer, setup_layer
+from layers.gradcheck import make_layer, setup_layer
 
 RNG = numpy.random.default_rng(7)
 

@@ -4,7 +4,7 @@ import numpy
 import pytest
 from google.protobuf import text_format
 
-from gradcheck import check_gradient, make_layer, setup_layer
+from layers.gradcheck import check_gradient, make_layer, setup_layer
 from layers.blob import Blob
 from layers.registry import get_layer_class
 from netdef import caffe_pb2

@@ -3,7 +3,7 @@
 import numpy
 import pytest
 
-from gradcheck import check_gradient, make_layer, setup_layer
+from layers.gradcheck import check_gradient, make_layer, setup_layer
 from layers import im2col as im2col_mod
 from netdef import DefinitionError, caffe_pb2
 

@@ -125,7 +125,7 @@ def test_unknown_name_suggests(zoo_env):
     write_model(zoo_env)
     result = run("zoo", "info", "tinny")
     assert result.exit_code != 0
-    assert "did you mean 'tiny'" in result.output and "known models: tiny" in result.output
+    assert "did you mean 'tiny'" in result.output and "known models: lenet_mnist, tiny" in result.output
 
 
 def test_readme_problems_name_the_file_and_field(tmp_path):

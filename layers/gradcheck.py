@@ -1,4 +1,8 @@
-"""One numerical gradient checker for every layer (float64, central differences).
+"""Numerical gradient checking for layers (float64, central differences).
+
+Used by brewnet's own tests for every layer with a backward, and usable for
+your own layers: build one with ``make_layer(prototxt)`` and call
+``check_gradient(layer, [bottom arrays])``.
 
 The scalar checked is  L = sum_k <top_k.data, W_k>  for fixed random W_k, so
 dL/dtop_k = W_k: set as the top diffs, backward gives the analytic gradient of
