@@ -113,10 +113,10 @@ _NO_FIELD = re.compile(r'^Message type "([\w.]+)" has no field named "(\w+)"\.?$
 _NO_ENUM_VALUE = re.compile(r'^Enum type "([\w.]+)" has no value named (\w+)\.?$')
 
 
-def _close_match(word, candidates):
+def _close_match(word, candidates, cutoff=0.6):
     """The closest candidate (difflib, or the same word in another case), else None."""
     candidates = list(candidates)
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=cutoff)
     close += [c for c in candidates if c.lower() == word.lower()]
     return close[0] if close else None
 
@@ -129,8 +129,14 @@ def _unknown_field_message(type_name, field):
     """`unknown field "x" in Message (did you mean "y"?)`."""
     descriptor = _find_descriptor(type_name)
     names = [f.name for f in descriptor.fields] if descriptor is not None else []
-    guess = _close_match(field, names)
+    param_block = type_name == "caffe.LayerParameter" and field.endswith("_param")
+    # "*_param" names all share that suffix: only a near-identical one is a likely typo
+    guess = _close_match(field, names, cutoff=0.85 if param_block else 0.6)
     hint = f' (did you mean "{guess}"?)' if guess else ""
+    if not guess and param_block:
+        # e.g. permute_param: the parameters of a layer type from a Caffe fork
+        hint = (f"; BVLC Caffe has no layer type with a {field} block (it belongs to a layer of a "
+                "Caffe fork, which brewnet does not implement)")
     return f'unknown field "{field}" in {_short_type_name(type_name)}{hint}'
 
 

@@ -1,0 +1,15 @@
+"""Errors for text a user wrote: one line, with the place and a useful hint."""
+
+import pytest
+
+import netdef
+
+
+def test_unknown_param_block_of_a_fork_layer_is_explained(tmp_path):
+    path = tmp_path / "fork.prototxt"
+    path.write_text('layer { name: "p" type: "Permute" bottom: "x" top: "y"\n  permute_param { order: 0 } }\n')
+    with pytest.raises(netdef.DefinitionError) as info:
+        netdef.read_net(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:2:3: unknown field \"permute_param\" in LayerParameter")
+    assert "Caffe fork" in message and "did you mean" not in message
