@@ -62,6 +62,18 @@ class _Labeled(Layer):
             self.fail(f"label value {value} is outside [0, {num_classes})")
         return labels, valid
 
+    def split_at_axis(self, bottom, axis):
+        """Class axis, outer and inner sizes of bottom[0] around it; one label per position."""
+        x = bottom[0]
+        self.axis = x.canonical_axis(axis)
+        self.outer = x.count_range(0, self.axis)
+        self.inner = x.count_range(self.axis + 1)
+        if self.outer * self.inner != bottom[1].count:
+            self.fail(
+                f"number of labels ({bottom[1].count}) must match the number of predictions "
+                f"({self.outer * self.inner}: data {x.shape} without axis {self.axis})"
+            )
+
 
 class _Loss(_Labeled):
     is_loss = True
@@ -114,6 +126,24 @@ class _Loss(_Labeled):
             self.fail(f"unknown normalization mode {mode}")
         return self.const(max(n, 1))
 
+    def write_class_grad(self, grad, top, bottom):
+        """bottom[0].diff from an (outer, C, inner) gradient: scaled by loss weight / normalizer,
+        zero at ignored positions (grad is modified)."""
+        scale = top[0].diff / self._norm
+        if self._valid is not None:
+            grad *= self._valid[:, None, :] * scale
+        else:
+            grad *= scale
+        bottom[0].diff[...] = grad.reshape(bottom[0].shape)
+
+    def softmax_and_labels(self, bottom):
+        """Softmax of bottom[0] over the class axis (as is and as (outer, C, inner)) and the labels."""
+        num_classes = bottom[0].shape[self.axis]
+        prob = _softmax(self.xp, bottom[0].data, self.axis)
+        prob3 = prob.reshape(self.outer, num_classes, self.inner)
+        labels, valid = self.read_labels(bottom[1].data, self.outer, self.inner, num_classes)
+        return prob, prob3, labels, valid
+
 
 @register("SoftmaxWithLoss", v1="SOFTMAX_LOSS")
 class SoftmaxWithLoss(_Loss):
@@ -130,23 +160,13 @@ class SoftmaxWithLoss(_Loss):
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
         x = bottom[0]
-        self.axis = x.canonical_axis(self.param.softmax_param.axis)
-        self.outer = x.count_range(0, self.axis)
-        self.inner = x.count_range(self.axis + 1)
-        if self.outer * self.inner != bottom[1].count:
-            self.fail(
-                f"number of labels ({bottom[1].count}) must match the number of predictions "
-                f"({self.outer * self.inner}: data {x.shape} without axis {self.axis})"
-            )
+        self.split_at_axis(bottom, self.param.softmax_param.axis)
         if len(top) > 1:
             top[1].reshape(x.shape)
 
     def forward(self, bottom, top):
         xp = self.xp
-        num_classes = bottom[0].shape[self.axis]
-        prob = _softmax(xp, bottom[0].data, self.axis)
-        prob3 = prob.reshape(self.outer, num_classes, self.inner)
-        labels, valid = self.read_labels(bottom[1].data, self.outer, self.inner, num_classes)
+        prob, prob3, labels, valid = self.softmax_and_labels(bottom)
         p = xp.take_along_axis(prob3, labels[:, None, :], axis=1)[:, 0, :]
         nll = -xp.log(xp.maximum(p, self.const(FLT_MIN)))
         if valid is not None:
@@ -162,12 +182,7 @@ class SoftmaxWithLoss(_Loss):
         if not propagate_down[0]:
             return
         grad = self._prob3 - _one_hot(self.xp, self._labels, self._prob3.shape[1])
-        scale = top[0].diff / self._norm
-        if self._valid is not None:
-            grad *= self._valid[:, None, :] * scale
-        else:
-            grad *= scale
-        bottom[0].diff[...] = grad.reshape(bottom[0].shape)
+        self.write_class_grad(grad, top, bottom)
 
 
 @register("EuclideanLoss", v1="EUCLIDEAN_LOSS")
@@ -302,14 +317,7 @@ class InfogainLoss(_Loss):
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
         x = bottom[0]
-        self.axis = x.canonical_axis(self.param.infogain_loss_param.axis)
-        self.outer = x.count_range(0, self.axis)
-        self.inner = x.count_range(self.axis + 1)
-        if self.outer * self.inner != bottom[1].count:
-            self.fail(
-                f"number of labels ({bottom[1].count}) must match the number of predictions "
-                f"({self.outer * self.inner}: data {x.shape} without axis {self.axis})"
-            )
+        self.split_at_axis(bottom, self.param.infogain_loss_param.axis)
         num_classes = x.shape[self.axis]
         h_count = bottom[2].count if len(bottom) > 2 else int(self._infogain.size)
         if h_count != num_classes * num_classes:
@@ -323,12 +331,9 @@ class InfogainLoss(_Loss):
 
     def forward(self, bottom, top):
         xp = self.xp
-        num_classes = bottom[0].shape[self.axis]
-        prob = _softmax(xp, bottom[0].data, self.axis)
-        prob3 = prob.reshape(self.outer, num_classes, self.inner)
-        labels, valid = self.read_labels(bottom[1].data, self.outer, self.inner, num_classes)
+        prob, prob3, labels, valid = self.softmax_and_labels(bottom)
         # row H[label] per position, laid out like prob3: (outer, C, inner)
-        rows = self._matrix(bottom, num_classes)[labels].transpose(0, 2, 1)
+        rows = self._matrix(bottom, prob3.shape[1])[labels].transpose(0, 2, 1)
         terms = rows * xp.log(xp.maximum(prob3, self.const(LOG_THRESHOLD)))
         if valid is not None:
             terms = xp.where(valid[:, None, :], terms, self.const(0))
@@ -345,12 +350,7 @@ class InfogainLoss(_Loss):
         num_classes = self._prob3.shape[1]
         row_sums = self._matrix(bottom, num_classes).sum(axis=1)
         grad = self._prob3 * row_sums[self._labels][:, None, :] - self._rows
-        scale = top[0].diff / self._norm
-        if self._valid is not None:
-            grad *= self._valid[:, None, :] * scale
-        else:
-            grad *= scale
-        bottom[0].diff[...] = grad.reshape(bottom[0].shape)
+        self.write_class_grad(grad, top, bottom)
 
 
 def _read_blobproto(layer, path):
@@ -480,14 +480,7 @@ class Accuracy(_Labeled):
         x = bottom[0]
         if bottom[1].count == 0 or self.top_k > x.count // bottom[1].count:
             self.fail(f"top_k ({self.top_k}) must be at most the number of classes")
-        self.axis = x.canonical_axis(self.param.accuracy_param.axis)
-        self.outer = x.count_range(0, self.axis)
-        self.inner = x.count_range(self.axis + 1)
-        if self.outer * self.inner != bottom[1].count:
-            self.fail(
-                f"number of labels ({bottom[1].count}) must match the number of predictions "
-                f"({self.outer * self.inner}: data {x.shape} without axis {self.axis})"
-            )
+        self.split_at_axis(bottom, self.param.accuracy_param.axis)
         top[0].reshape(())
         if len(top) > 1:
             top[1].reshape((x.shape[self.axis],))

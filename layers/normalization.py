@@ -111,12 +111,42 @@ class BatchNormLayer(Layer):
         bottom[0].diff[...] = dx.reshape(bottom[0].shape)
 
 
-@register("Scale")
-class ScaleLayer(Layer):
+class _ChannelOperand(Layer):
+    """Scale and Bias: an operand (second bottom, else the layer's first blob) broadcast over
+    bottom[0] as (outer, dim, inner) from the layer's axis."""
+
     min_bottoms = 1
     max_bottoms = 2
     exact_tops = 1
 
+    def _operand(self, bottom):
+        return bottom[1] if len(bottom) > 1 else self.blobs[0]
+
+    def _reshape_operand(self, bottom, top, axis_param):
+        operand = self._operand(bottom)
+        self.outer, self.dim, self.inner = _outer_dim_inner(self, bottom[0], operand, axis_param)
+        if top[0] is not bottom[0]:
+            top[0].reshape(bottom[0].shape)
+        return operand
+
+    def _odi(self, a):
+        return a.reshape(self.outer, self.dim, self.inner)
+
+    def _operand_backward(self, bottom, propagate_down, reduce):
+        """The operand's gradient, reduce() (an (outer, dim, inner) sum to dim values), computed
+        only when wanted: written to a second bottom, accumulated into the layer's own blob."""
+        two = len(bottom) > 1
+        if (two and propagate_down[1]) or (not two and self.param_needs_grad(0)):
+            operand = self._operand(bottom)
+            g = reduce().reshape(operand.shape)
+            if two:
+                operand.diff[...] = g
+            else:
+                operand.diff += g
+
+
+@register("Scale")
+class ScaleLayer(_ChannelOperand):
     def setup(self, bottom, top):
         p = self.param.scale_param
         if len(bottom) == 1 and not self.blobs:
@@ -135,27 +165,17 @@ class ScaleLayer(Layer):
                 self.blobs.append(bias)
             self.bias_index = len(self.blobs) - 1
 
-    def _scale(self, bottom):
-        return bottom[1] if len(bottom) > 1 else self.blobs[0]
-
     def reshape(self, bottom, top):
-        p = self.param.scale_param
-        scale = self._scale(bottom)
-        self.outer, self.dim, self.inner = _outer_dim_inner(self, bottom[0], scale, p.axis)
+        scale = self._reshape_operand(bottom, top, self.param.scale_param.axis)
         if self.bias_index is not None and self.blobs[self.bias_index].count != self.dim:
             raise layer_error(self, f"bias of shape {self.blobs[self.bias_index].shape} does not match "
                                     f"scale of shape {scale.shape}")
-        if top[0] is not bottom[0]:
-            top[0].reshape(bottom[0].shape)
-
-    def _odi(self, a):
-        return a.reshape(self.outer, self.dim, self.inner)
 
     def forward(self, bottom, top):
         x = bottom[0].data
         if top[0] is bottom[0]:
             self.x_saved = x.copy()  # the scale gradient needs the input
-        y = self._odi(x) * self._scale(bottom).data.reshape(1, self.dim, 1)
+        y = self._odi(x) * self._operand(bottom).data.reshape(1, self.dim, 1)
         if self.bias_index is not None:
             y += self.blobs[self.bias_index].data.reshape(1, self.dim, 1)
         top[0].data[...] = y.reshape(top[0].shape)
@@ -164,26 +184,19 @@ class ScaleLayer(Layer):
         dy = self._odi(top[0].diff)
         if self.bias_index is not None and self.param_needs_grad(self.bias_index):
             self.blobs[self.bias_index].diff += dy.sum(axis=(0, 2)).reshape(self.blobs[self.bias_index].shape)
-        two = len(bottom) > 1
-        scale = self._scale(bottom)
-        if (two and propagate_down[1]) or (not two and self.param_needs_grad(0)):
+
+        def scale_grad():
             x = self.x_saved if top[0] is bottom[0] else bottom[0].data
-            g = (dy * self._odi(x)).sum(axis=(0, 2)).reshape(scale.shape)
-            if two:
-                scale.diff[...] = g
-            else:
-                scale.diff += g
+            return (dy * self._odi(x)).sum(axis=(0, 2))
+
+        self._operand_backward(bottom, propagate_down, scale_grad)
         if propagate_down[0]:
-            dx = dy * scale.data.reshape(1, self.dim, 1)
+            dx = dy * self._operand(bottom).data.reshape(1, self.dim, 1)
             bottom[0].diff[...] = dx.reshape(bottom[0].shape)
 
 
 @register("Bias")
-class BiasLayer(Layer):
-    min_bottoms = 1
-    max_bottoms = 2
-    exact_tops = 1
-
+class BiasLayer(_ChannelOperand):
     def setup(self, bottom, top):
         p = self.param.bias_param
         if len(bottom) == 1 and not self.blobs:
@@ -191,30 +204,16 @@ class BiasLayer(Layer):
             fill(bias, p.filler, self.rng)
             self.blobs.append(bias)
 
-    def _bias(self, bottom):
-        return bottom[1] if len(bottom) > 1 else self.blobs[0]
-
     def reshape(self, bottom, top):
-        bias = self._bias(bottom)
-        self.outer, self.dim, self.inner = _outer_dim_inner(self, bottom[0], bias, self.param.bias_param.axis)
-        if top[0] is not bottom[0]:
-            top[0].reshape(bottom[0].shape)
+        self._reshape_operand(bottom, top, self.param.bias_param.axis)
 
     def forward(self, bottom, top):
-        x = bottom[0].data.reshape(self.outer, self.dim, self.inner)
-        y = x + self._bias(bottom).data.reshape(1, self.dim, 1)
+        y = self._odi(bottom[0].data) + self._operand(bottom).data.reshape(1, self.dim, 1)
         top[0].data[...] = y.reshape(top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff
-        two = len(bottom) > 1
-        bias = self._bias(bottom)
-        if (two and propagate_down[1]) or (not two and self.param_needs_grad(0)):
-            g = dy.reshape(self.outer, self.dim, self.inner).sum(axis=(0, 2)).reshape(bias.shape)
-            if two:
-                bias.diff[...] = g
-            else:
-                bias.diff += g
+        self._operand_backward(bottom, propagate_down, lambda: self._odi(dy).sum(axis=(0, 2)))
         if propagate_down[0] and top[0] is not bottom[0]:
             bottom[0].diff[...] = dy
 

@@ -60,17 +60,23 @@ def _maxrss_mib():
 # net definitions
 # ---------------------------------------------------------------------------
 def train_net_param(spec, batch):
-    """A TRAIN NetParameter: the deploy net with (data, label) Input and SoftmaxWithLoss
-    in place of the final Softmax; or the train_test net as is (LMDB data)."""
+    """A TRAIN NetParameter: the deploy net made trainable (deploy_to_train); or the
+    train_test net as is (LMDB data)."""
     import netdef
-    from netdef import caffe_pb2
 
     if "train" in spec:
         return netdef.read_net(str(ROOT / spec["train"]))
-    param = netdef.read_net(str(ROOT / spec["deploy"]))
+    return deploy_to_train(netdef.read_net(str(ROOT / spec["deploy"])), batch, spec["deploy"])
+
+
+def deploy_to_train(param, batch, where):
+    """The deploy NetParameter ``param`` (read from ``where``) as a TRAIN net, in place: a
+    (data, label) Input of ``batch`` and SoftmaxWithLoss in place of the final Softmax."""
+    from netdef import caffe_pb2
+
     inp = param.layer[0]
     if inp.type != "Input":
-        raise SystemExit(f"{spec['deploy']}: the first layer must be an Input layer")
+        raise SystemExit(f"{where}: the first layer must be an Input layer")
     inp.input_param.shape[0].dim[0] = batch
     del inp.input_param.shape[1:]
     inp.input_param.shape.add().dim.append(batch)
@@ -127,18 +133,10 @@ def _timed_loop(step, warmup, min_iters, min_seconds):
     return times
 
 
-def worker_brewnet(job):
-    import numpy
-
-    os.chdir(ROOT)  # the LMDB source path is relative to the repository
-    import layers.all_layers  # noqa: F401  (the baseline includes the framework's code)
-    import solver as solver_pkg
+def sgd_solver_param(net_param):
+    """brewnet's SGD SolverParameter with the settings in SGD, running until stopped, silent."""
     from netdef import caffe_pb2
 
-    rss0 = _maxrss_mib()
-
-    spec = NETS[job["net"]]
-    net_param = train_net_param(spec, spec["batch"])
     sp = caffe_pb2.SolverParameter()
     sp.net_param.CopyFrom(net_param)
     sp.base_lr, sp.momentum, sp.weight_decay = SGD["lr"], SGD["momentum"], SGD["weight_decay"]
@@ -148,26 +146,48 @@ def worker_brewnet(job):
     sp.snapshot_after_train = False
     sp.random_seed = 1
     sp.type = "SGD"
+    return sp
+
+
+def fill_random_inputs(net, xp):
+    """Random data and labels (drawn on the host, seed 0) into the net's data/label inputs."""
+    import numpy
+
+    rng = numpy.random.default_rng(0)
+    data = net.blobs["data"]
+    data.data[...] = xp.asarray(rng.standard_normal(data.shape, dtype=numpy.float32))
+    label = net.blobs["label"]
+    n_out = net.blobs[net.layers[-1].param.bottom[0]].shape[1]
+    label.data[...] = xp.asarray(rng.integers(0, n_out, size=label.shape).astype(numpy.float32))
+
+
+def worker_brewnet(job):
+    import numpy
+
+    os.chdir(ROOT)  # the LMDB source path is relative to the repository
+    import layers.all_layers  # noqa: F401  (the baseline includes the framework's code)
+    import solver as solver_pkg
+
+    rss0 = _maxrss_mib()
+
+    spec = NETS[job["net"]]
+    sp = sgd_solver_param(train_net_param(spec, spec["batch"]))
     import logging
 
     logging.disable(logging.INFO)  # no per-iteration log lines inside the timing
     solver = solver_pkg.get_solver(sp)
     net = solver.net
-    rng = numpy.random.default_rng(0)
     if "data" in net.inputs:
-        data = net.blobs["data"]
-        data.data[...] = rng.standard_normal(data.shape, dtype=numpy.float32)
-        label = net.blobs["label"]
-        n_out = net.blobs[net.layers[-1].param.bottom[0]].shape[1]
-        label.data[...] = rng.integers(0, n_out, size=label.shape).astype(numpy.float32)
+        fill_random_inputs(net, numpy)
     flops = training_flops(net, solver.net.net_param.layer)
     times = _timed_loop(lambda: solver.step(1), job["warmup"], job["min_iters"], job["min_seconds"])
     loss = float(net.blobs["loss"].data)
     return dict(times=times, flops_per_image=flops, loss=loss, rss_base_mib=rss0, rss_peak_mib=_maxrss_mib())
 
 
-def torch_model(net_param):
-    """nn.Sequential from a chain-shaped train NetParameter (the nets benchmarked here)."""
+def torch_model(net_param, who="benchmark"):
+    """nn.Sequential from a chain-shaped train NetParameter (the nets benchmarked here);
+    ``who`` names the script in the error for a layer type it cannot translate."""
     import torch
     from torch import nn
 
@@ -215,24 +235,22 @@ def torch_model(net_param):
             mods.append(nn.Linear(flat, lp.inner_product_param.num_output))
             flat = lp.inner_product_param.num_output
         else:
-            raise SystemExit(f"benchmark: no PyTorch translation for layer type {t}")
+            raise SystemExit(f"{who}: no PyTorch translation for layer type {t}")
     return nn.Sequential(*mods), shape
 
 
-def worker_torch(job):
+def torch_training_step(net_param, device="cpu", who="benchmark"):
+    """A PyTorch training step (forward, cross-entropy, backward, SGD update with the settings
+    in SGD) of the net translated from ``net_param``, on a fixed random batch on ``device``.
+    Returns (step, last): after each step, last["loss"] is its loss tensor."""
     import torch
 
-    rss0 = _maxrss_mib()  # after the import: the delta is what training itself takes
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    spec = NETS[job["net"]]
-    net_param = train_net_param(spec, spec["batch"])
-    model, shape = torch_model(net_param)
-    model.train()
-    x = torch.randn(*shape)
+    model, shape = torch_model(net_param, who)
+    model = model.to(device).train()
+    x = torch.randn(*shape, device=device)
     with torch.no_grad():
         n_out = model(x[:1]).shape[1]
-    y = torch.randint(0, n_out, (shape[0],))
+    y = torch.randint(0, n_out, (shape[0],), device=device)
     opt = torch.optim.SGD(model.parameters(), **SGD)
     lossf = torch.nn.CrossEntropyLoss()
     last = {}
@@ -244,6 +262,17 @@ def worker_torch(job):
         opt.step()
         last["loss"] = loss
 
+    return step, last
+
+
+def worker_torch(job):
+    import torch
+
+    rss0 = _maxrss_mib()  # after the import: the delta is what training itself takes
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    spec = NETS[job["net"]]
+    step, last = torch_training_step(train_net_param(spec, spec["batch"]))
     times = _timed_loop(step, job["warmup"], job["min_iters"], job["min_seconds"])
     return dict(times=times, loss=float(last["loss"]), rss_base_mib=rss0, rss_peak_mib=_maxrss_mib(),
                 threads=torch.get_num_threads())

@@ -25,17 +25,6 @@ from netdef import caffe_pb2  # noqa: E402
 CHUNK = 1024
 
 
-def _atomic_bytes(path, data):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("input_db", type=click.Path())
 @click.argument("output_file", type=click.Path(dir_okay=False))
@@ -74,18 +63,11 @@ def main(input_db, output_file, backend):
         add(numpy.stack(pending))
     reader.close()
     mean = (total / numpy.float32(count)).astype(numpy.float32).reshape((1,) + shape)
-    if output_file.endswith(".npy"):
-        tmp = f"{output_file}.tmp-{os.getpid()}.npy"
-        numpy.save(tmp, mean)
-        os.replace(tmp, output_file)
-    else:
-        data = db.mean_blobproto(mean[0]).SerializeToString()
-        writer = getattr(netdef, "atomic_write", None)
-        if writer is not None:
-            with writer(output_file, "wb") as f:
-                f.write(data)
+    with netdef.atomic_write(output_file, "wb") as f:
+        if output_file.endswith(".npy"):
+            numpy.save(f, mean)
         else:
-            _atomic_bytes(output_file, data)
+            f.write(db.mean_blobproto(mean[0]).SerializeToString())
     info(f"{count} images of shape {shape}; written to {output_file}")
     for c, value in enumerate(mean[0].reshape(shape[0], -1).sum(axis=1, dtype=numpy.float32) / shape[1] / shape[2]):
         info(f"mean_value channel [{c}]: {value:g}")

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import info, one_line_errors, warn  # noqa: E402
 
+import netdef  # noqa: E402
 from layers import db  # noqa: E402
 
 MD5 = {
@@ -43,17 +44,6 @@ def md5(path):
 
 def verified(path, name):
     return os.path.isfile(path) and md5(path) == MD5[name]
-
-
-def write_atomic(path, data):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def download(name, timeout):
@@ -117,7 +107,8 @@ def main(directory, timeout, offline):
             data = rebuilt[name]
         if hashlib.md5(data).hexdigest() != MD5[name]:
             raise click.ClickException(f"{name}: md5 {hashlib.md5(data).hexdigest()} differs from the canonical {MD5[name]}")
-        write_atomic(path, data)
+        with netdef.atomic_write(path, "wb") as f:
+            f.write(data)
         info(f"{name}: written, md5 {MD5[name]} verified")
 
 

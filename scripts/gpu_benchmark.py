@@ -25,13 +25,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's packages, whatever is installed
 
+# the net translation and training set-up are the CPU benchmark's (scripts/ is on the path when run)
+from benchmark import deploy_to_train, fill_random_inputs, sgd_solver_param, torch_training_step  # noqa: E402
+
 NETS = {
     "lenet": dict(deploy="configs/lenet/lenet_deploy.prototxt", batch=64),
     "cifar10_quick": dict(deploy="configs/cifar10_quick/cifar10_quick_deploy.prototxt", batch=100),
     "caffenet": dict(deploy="configs/caffenet/caffenet_deploy.prototxt", batch=128),
 }
 TARGET = {"cifar10_quick": 0.5, "caffenet": 0.5}
-SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 
 
 def _conv(name, bottom, n, k, s=1, p=0, g=1):
@@ -78,30 +80,13 @@ def caffenet_text(batch):
 def train_net_param(net, batch):
     """The deploy net as a TRAIN net: Input (data, label) of ``batch`` and SoftmaxWithLoss."""
     import netdef
-    from netdef import caffe_pb2
 
     path = ROOT / NETS[net]["deploy"]
     if path.is_file():
-        param = netdef.read_net(str(path))
-    elif net == "caffenet":
-        param = netdef.parse_net(caffenet_text(batch), path="<caffenet>")
-    else:
-        raise SystemExit(f"gpu_benchmark: {path} is missing")
-    inp = param.layer[0]
-    inp.input_param.shape[0].dim[0] = batch
-    del inp.input_param.shape[1:]
-    inp.input_param.shape.add().dim.append(batch)
-    del inp.top[1:]
-    inp.top.append("label")
-    logits = param.layer[-1].bottom[0] if param.layer[-1].type == "Softmax" else param.layer[-1].top[0]
-    if param.layer[-1].type == "Softmax":
-        del param.layer[-1]
-    loss = param.layer.add()
-    loss.name, loss.type = "loss", "SoftmaxWithLoss"
-    loss.bottom.extend([logits, "label"])
-    loss.top.append("loss")
-    param.state.phase = caffe_pb2.TRAIN
-    return param
+        return deploy_to_train(netdef.read_net(str(path)), batch, NETS[net]["deploy"])
+    if net == "caffenet":
+        return deploy_to_train(netdef.parse_net(caffenet_text(batch), path="<caffenet>"), batch, "<caffenet>")
+    raise SystemExit(f"gpu_benchmark: {path} is missing")
 
 
 def _timed(step, sync, warmup, seconds, min_iters):
@@ -119,69 +104,14 @@ def _timed(step, sync, warmup, seconds, min_iters):
 
 
 def bench_brewnet(cupy, net, batch, seconds):
-    import numpy
-
     import solver as solver_pkg
     from layers import backend
-    from netdef import caffe_pb2
 
     backend.set_mode_gpu()
-    sp = caffe_pb2.SolverParameter()
-    sp.net_param.CopyFrom(train_net_param(net, batch))
-    sp.base_lr, sp.momentum, sp.weight_decay = SGD["lr"], SGD["momentum"], SGD["weight_decay"]
-    sp.lr_policy, sp.max_iter, sp.display, sp.random_seed, sp.type = "fixed", 10 ** 9, 0, 1, "SGD"
-    sp.snapshot_after_train = False
-    s = solver_pkg.get_solver(sp, xp=cupy)
-    rng = numpy.random.default_rng(0)
-    data, label = s.net.blobs["data"], s.net.blobs["label"]
-    data.data[...] = cupy.asarray(rng.standard_normal(data.shape, dtype=numpy.float32))
-    n_out = s.net.blobs[s.net.layers[-1].param.bottom[0]].shape[1]
-    label.data[...] = cupy.asarray(rng.integers(0, n_out, size=label.shape).astype(numpy.float32))
+    s = solver_pkg.get_solver(sgd_solver_param(train_net_param(net, batch)), xp=cupy)
+    fill_random_inputs(s.net, cupy)
     iters, elapsed = _timed(lambda: s.step(1), cupy.cuda.Device().synchronize, 3, seconds, 5)
     return dict(images_per_s=batch * iters / elapsed, iters=iters, loss=float(s.net.blobs["loss"].data))
-
-
-def torch_model(param):
-    """torch.nn.Sequential for the chain-shaped nets benchmarked here."""
-    import torch
-    from torch import nn
-
-    from netdef import caffe_pb2
-
-    mods, shape, channels, flat = [], None, None, None
-    for lp in param.layer:
-        t = lp.type
-        if t == "Input":
-            shape = list(lp.input_param.shape[0].dim)
-            channels = shape[1]
-        elif t == "Convolution":
-            cp = lp.convolution_param
-            mods.append(nn.Conv2d(channels, cp.num_output, cp.kernel_size[0], cp.stride[0] if cp.stride else 1,
-                                  cp.pad[0] if cp.pad else 0, groups=cp.group, bias=cp.bias_term))
-            channels = cp.num_output
-        elif t == "Pooling":
-            pp = lp.pooling_param
-            cls = nn.MaxPool2d if pp.pool == caffe_pb2.PoolingParameter.MAX else nn.AvgPool2d
-            mods.append(cls(pp.kernel_size, pp.stride, pp.pad, ceil_mode=True))  # Caffe rounds up
-        elif t == "ReLU":
-            mods.append(nn.ReLU(inplace=True))
-        elif t == "LRN":
-            q = lp.lrn_param
-            mods.append(nn.LocalResponseNorm(q.local_size, q.alpha, q.beta, q.k))
-        elif t == "Dropout":
-            mods.append(nn.Dropout(lp.dropout_param.dropout_ratio))
-        elif t == "InnerProduct":
-            if flat is None:
-                mods.append(nn.Flatten())
-                with torch.no_grad():
-                    flat = nn.Sequential(*mods)(torch.zeros([1] + shape[1:])).shape[1]
-            mods.append(nn.Linear(flat, lp.inner_product_param.num_output))
-            flat = lp.inner_product_param.num_output
-        elif t == "SoftmaxWithLoss":
-            break
-        else:
-            raise SystemExit(f"gpu_benchmark: no PyTorch translation for layer type {t}")
-    return nn.Sequential(*mods), shape
 
 
 def bench_torch(net, batch, seconds, device="cuda"):
@@ -190,23 +120,7 @@ def bench_torch(net, batch, seconds, device="cuda"):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    model, shape = torch_model(train_net_param(net, batch))
-    model = model.to(device).train()
-    x = torch.randn(*shape, device=device)
-    with torch.no_grad():
-        n_out = model(x[:1]).shape[1]
-    y = torch.randint(0, n_out, (shape[0],), device=device)
-    opt = torch.optim.SGD(model.parameters(), **SGD)
-    lossf = torch.nn.CrossEntropyLoss()
-    last = {}
-
-    def step():
-        opt.zero_grad()
-        loss = lossf(model(x), y)
-        loss.backward()
-        opt.step()
-        last["loss"] = loss
-
+    step, last = torch_training_step(train_net_param(net, batch), device, who="gpu_benchmark")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     iters, elapsed = _timed(step, sync, 3, seconds, 5)
     return dict(images_per_s=batch * iters / elapsed, iters=iters, loss=float(last["loss"].detach()))

@@ -34,6 +34,20 @@ def _restore_brewnet_logger():
     logger.propagate, logger.level = saved[1], saved[2]
 
 
+@pytest.fixture
+def window_data_dir(tmp_path):
+    """A folder with a 20x30 RGB image im.png and a WindowData source windows.txt naming it
+    with three windows (labels 1 and 2 foreground, 0 background)."""
+    import numpy
+    from PIL import Image
+
+    Image.fromarray(numpy.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=numpy.uint8)).save(
+        tmp_path / "im.png")
+    (tmp_path / "windows.txt").write_text(
+        "# 0\nim.png\n3 20 30\n3\n1 0.9 2 3 12 15\n2 0.7 0 0 29 19\n0 0.1 5 5 9 9\n")
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory):
     """The four canonical MNIST IDX files (data/mnist when present, else rebuilt

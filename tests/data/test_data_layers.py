@@ -273,15 +273,10 @@ def test_memory_data_add_arrays_transforms():
         layer.set_input_arrays(data.astype(F32), numpy.array([1, 2], F32))
 
 
-def test_window_data(tmp_path):
-    from PIL import Image
-
-    Image.fromarray(numpy.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=numpy.uint8)).save(
-        tmp_path / "im.png")
-    (tmp_path / "windows.txt").write_text(
-        "# 0\nim.png\n3 20 30\n3\n1 0.9 2 3 12 15\n2 0.7 0 0 29 19\n0 0.1 5 5 9 9\n")
+def test_window_data(window_data_dir):
+    folder = window_data_dir  # im.png, windows.txt
     text = (f'name: "w" type: "WindowData" top: "data" top: "label" transform_param {{ crop_size: 8 mirror: true '
-            f'mean_value: 100 }} window_data_param {{ source: "{tmp_path}/windows.txt" root_folder: "{tmp_path}/" '
+            f'mean_value: 100 }} window_data_param {{ source: "{folder}/windows.txt" root_folder: "{folder}/" '
             f'batch_size: 4 fg_fraction: 0.5 context_pad: 2 }}')
     layer, bottom, top = build(text, phase=caffe_pb2.TRAIN)
     layer.forward(bottom, top)
@@ -289,7 +284,7 @@ def test_window_data(tmp_path):
     labels = top[1].data.tolist()
     assert labels[:2] == [0, 0] and set(labels[2:]) <= {1, 2}
     assert top[0].data.min() >= -100 and top[0].data.max() <= 155
-    bad = tmp_path / "bad.txt"
+    bad = folder / "bad.txt"
     bad.write_text("0 im.png\n")
     with pytest.raises(DefinitionError, match="expected '#'"):
         build(text.replace("windows.txt", "bad.txt"))

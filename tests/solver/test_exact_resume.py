@@ -297,14 +297,9 @@ def test_hdf5_data_resume_mid_file(tmp_path, shuffle):
     assert ("row_order" in saved["h"]) == shuffle
 
 
-def test_window_data_resume(tmp_path):
-    from PIL import Image
-
-    Image.fromarray(numpy.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=numpy.uint8)).save(
-        tmp_path / "im.png")
-    (tmp_path / "windows.txt").write_text(
-        "# 0\nim.png\n3 20 30\n3\n1 0.9 2 3 12 15\n2 0.7 0 0 29 19\n0 0.1 5 5 9 9\n")
+def test_window_data_resume(window_data_dir):
+    folder = window_data_dir  # im.png, windows.txt
     text = (f'layer {{ name: "w" type: "WindowData" top: "data" top: "label" transform_param {{ crop_size: 8 '
-            f'mirror: true }} window_data_param {{ source: "{tmp_path}/windows.txt" root_folder: "{tmp_path}/" '
+            f'mirror: true }} window_data_param {{ source: "{folder}/windows.txt" root_folder: "{folder}/" '
             f'batch_size: 4 fg_fraction: 0.5 context_pad: 2 }} }}')
     _continue_alike(text, ["data", "label"])
