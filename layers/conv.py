@@ -1,7 +1,8 @@
 """Convolution, Deconvolution and Im2col (Caffe's BaseConvolutionLayer family).
 
-Each batch (in chunks when the column matrix would be huge) is one im2col copy and
-one GEMM per group; see layers/im2col.py. Weight shape (num_output, C/group, *kernel)
+Each batch (in chunks when the column matrix would be huge, or cache-sized ones for
+narrow layers) is one im2col copy and one GEMM per group; see layers/im2col.py. The data
+gradient of a padded unit-stride convolution is itself computed as a convolution of dy. Weight shape (num_output, C/group, *kernel)
 for Convolution, (C, num_output/group, *kernel) for Deconvolution, as in Caffe.
 """
 
@@ -124,15 +125,21 @@ class _BaseConv(_ConvGeometry):
         key = (img_C, img_S, col_M, col_S)
         if self._engine is None or self._engine_key != key:
             self._engine = ConvEngine(self.xp, bottom[0].dtype, img_C, img_S, col_M, self.group,
-                                      self.kernel, self.stride, self.pad, self.dilation, col_S)
+                                      self.kernel, self.stride, self.pad, self.dilation, col_S,
+                                      cache_chunks=not self.reverse)
             self._engine_key = key
             self._cols = {}
         if not self._engine.is_1x1:
-            eng = self._engine
-            WORKSPACE.reserve(self.xp, bottom[0].dtype, int(numpy.prod(eng.col_shape(min(num, eng.chunk)))))
+            for eng in (self._engine, self._data_engine()):
+                if eng is not None:
+                    WORKSPACE.reserve(self.xp, bottom[0].dtype, int(numpy.prod(eng.col_shape(min(num, eng.chunk)))))
         top_shape = shape[:self.channel_axis] + (self.num_output,) + out
         for t in top:
             t.reshape(top_shape)
+
+    def _data_engine(self):
+        """Convolution only: the engine of the data gradient as a convolution of dy, if it applies."""
+        return None
 
     # (num, C, *spatial) views of blobs around the channel axis
     def _nd(self, array, C, spatial):
@@ -166,6 +173,23 @@ class Convolution(_BaseConv):
                     self._fresh.add(i)
             if self.bias_term:
                 self._add_bias(y)
+
+    # "transposed" or "direct" to override the per-shape choice of data-gradient path (tests)
+    force_data_grad = None
+
+    def _data_engine(self):
+        eng = self._engine
+        if eng.is_1x1 or self.force_data_grad == "direct":
+            return None
+        # The direct path is kept (1) for few input channels per group (a first layer's dx): a
+        # GEMM that narrow is slow either way, and the direct path makes it once for all kernel
+        # offsets; (2) when the input is much larger than the output (no padding): the convolution
+        # of dy then costs prod(S)/prod(O) times the direct path's arithmetic; (3) for many output
+        # channels (CaffeNet's conv2-4): the per-offset GEMMs are then wide enough to run well.
+        if self.force_data_grad != "transposed" and (
+                eng.Cg < 16 or 4 * numpy.prod(eng.S) > 5 * eng.L or eng.Mg > eng.skinny_max_outputs):
+            return None
+        return eng.transposed()
 
     def _im2col(self, i, x):
         """im2col of bottom i into the shared column workspace; remembers the token and view."""
@@ -204,6 +228,7 @@ class Convolution(_BaseConv):
                 self._backward_1x1(x, W, dy, dx, need_w)
                 continue
             chunks = eng.chunks(self.num)
+            teng = self._data_engine() if dx is not None else None
             dW = None
             for a, z in chunks:
                 ym = eng.to_colside(dy[a:z])
@@ -213,10 +238,15 @@ class Convolution(_BaseConv):
                         col = self._im2col(i, x[a:z])
                     g = eng.gemm_weight(col, ym)
                     dW = g if dW is None else dW + g
-                if dx is not None:
+                if dx is not None and teng is None:
                     eng.data_to_image(ym, W, z - a, dx[a:z])
             if need_w:
                 self.blobs[0].diff += dW
+            if teng is not None:
+                Wt = eng.flipped_weight(W)
+                for a, z in teng.chunks(self.num):
+                    buf = WORKSPACE.take(self.xp, dy.dtype, teng.col_shape(z - a), object())
+                    teng.from_colside(teng.gemm_forward(teng.im2col(dy[a:z], out=buf), Wt), dx[a:z])
 
     def _backward_1x1(self, x, W, dy, dx, need_w):
         xp, G, n = self.xp, self.group, self.num

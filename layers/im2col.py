@@ -85,10 +85,16 @@ class ConvEngine:
 
     # bytes one column buffer may take; bigger batches are processed in chunks of samples
     max_col_bytes = 256 << 20
+    # With few output channels per group the GEMMs do little arithmetic per column element and
+    # are bound by memory bandwidth: chunks this small let the im2col copy and the GEMM reading
+    # it meet in the CPU cache (CIFAR-10's convolutions run about twice as fast). Wider layers
+    # are compute-bound and lose more to smaller GEMMs than they gain.
+    cache_col_bytes = 8 << 20
+    skinny_max_outputs = 64
     # "A" or "B" to override the per-shape choice (tests exercise both)
     force_layout = None
 
-    def __init__(self, xp, dtype, C, S, M, G, kernel, stride, pad, dilation, O):
+    def __init__(self, xp, dtype, C, S, M, G, kernel, stride, pad, dilation, O, cache_chunks=False):
         self.xp, self.dtype = xp, numpy.dtype(dtype)
         self.C, self.S, self.M, self.G = C, tuple(S), M, G
         self.k, self.s, self.p, self.d = tuple(kernel), tuple(stride), tuple(pad), tuple(dilation)
@@ -108,9 +114,16 @@ class ConvEngine:
         run_b = self.O[-1] if self.s[-1] == 1 else self.O[-1] // 2
         self.layout = self.force_layout or ("A" if run_a > run_b else "B")
         per_sample = max(1, self.Kg * G * self.L * self.dtype.itemsize)
-        self.chunk = max(1, self.max_col_bytes // per_sample)
-        self._pad_buf = None
-        self._acc_buf = None
+        # (not for Deconvolution's forward: its per-offset GEMMs only get slower in small chunks)
+        self.cache_chunks = cache_chunks
+        limit = self.max_col_bytes
+        if cache_chunks and self.Mg <= self.skinny_max_outputs and xp is numpy:
+            limit = min(limit, self.cache_col_bytes)
+        self.chunk = max(1, limit // per_sample)
+        # scratch buffers by (role, shape, dtype): a batch in chunks needs two sizes (full chunk and
+        # remainder), and reallocating a zeroed buffer per chunk would cost more than the copy
+        self._bufs = {}
+        self._transposed = None
 
     def chunks(self, n):
         return [(a, min(n, a + self.chunk)) for a in range(0, n, self.chunk)]
@@ -122,10 +135,8 @@ class ConvEngine:
         if self.layout == "B" and not self.padded:
             return x
         shape = (n, self.C) + self.Sp if self.layout == "B" else (n,) + self.Sp + (self.C,)
-        buf = self._pad_buf
-        if buf is None or buf.shape != shape:
-            # borders are zeroed once and never written again
-            buf = self._pad_buf = xp.zeros(shape, dtype=x.dtype)
+        # borders are zeroed once and never written again
+        buf = self._buffer("pad", shape, x.dtype, zero=True)
         inner = tuple(slice(p_, p_ + S_) for p_, S_ in zip(self.p, self.S))
         if self.layout == "B":
             buf[(slice(None), slice(None)) + inner] = x
@@ -225,6 +236,30 @@ class ConvEngine:
             Wm = self.xp.matmul(ym.transpose(0, 2, 1), col)
         return self.weight_from_matrix(Wm)
 
+    # -- conv data gradient as a convolution of the output diff -----------------------
+    def transposed(self):
+        """The engine computing the data gradient as a forward convolution, or None.
+
+        With unit strides, dx is dy (padded by d*(k-1)-p) convolved with the flipped weights,
+        channels in and out swapped: one im2col and one GEMM per chunk, cache-sized like
+        forward, instead of a small GEMM and a strided add per kernel offset.
+        """
+        if self._transposed is None:
+            pads = tuple(d_ * (k_ - 1) - p_ for k_, p_, d_ in zip(self.k, self.p, self.d))
+            if all(s_ == 1 for s_ in self.s) and min(pads) >= 0:
+                self._transposed = ConvEngine(self.xp, self.dtype, self.M, self.O, self.C, self.G, self.k,
+                                              self.s, pads, self.d, self.S, self.cache_chunks)
+            else:
+                self._transposed = False
+        return self._transposed or None
+
+    def flipped_weight(self, W):
+        """(M, Cg, *k) -> (C, Mg, *k): per group, in and out channels swapped, kernel reversed."""
+        nsp = self.nsp
+        Wg = W.reshape((self.G, self.Mg, self.Cg) + self.k)
+        Wg = Wg[(slice(None),) * 3 + (slice(None, None, -1),) * nsp].swapaxes(1, 2)
+        return self.xp.ascontiguousarray(Wg).reshape((self.C, self.Mg) + self.k)
+
     # -- column-side diff -> image (conv data gradient, deconv forward) -------------
     def data_to_image(self, ym, W, n, out):
         """out (n, C, *S) = col2im(W^T ym), one GEMM and one strided add per kernel offset.
@@ -269,20 +304,25 @@ class ConvEngine:
         ks = tuple(range(2 + nsp, 2 + 2 * nsp))
         return dcol.transpose((1, 0, 2 + 2 * nsp) + ks + os_)
 
-    def _scratch(self, shape, dtype):
-        buf = getattr(self, "_scratch_buf", None)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self._scratch_buf = self.xp.empty(shape, dtype=dtype)
+    def _buffer(self, role, shape, dtype, zero=False):
+        key = (role, tuple(shape), numpy.dtype(dtype).str)
+        buf = self._bufs.get(key)
+        if buf is None:
+            stale = [k for k in self._bufs if k[0] == role]
+            if len(stale) >= 2:  # the batch size changed: forget the old sizes
+                for k in stale:
+                    del self._bufs[k]
+            buf = self._bufs[key] = (self.xp.zeros if zero else self.xp.empty)(shape, dtype=dtype)
         return buf
+
+    def _scratch(self, shape, dtype):
+        return self._buffer("scratch", shape, dtype)
 
     def _accumulator(self, n, dtype):
         """Zeroed padded image accumulator: B (C, n, *Sp), A (n, *Sp, C)."""
         shape = (self.C, n) + self.Sp if self.layout == "B" else (n,) + self.Sp + (self.C,)
-        acc = self._acc_buf
-        if acc is None or acc.shape != shape or acc.dtype != dtype:
-            acc = self._acc_buf = self.xp.zeros(shape, dtype=dtype)
-        else:
-            acc.fill(0)
+        acc = self._buffer("acc", shape, dtype)
+        acc.fill(0)
         return acc
 
     def _window_slices(self):

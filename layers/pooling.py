@@ -145,13 +145,16 @@ class PoolCore:
             xp, y = self.xp, self._max
             # offsets in reverse, each overwriting where it holds the maximum: the first one wins.
             # Plain arithmetic (idx += (o - idx) * hit) vectorizes; masked copies do not.
-            idx = xp.zeros(y.shape, dtype=numpy.int32)
+            # one byte per index when the window allows: these passes are memory-bound, and the
+            # arithmetic below stays exact modulo 256
+            itype = numpy.dtype(numpy.uint8 if self.k[0] * self.k[1] <= 256 else numpy.int32)
+            idx = xp.zeros(y.shape, dtype=itype)
             hit = xp.empty(y.shape, dtype=bool)
-            step = xp.empty(y.shape, dtype=numpy.int32)
+            step = xp.empty(y.shape, dtype=itype)
             for o, osl, src in reversed(self._sources):
                 h, iv, st = hit[osl], idx[osl], step[osl]
                 xp.equal(src, y[osl], out=h)
-                xp.subtract(numpy.int32(o), iv, out=st)
+                xp.subtract(itype.type(o), iv, out=st)
                 st *= h
                 iv += st
             self.idx = idx

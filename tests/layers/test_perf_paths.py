@@ -8,7 +8,7 @@ from layers import blas
 from layers.blas import axpy, matmul_acc
 from layers.net import Net
 from netdef import caffe_pb2
-from layers.gradcheck import make_layer, setup_layer
+from layers.gradcheck import check_gradient, make_layer, setup_layer
 
 RNG = numpy.random.default_rng(7)
 
@@ -141,3 +141,89 @@ def test_fused_sgd_step_matches_regularize_then_sgd(dtype, decay):
     assert updates.sgd_l2_fused(diff, data, v, decay, 0.01, param.momentum, scratch)
     numpy.testing.assert_array_equal(v, want_v)
     numpy.testing.assert_array_equal(diff, want_diff)
+
+
+# -- convolution data gradient as a convolution of dy, cache-sized chunks ------------------------
+
+@pytest.mark.parametrize("params,shape", [
+    ("num_output: 3 kernel_size: 3 pad: 1", (2, 2, 5, 6)),
+    ("num_output: 4 kernel_size: 3 group: 2", (3, 4, 5, 5)),  # no pad: a "full" convolution of dy
+    ("num_output: 2 kernel_h: 3 kernel_w: 2 pad_h: 2 pad_w: 1 dilation: 2", (2, 2, 5, 6)),
+])
+@pytest.mark.parametrize("layout", ["A", "B"])
+def test_conv_transposed_data_gradient_matches_direct(params, shape, layout, monkeypatch):
+    from layers import conv, im2col
+
+    monkeypatch.setattr(im2col.ConvEngine, "force_layout", layout)
+    monkeypatch.setattr(im2col.ConvEngine, "max_col_bytes", 1)  # chunks of one sample
+    x = RNG.standard_normal(shape)
+    grads = {}
+    for path in ("direct", "transposed"):
+        monkeypatch.setattr(conv.Convolution, "force_data_grad", path)
+        layer = make_layer(f'name: "c" type: "Convolution" convolution_param {{ {params} '
+                           'weight_filler { type: "gaussian" std: 0.5 } }', dtype=numpy.float64)
+        bottom, top = setup_layer(layer, [x])
+        assert (layer._data_engine() is not None) == (path == "transposed")
+        layer.forward(bottom, top)
+        top[0].diff[...] = numpy.random.default_rng(4).standard_normal(top[0].shape)
+        layer.backward(top, [True], bottom)
+        grads[path] = (bottom[0].diff.copy(), layer.blobs[0].diff.copy())
+    for a, b in zip(grads["direct"], grads["transposed"]):
+        numpy.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_transposed_data_gradient_passes_gradcheck(monkeypatch):
+    from layers import conv
+
+    monkeypatch.setattr(conv.Convolution, "force_data_grad", "transposed")
+    layer = make_layer('name: "c" type: "Convolution" convolution_param { num_output: 4 kernel_size: 3 pad: 1 '
+                       'group: 2 weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" } }')
+    check_gradient(layer, [RNG.standard_normal((2, 4, 4, 5))])
+
+
+def test_conv_engine_chunk_rule():
+    from layers.im2col import ConvEngine
+
+    def engine(M):
+        return ConvEngine(numpy, numpy.float32, 32, (16, 16), M, 1, (5, 5), (1, 1), (2, 2), (1, 1), (16, 16),
+                          cache_chunks=True)
+
+    per_sample = 32 * 25 * 256 * 4
+    # few output channels: memory-bound GEMMs, cache-sized chunks; many: one big GEMM
+    assert engine(32).chunk == ConvEngine.cache_col_bytes // per_sample
+    assert engine(256).chunk == ConvEngine.max_col_bytes // per_sample
+    plain = ConvEngine(numpy, numpy.float32, 32, (16, 16), 32, 1, (5, 5), (1, 1), (2, 2), (1, 1), (16, 16))
+    assert plain.chunk == ConvEngine.max_col_bytes // per_sample  # Deconvolution's engines
+    # the data-gradient engine of a "same" convolution is a convolution of the same geometry
+    t = engine(32).transposed()
+    assert (t.C, t.M, t.S, t.O, t.p, t.chunk) == (32, 32, (16, 16), (16, 16), (2, 2), engine(32).chunk)
+    strided = ConvEngine(numpy, numpy.float32, 8, (9, 9), 8, 1, (3, 3), (2, 2), (1, 1), (1, 1), (5, 5))
+    assert strided.transposed() is None
+
+
+# -- max pooling argmax: one byte per index for small windows -------------------------------------
+
+@pytest.mark.parametrize("params,hw", [("kernel_size: 3 stride: 2", (9, 8)),
+                                       ("kernel_size: 3 stride: 1 pad: 1", (5, 6)),
+                                       ("global_pooling: true", (17, 17))])  # 289 offsets: int32 indices
+def test_max_pool_mask_is_the_first_maximum_with_ties(params, hw):
+    layer = make_layer(f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {params} }}', dtype=numpy.float32)
+    x = RNG.integers(-2, 3, size=(2, 3) + hw).astype(numpy.float32)  # many ties
+    bottom, top = setup_layer(layer, [x], n_tops=2, dtype=numpy.float32)
+    layer.forward(bottom, top)
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.pad
+    want = numpy.empty(top[1].shape, dtype=numpy.int64)
+    H, W = hw
+    for i in range(want.shape[2]):
+        for j in range(want.shape[3]):
+            h0, w0 = i * sh - ph, j * sw - pw
+            rows = range(max(h0, 0), min(h0 + kh, H))
+            cols = range(max(w0, 0), min(w0 + kw, W))
+            cand = [(r, c) for r in rows for c in cols]  # row-major: the first maximum wins
+            for n in range(2):
+                for ch in range(3):
+                    vals = [x[n, ch, r, c] for r, c in cand]
+                    r, c = cand[int(numpy.argmax(vals))]
+                    want[n, ch, i, j] = r * W + c
+    numpy.testing.assert_array_equal(top[1].data, want)
+    assert layer._core.argmax().dtype == (numpy.int32 if "global" in params else numpy.uint8)
