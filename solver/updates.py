@@ -105,32 +105,73 @@ def sgd_l2_fused(diff, data, v, local_decay, local_rate, momentum, scratch=None,
     return True
 
 
+def _blocks(xp, arrays, n_tmp):
+    """Yield (views of ``arrays``..., ``n_tmp`` scratch arrays...) block by block.
+
+    The rules below are elementwise, so running every step on one block before the next
+    gives the same floats as whole-array passes, while the block stays in cache and no
+    parameter-sized temporary is allocated. Host arrays go in FUSED_BLOCK pieces with small
+    scratch; others (cupy, non-contiguous) in one piece with full-size scratch."""
+    import numpy
+
+    if all(type(a) is numpy.ndarray and a.flags.c_contiguous for a in arrays):
+        flat = [a.reshape(-1) for a in arrays]
+        size = flat[0].size
+        block = max(1, min(FUSED_BLOCK, size))
+        tmps = [numpy.empty(block, arrays[0].dtype) for _ in range(n_tmp)]
+        for start in range(0, size, block):
+            stop = min(start + block, size)
+            yield [f[start:stop] for f in flat] + [t[:stop - start] for t in tmps]
+    else:
+        yield list(arrays) + [xp.empty_like(arrays[0]) for _ in range(n_tmp)]
+
+
 def nesterov(diff, hist, local_rate, param, iteration, xp):
     """v' = momentum * v + lr * g; step = (1 + momentum) * v' - momentum * v."""
     (v,) = hist
     momentum = _scalar(v, param.momentum)
-    previous = v.copy()
-    v *= momentum
-    v += _scalar(v, local_rate) * diff
-    diff[...] = (_scalar(v, 1) + momentum) * v - momentum * previous
+    rate = _scalar(v, local_rate)
+    one_plus = _scalar(v, 1) + momentum
+    for g, vb, previous, t in _blocks(xp, (diff, v), 2):
+        previous[...] = vb
+        vb *= momentum
+        xp.multiply(g, rate, out=t)
+        vb += t
+        xp.multiply(vb, one_plus, out=t)
+        previous *= momentum
+        xp.subtract(t, previous, out=g)
+
+
+def _scale_by_root(g, h, t, delta, rate, xp):
+    """g = g / (sqrt(h) + delta) * rate, with ``t`` as scratch."""
+    xp.sqrt(h, out=t)
+    t += delta
+    g /= t
+    g *= rate
 
 
 def adagrad(diff, hist, local_rate, param, iteration, xp):
     """h += g^2; step = lr * g / (sqrt(h) + delta)."""
     (h,) = hist
-    h += diff * diff
-    diff /= xp.sqrt(h) + _scalar(h, param.delta)
-    diff *= _scalar(diff, local_rate)
+    delta, rate = _scalar(h, param.delta), _scalar(diff, local_rate)
+    for g, hb, t in _blocks(xp, (diff, h), 1):
+        xp.multiply(g, g, out=t)
+        hb += t
+        _scale_by_root(g, hb, t, delta, rate, xp)
 
 
 def rmsprop(diff, hist, local_rate, param, iteration, xp):
     """h = decay * h + (1 - decay) * g^2; step = lr * g / (sqrt(h) + delta)."""
     (h,) = hist
-    decay = param.rms_decay
-    h *= _scalar(h, decay)
-    h += _scalar(h, 1.0 - decay) * (diff * diff)
-    diff /= xp.sqrt(h) + _scalar(h, param.delta)
-    diff *= _scalar(diff, local_rate)
+    decay = _scalar(h, param.rms_decay)
+    one_minus = _scalar(h, 1.0 - param.rms_decay)
+    delta, rate = _scalar(h, param.delta), _scalar(diff, local_rate)
+    for g, hb, t in _blocks(xp, (diff, h), 1):
+        hb *= decay
+        xp.multiply(g, g, out=t)
+        t *= one_minus
+        hb += t
+        _scale_by_root(g, hb, t, delta, rate, xp)
 
 
 def adadelta(diff, hist, local_rate, param, iteration, xp):
@@ -141,12 +182,22 @@ def adadelta(diff, hist, local_rate, param, iteration, xp):
     m = _scalar(grad_sq, param.momentum)
     one_minus = _scalar(grad_sq, 1.0 - param.momentum)
     delta = _scalar(grad_sq, param.delta)
-    grad_sq *= m
-    grad_sq += one_minus * (diff * diff)
-    diff *= xp.sqrt((update_sq + delta) / (grad_sq + delta))
-    update_sq *= m
-    update_sq += one_minus * (diff * diff)
-    diff *= _scalar(diff, local_rate)
+    rate = _scalar(diff, local_rate)
+    for g, g2, u2, t, t2 in _blocks(xp, (diff, grad_sq, update_sq), 2):
+        g2 *= m
+        xp.multiply(g, g, out=t)
+        t *= one_minus
+        g2 += t
+        xp.add(u2, delta, out=t)
+        xp.add(g2, delta, out=t2)
+        t /= t2
+        xp.sqrt(t, out=t)
+        g *= t
+        u2 *= m
+        xp.multiply(g, g, out=t)
+        t *= one_minus
+        u2 += t
+        g *= rate
 
 
 def adam(diff, hist, local_rate, param, iteration, xp):
@@ -156,8 +207,18 @@ def adam(diff, hist, local_rate, param, iteration, xp):
     beta1, beta2 = param.momentum, param.momentum2
     t = iteration + 1
     correction = math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-    m *= _scalar(m, beta1)
-    m += _scalar(m, 1.0 - beta1) * diff
-    v *= _scalar(v, beta2)
-    v += _scalar(v, 1.0 - beta2) * (diff * diff)
-    diff[...] = _scalar(diff, local_rate * correction) * m / (xp.sqrt(v) + _scalar(v, param.delta))
+    b1, one_minus_b1 = _scalar(m, beta1), _scalar(m, 1.0 - beta1)
+    b2, one_minus_b2 = _scalar(v, beta2), _scalar(v, 1.0 - beta2)
+    step, eps = _scalar(diff, local_rate * correction), _scalar(v, param.delta)
+    for g, mb, vb, t1, t2 in _blocks(xp, (diff, m, v), 2):
+        mb *= b1
+        xp.multiply(g, one_minus_b1, out=t1)
+        mb += t1
+        vb *= b2
+        xp.multiply(g, g, out=t1)
+        t1 *= one_minus_b2
+        vb += t1
+        xp.multiply(mb, step, out=t1)
+        xp.sqrt(vb, out=t2)
+        t2 += eps
+        xp.divide(t1, t2, out=g)
