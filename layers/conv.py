@@ -153,6 +153,19 @@ class _BaseConv(_ConvGeometry):
         n = dy.shape[0]
         return dy.reshape(n, self.num_output, -1).sum(axis=(0, 2))
 
+    def _backward_operands(self, top, propagate_down, bottom, need_w):
+        """Per top/bottom pair: add the bias gradient, then yield (i, x, dy, dx) where
+        the weight or data gradient is wanted (dx is None when the data's is not)."""
+        for i, (t, b) in enumerate(zip(top, bottom)):
+            dy = self._nd(t.diff, self.num_output, self.out_spatial)
+            if self.bias_term and self.param_needs_grad(1):
+                self.blobs[1].diff += self._bias_grad(dy)
+            if not (need_w or propagate_down[i]):
+                continue
+            x = self._nd(b.data, self.channels, self.in_spatial)
+            dx = self._nd(b.diff, self.channels, self.in_spatial) if propagate_down[i] else None
+            yield i, x, dy, dx
+
 
 @register("Convolution", v1="CONVOLUTION")
 class Convolution(_BaseConv):
@@ -216,14 +229,7 @@ class Convolution(_BaseConv):
     def backward(self, top, propagate_down, bottom):
         eng, W = self._engine, self.blobs[0].data
         need_w = self.param_needs_grad(0)
-        for i, (t, b) in enumerate(zip(top, bottom)):
-            dy = self._nd(t.diff, self.num_output, self.out_spatial)
-            if self.bias_term and self.param_needs_grad(1):
-                self.blobs[1].diff += self._bias_grad(dy)
-            if not (need_w or propagate_down[i]):
-                continue
-            x = self._nd(b.data, self.channels, self.in_spatial)
-            dx = self._nd(b.diff, self.channels, self.in_spatial) if propagate_down[i] else None
+        for i, x, dy, dx in self._backward_operands(top, propagate_down, bottom, need_w):
             if eng.is_1x1:
                 self._backward_1x1(x, W, dy, dx, need_w)
                 continue
@@ -279,14 +285,7 @@ class Deconvolution(_BaseConv):
     def backward(self, top, propagate_down, bottom):
         eng, W = self._engine, self.blobs[0].data
         need_w = self.param_needs_grad(0)
-        for i, (t, b) in enumerate(zip(top, bottom)):
-            dy = self._nd(t.diff, self.num_output, self.out_spatial)
-            if self.bias_term and self.param_needs_grad(1):
-                self.blobs[1].diff += self._bias_grad(dy)
-            if not (need_w or propagate_down[i]):
-                continue
-            x = self._nd(b.data, self.channels, self.in_spatial)
-            dx = self._nd(b.diff, self.channels, self.in_spatial) if propagate_down[i] else None
+        for _, x, dy, dx in self._backward_operands(top, propagate_down, bottom, need_w):
             dW = None
             for a, z in eng.chunks(self.num):
                 col = eng.im2col(dy[a:z], out=WORKSPACE.take(self.xp, dy.dtype, eng.col_shape(z - a), self))
