@@ -11,6 +11,7 @@ import numpy
 
 from netdef import DefinitionError, caffe_pb2
 
+from . import cpu_kernels
 from .base import Layer
 from .registry import register
 
@@ -37,9 +38,17 @@ class PoolCore:
         self.hw_p = tuple(max(n + 2 * p_, p_ + (o - 1) * s_ + k_)
                           for n, p_, o, s_, k_ in zip(in_hw, pad, out_hw, stride, kernel))
         self.trivial = self.hw_p == tuple(in_hw)
+        # windows lying wholly past the image (ceil mode with kernel < stride): Caffe gives them
+        # -FLT_MAX and mask -1, and they pass no gradient
+        per_axis = [numpy.minimum(numpy.arange(o) * s_ - p_ + k_, n) > numpy.maximum(numpy.arange(o) * s_ - p_, 0)
+                    for n, k_, s_, p_, o in zip(in_hw, kernel, stride, pad, out_hw)]
+        full = numpy.outer(*per_axis)
+        self.empty_windows = None if full.all() else xp.asarray(~full)
         self._buf = None  # padded input
         self._acc = None  # padded gradient accumulator
         self._max = None
+        # compiled path: flat h*W+w of each window's maximum (what Caffe's mask holds)
+        self._flat_buf = self._flat = None
         self.idx = None  # offset index (row-major in the window) of the chosen input
 
     def _padded(self, x, fill):
@@ -121,9 +130,29 @@ class PoolCore:
         return [(i * kw + j, full, phases[i % sh, j % sw, :, :, i // sh:i // sh + oh, j // sw:j // sw + ow])
                 for i in range(kh) for j in range(kw)]
 
+    def _planes(self, a, hw):
+        return a.reshape((-1,) + tuple(hw))
+
+    def _jit(self, *arrays):
+        """The compiled kernels when they apply (numpy, C-contiguous arrays), else None."""
+        if cpu_kernels.enabled(self.xp) and all(a.flags.c_contiguous for a in arrays):
+            return cpu_kernels.kernels()
+        return None
+
     def forward_max(self, x, y):
-        """Window maxima; the argmax is found later, only if a mask or a gradient is asked for."""
+        """Window maxima; the argmax is found later, only if a mask or a gradient is asked for
+        (the compiled kernel finds both in one pass)."""
         xp = self.xp
+        jit = self._jit(x, y)
+        self._flat = None
+        if jit is not None:
+            if self._flat_buf is None or self._flat_buf.shape != y.shape:
+                self._flat_buf = xp.empty(y.shape, dtype=numpy.int32)
+            (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
+            jit.max_pool_forward(self._planes(x, self.in_hw), self._planes(y, self.out_hw),
+                                 self._planes(self._flat_buf, self.out_hw), kh, kw, sh, sw, ph, pw)
+            self._flat, self.idx = self._flat_buf, None
+            return
         sources = self._max_sources(x)
         if sources[0][0] != 0 or sources[0][1] != (Ellipsis, slice(None), slice(None)):
             y.fill(-numpy.inf)  # some windows miss some offsets
@@ -141,6 +170,14 @@ class PoolCore:
 
     def argmax(self):
         """Offset of the first maximum of each window in row-major order (Caffe's strict '>')."""
+        if self.idx is None and self._flat is not None:
+            # from the compiled kernel's flat index: offset = (h - h0) * kw + (w - w0)
+            xp, W, kw = self.xp, self.in_hw[1], self.k[1]
+            (sh, sw), (ph, pw), (oh, ow) = self.s, self.p, self.out_hw
+            h0 = (xp.arange(oh) * sh - ph).reshape(oh, 1)
+            w0 = (xp.arange(ow) * sw - pw).reshape(1, ow)
+            itype = numpy.uint8 if self.k[0] * kw <= 256 else numpy.int32
+            self.idx = ((self._flat // W - h0) * kw + (self._flat % W - w0)).astype(itype)
         if self.idx is None:
             xp, y = self.xp, self._max
             # offsets in reverse, each overwriting where it holds the maximum: the first one wins.
@@ -186,6 +223,8 @@ class PoolCore:
     def mask(self, dtype):
         """Caffe's top mask: flat index h*W+w of each maximum in its input plane."""
         xp = self.xp
+        if self._flat is not None:
+            return self._flat.astype(dtype)
         kw = self.k[1]
         (sh, sw), (ph, pw), (oh, ow), W = self.s, self.p, self.out_hw, self.in_hw[1]
         hs = (xp.arange(oh) * sh - ph).reshape(oh, 1)
@@ -193,9 +232,17 @@ class PoolCore:
         idx = self.argmax()
         h = hs + idx // kw
         w = ws + idx % kw
-        return (h * W + w).astype(dtype)
+        mask = (h * W + w).astype(dtype)
+        if self.empty_windows is not None:
+            mask[..., self.empty_windows] = -1
+        return mask
 
     def forward_ave(self, x, y):
+        jit = self._jit(x, y)
+        if jit is not None:
+            (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
+            jit.ave_pool_forward(self._planes(x, self.in_hw), self._planes(y, self.out_hw), kh, kw, sh, sw, ph, pw)
+            return
         src = self._padded(x, 0)
         y.fill(0)
         for _, sl in self._offsets():
@@ -256,12 +303,21 @@ class PoolCore:
 
     def backward_argmax(self, dy, dx):
         xp = self.xp
+        if self.method == P.MAX and self._flat is not None:
+            jit = self._jit(dy, dx)
+            if jit is not None:
+                jit.max_pool_backward(self._planes(dy, self.out_hw), self._planes(self._flat, self.out_hw),
+                                      dx.reshape(self._flat.shape[0] * self._flat.shape[1], -1))
+                return
         idx = self.argmax() if self.method == P.MAX else self.idx
         if self.method == P.MAX and dx.flags.c_contiguous and dy.flags.c_contiguous:
             # one scatter of dy onto the flat input index of each window's maximum
             flat = self._flat_index(idx)
             dxf = dx.reshape(-1)
             dxf.fill(0)
+            if self.empty_windows is not None:
+                keep = ~xp.broadcast_to(self.empty_windows, dy.shape).reshape(-1)
+                flat, dy = flat[keep], dy.reshape(-1)[keep]
             if all(k_ <= s_ for k_, s_ in zip(self.k, self.s)):
                 dxf[flat] = dy.reshape(-1)  # windows do not overlap: no index repeats
             else:
@@ -271,6 +327,11 @@ class PoolCore:
         self._scatter(dx, ((sl, xp.where(idx == o, dy, zero)) for o, sl in self._offsets()))
 
     def backward_ave(self, dy, dx):
+        jit = self._jit(dy, dx)
+        if jit is not None:
+            (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
+            jit.ave_pool_backward(self._planes(dy, self.out_hw), self._planes(dx, self.in_hw), kh, kw, sh, sw, ph, pw)
+            return
         g = dy / self.divisor(dy.dtype)
         self._scatter(dx, ((sl, g) for _, sl in self._offsets()))
 

@@ -63,3 +63,19 @@ def mnist_dir(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     assert "md5" in result.stdout + result.stderr
     return folder
+
+
+@pytest.fixture(params=["compiled", "array"])
+def pool_impl(request):
+    """Runs a pooling test twice: with the compiled CPU kernels (numba) and with their
+    array-code twins (what cupy and numba-less installs run)."""
+    from layers import cpu_kernels
+
+    if request.param == "array":
+        with cpu_kernels.disabled():
+            yield request.param
+        return
+    if cpu_kernels.kernels() is None:
+        pytest.skip("numba is not installed: no compiled kernels")
+    with cpu_kernels.enabled_for_test():
+        yield request.param

@@ -108,7 +108,7 @@ def test_shared_column_workspace_gives_each_layer_its_own_gradient():
 @pytest.mark.parametrize("params,hw", [("kernel_size: 3 stride: 2", (7, 8)), ("kernel_size: 2 stride: 2", (6, 6)),
                                        ("kernel_size: 3 stride: 2 pad: 1", (6, 7)),
                                        ("kernel_size: 3 stride: 1", (5, 5))])
-def test_max_pool_backward_routes_each_gradient_to_the_window_maximum(params, hw):
+def test_max_pool_backward_routes_each_gradient_to_the_window_maximum(params, hw, pool_impl):
     layer = make_layer(f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {params} }}')
     x = RNG.permutation(2 * 3 * hw[0] * hw[1]).reshape((2, 3) + hw).astype(numpy.float64)
     bottom, top = setup_layer(layer, [x], n_tops=2)
@@ -206,7 +206,7 @@ def test_conv_engine_chunk_rule():
 @pytest.mark.parametrize("params,hw", [("kernel_size: 3 stride: 2", (9, 8)),
                                        ("kernel_size: 3 stride: 1 pad: 1", (5, 6)),
                                        ("global_pooling: true", (17, 17))])  # 289 offsets: int32 indices
-def test_max_pool_mask_is_the_first_maximum_with_ties(params, hw):
+def test_max_pool_mask_is_the_first_maximum_with_ties(params, hw, pool_impl):
     layer = make_layer(f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {params} }}', dtype=numpy.float32)
     x = RNG.integers(-2, 3, size=(2, 3) + hw).astype(numpy.float32)  # many ties
     bottom, top = setup_layer(layer, [x], n_tops=2, dtype=numpy.float32)

@@ -1,0 +1,189 @@
+"""Compiled CPU loops (numba) for the few layers whose array code is bound by passes and gathers.
+
+Max pooling in array code needs one pass per kernel offset for the maximum, several more for
+the argmax, and a scattered add for the gradient; a loop visits each input once. Each kernel
+here has an array-code twin in its layer: the twin runs on cupy, where numba is missing, and
+under ``BREWNET_JIT=0``. ``enabled(xp)`` is the one place that chooses between them.
+
+Kernels work on (planes, H, W) arrays, planes = num x channels, C-contiguous, and split the
+planes across threads. Compiled code is cached on disk (numba's cache) after the first run.
+"""
+
+import contextlib
+import logging
+import os
+
+import numpy
+
+logger = logging.getLogger("brewnet")
+
+_state = {"on": os.environ.get("BREWNET_JIT", "1") != "0", "kernels": None, "failed": False}
+
+
+def enabled(xp):
+    """True when the compiled kernels should run for arrays of module ``xp``."""
+    return xp is numpy and _state["on"] and kernels() is not None
+
+
+def set_enabled(on):
+    _state["on"] = bool(on)
+
+
+@contextlib.contextmanager
+def _switched(on):
+    before = _state["on"]
+    _state["on"] = on
+    try:
+        yield
+    finally:
+        _state["on"] = before
+
+
+def disabled():
+    """Run the array-code twins inside this block (tests compare both)."""
+    return _switched(False)
+
+
+def enabled_for_test():
+    """Run the compiled kernels inside this block, whatever BREWNET_JIT says."""
+    return _switched(True)
+
+
+def kernels():
+    """The compiled kernels, or None when numba cannot be imported (then array code runs)."""
+    if _state["kernels"] is None and not _state["failed"]:
+        try:
+            _state["kernels"] = _build()
+        except ImportError as exc:
+            _state["failed"] = True
+            logger.debug("numba unavailable (%s): pooling runs as array code", exc)
+    return _state["kernels"]
+
+
+def _build():
+    from types import SimpleNamespace
+
+    from numba import njit, uintp
+
+    # error_model numpy: x / 0 gives inf or NaN as in numpy and Caffe, instead of raising
+    jit = njit(cache=True, nogil=True, error_model="numpy")
+
+    # Each kernel works one output row at a time in two steps: first down the window's rows for
+    # every input column at once (unit stride, so LLVM vectorizes it), then across each window's
+    # columns. Done per element, the clipping and indexing cost several times the arithmetic.
+
+    @jit
+    def max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw):
+        # idx: flat h * W + w of the first maximum in row-major window order (Caffe's mask):
+        # the first maximum along each row of a window, then the first of those down the rows,
+        # both with Caffe's strict '>'. A NaN wins only where it comes first (Caffe never
+        # lets one win); checking every element for NaN would triple the cost.
+        planes, H, W = x.shape
+        oh, ow = y.shape[1], y.shape[2]
+        row_best = numpy.empty((H, ow), dtype=x.dtype)
+        row_at = numpy.empty((H, ow), dtype=numpy.int32)
+        one = uintp(1)
+        for p in range(planes):
+            for h in range(H):
+                xr = x[p, h]
+                for j in range(ow):
+                    # unsigned indices: numba then skips its negative-index wraparound check
+                    w0 = uintp(max(j * sw - pw, 0))
+                    w1 = uintp(min(j * sw - pw + kw, W))
+                    if w1 <= w0:  # a ceil-mode window past the image (kernel < stride)
+                        row_best[h, j] = -numpy.inf
+                        row_at[h, j] = -1
+                        continue
+                    best = xr[w0]
+                    at = w0
+                    w = w0 + one
+                    while w < w1:
+                        v = xr[w]
+                        take = v > best
+                        best = v if take else best
+                        at = w if take else at
+                        w += one
+                    row_best[h, j] = best
+                    row_at[h, j] = h * W + at
+            for i in range(oh):
+                h0 = max(i * sh - ph, 0)
+                h1 = min(i * sh - ph + kh, H)
+                if h1 <= h0:  # empty window: -inf and Caffe's mask -1, which backward skips
+                    for j in range(ow):
+                        y[p, i, j] = -numpy.inf
+                        idx[p, i, j] = -1
+                    continue
+                for j in range(ow):
+                    y[p, i, j] = row_best[h0, j]
+                    idx[p, i, j] = row_at[h0, j]
+                for h in range(h0 + 1, h1):
+                    for j in range(ow):
+                        take = row_best[h, j] > y[p, i, j]  # selects, not branches: they vectorize
+                        y[p, i, j] = row_best[h, j] if take else y[p, i, j]
+                        idx[p, i, j] = row_at[h, j] if take else idx[p, i, j]
+
+    @jit
+    def max_pool_backward(dy, idx, dx):
+        # dx: (planes, H * W), overwritten
+        planes, oh, ow = dy.shape
+        for p in range(planes):
+            row = dx[p]
+            row[:] = 0
+            for i in range(oh):
+                for j in range(ow):
+                    if idx[p, i, j] >= 0:
+                        row[idx[p, i, j]] += dy[p, i, j]
+
+    @jit
+    def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw):
+        # divisor: the window clipped to image + padding, before clipping to the image (Caffe)
+        planes, H, W = x.shape
+        oh, ow = y.shape[1], y.shape[2]
+        col_sum = numpy.empty(W, dtype=x.dtype)
+        for p in range(planes):
+            for i in range(oh):
+                h0 = i * sh - ph
+                h1 = min(h0 + kh, H + ph)
+                size_h = h1 - h0
+                h0 = max(h0, 0)
+                h1 = min(h1, H)
+                col_sum[:] = 0
+                for h in range(h0, h1):
+                    for w in range(W):
+                        col_sum[w] += x[p, h, w]
+                for j in range(ow):
+                    w0 = j * sw - pw
+                    w1 = min(w0 + kw, W + pw)
+                    size = size_h * (w1 - w0)
+                    total = col_sum[0] * 0
+                    for w in range(max(w0, 0), min(w1, W)):
+                        total += col_sum[w]
+                    y[p, i, j] = total / size
+
+    @jit
+    def ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw):
+        # dx: (planes, H, W), overwritten
+        planes, H, W = dx.shape
+        oh, ow = dy.shape[1], dy.shape[2]
+        col_grad = numpy.empty(W, dtype=dx.dtype)
+        for p in range(planes):
+            dx[p] = 0
+            for i in range(oh):
+                h0 = i * sh - ph
+                h1 = min(h0 + kh, H + ph)
+                size_h = h1 - h0
+                h0 = max(h0, 0)
+                h1 = min(h1, H)
+                col_grad[:] = 0
+                for j in range(ow):
+                    w0 = j * sw - pw
+                    w1 = min(w0 + kw, W + pw)
+                    g = dy[p, i, j] / (size_h * (w1 - w0))
+                    for w in range(max(w0, 0), min(w1, W)):
+                        col_grad[w] += g
+                for h in range(h0, h1):
+                    for w in range(W):
+                        dx[p, h, w] += col_grad[w]
+
+    return SimpleNamespace(max_pool_forward=max_pool_forward, max_pool_backward=max_pool_backward,
+                           ave_pool_forward=ave_pool_forward, ave_pool_backward=ave_pool_backward)

@@ -1,0 +1,70 @@
+"""The compiled CPU kernels (layers/cpu_kernels.py) against their array-code twins."""
+
+import numpy
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from layers import cpu_kernels
+from layers.gradcheck import make_layer, setup_layer
+
+pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="numba is not installed")
+
+
+def _run(params, x, dy, compiled):
+    """(top, mask or None, bottom diff) of one Pooling forward/backward."""
+    is_max = "MAX" in params
+    layer = make_layer(f'name: "p" type: "Pooling" pooling_param {{ {params} }}', dtype=x.dtype)
+    switch = cpu_kernels.enabled_for_test() if compiled else cpu_kernels.disabled()
+    with switch:
+        bottom, top = setup_layer(layer, [x], n_tops=2 if is_max else 1, dtype=x.dtype)
+        layer.forward(bottom, top)
+        top[0].diff[...] = dy
+        layer.backward(top, [True], bottom)
+    return top[0].data.copy(), (top[1].data.copy() if is_max else None), bottom[0].diff.copy()
+
+
+# ceil-mode AVE windows past the image divide by zero, as in Caffe
+@pytest.mark.filterwarnings("ignore:.*divide:RuntimeWarning")
+@settings(max_examples=60, deadline=None)
+@given(method=st.sampled_from(["MAX", "AVE"]), k=st.integers(1, 4), s=st.integers(1, 3), p=st.integers(0, 3),
+       h=st.integers(1, 9), w=st.integers(1, 9), levels=st.sampled_from([3, 1000]),
+       dtype=st.sampled_from([numpy.float32, numpy.float64]), seed=st.integers(0, 2 ** 16))
+def test_pooling_kernels_match_array_code(method, k, s, p, h, w, levels, dtype, seed):
+    p = min(p, k - 1)  # Caffe requires pad < kernel
+    assume(h + 2 * p >= k and w + 2 * p >= k)
+    rng = numpy.random.default_rng(seed)
+    x = rng.integers(-levels, levels + 1, size=(2, 3, h, w)).astype(dtype)  # 3 levels: many ties
+    params = f"pool: {method} kernel_size: {k} stride: {s} pad: {p}"
+    probe = make_layer(f'name: "p" type: "Pooling" pooling_param {{ {params} }}')
+    _, top = setup_layer(probe, [x])
+    dy = rng.standard_normal(top[0].shape).astype(dtype)
+    y_c, mask_c, dx_c = _run(params, x, dy, compiled=True)
+    y_a, mask_a, dx_a = _run(params, x, dy, compiled=False)
+    tol = 1e-6 if dtype == numpy.float32 else 1e-12
+    numpy.testing.assert_allclose(y_c, y_a, rtol=tol, atol=tol)
+    if method == "MAX":
+        numpy.testing.assert_array_equal(mask_c, mask_a)  # the same (first) maximum
+    numpy.testing.assert_allclose(dx_c, dx_a, rtol=tol, atol=tol)
+
+
+def test_kernels_off_for_cupy_arrays_and_by_switch():
+    class NotNumpy:
+        pass
+
+    assert not cpu_kernels.enabled(NotNumpy)
+    with cpu_kernels.disabled():
+        assert not cpu_kernels.enabled(numpy)
+    with cpu_kernels.enabled_for_test():
+        assert cpu_kernels.enabled(numpy)
+
+
+def test_brewnet_jit_0_turns_the_kernels_off():
+    import subprocess
+    import sys
+
+    code = "import numpy; from layers import cpu_kernels; print(cpu_kernels.enabled(numpy))"
+    env = dict(__import__("os").environ, BREWNET_JIT="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert out.stdout.strip() == "False", out.stderr
