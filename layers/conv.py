@@ -237,14 +237,15 @@ class Convolution(_BaseConv):
             teng = self._data_engine() if dx is not None else None
             dW = None
             for a, z in chunks:
-                ym = eng.to_colside(dy[a:z])
+                rows = eng.colside_rows(dy[a:z]) if need_w else None
                 if need_w:
                     col = self._kept_columns(i, z - a) if len(chunks) == 1 else None
                     if col is None:
                         col = self._im2col(i, x[a:z])
-                    g = eng.gemm_weight(col, ym)
+                    g = eng.gemm_weight(col, rows)
                     dW = g if dW is None else dW + g
                 if dx is not None and teng is None:
+                    ym = rows if rows is not None and eng.layout == "B" else eng.to_colside(dy[a:z])
                     eng.data_to_image(ym, W, z - a, dx[a:z])
             if need_w:
                 self.blobs[0].diff += dW
@@ -290,7 +291,7 @@ class Deconvolution(_BaseConv):
             for a, z in eng.chunks(self.num):
                 col = eng.im2col(dy[a:z], out=WORKSPACE.take(self.xp, dy.dtype, eng.col_shape(z - a), self))
                 if need_w:
-                    g = eng.gemm_weight(col, eng.to_colside(x[a:z]))
+                    g = eng.gemm_weight(col, eng.colside_rows(x[a:z]))
                     dW = g if dW is None else dW + g
                 if dx is not None:
                     eng.from_colside(eng.gemm_forward(col, W), dx[a:z])
