@@ -9,6 +9,7 @@ import numpy
 
 from netdef import DefinitionError
 
+from . import parallel
 from .base import Layer
 from .blas import matmul_acc
 from .fillers import fill
@@ -87,29 +88,58 @@ class InnerProductLayer(Layer):
         w = self.blobs[0].data
         return w.T if self.transpose else w
 
+    # below this many multiply-adds a GEMM is cheaper than handing out jobs
+    parallel_min_macs = 1 << 18
+
+    def _ranges(self, size):
+        """Split points of ``size`` for the CPU threads (one range when the layer is small)."""
+        big = self.m * self.k * self.num_output >= self.parallel_min_macs
+        return parallel.split(size, parallel.workers(self.xp) if big else 1)
+
     def forward(self, bottom, top):
-        xp = self.xp
         x = bottom[0].data.reshape(self.m, self.k)
         out = top[0].data.reshape(self.m, self.num_output)
-        xp.matmul(x, self._weight_nk().T, out=out)
-        if self.bias_term:
-            out += self.blobs[1].data
+        w = self._weight_nk()
+        # output features split across threads: each reads its own rows of the weights once
+        ranges = self._ranges(self.num_output)
+
+        def job(j, worker):
+            a, b = ranges[j]
+            self.xp.matmul(x, w[a:b].T, out=out[:, a:b])
+            if self.bias_term:
+                out[:, a:b] += self.blobs[1].data[a:b]
+
+        parallel.run(job, len(ranges), self.xp)
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff.reshape(self.m, self.num_output)
         x = bottom[0].data.reshape(self.m, self.k)
         if self.param_needs_grad(0):
-            # accumulate straight into the diff: a weight-sized temporary costs more than the GEMM
-            w = self.blobs[0]
-            if self.transpose:
-                matmul_acc(x.T, dy, w.diff)
-            else:
-                matmul_acc(dy.T, x, w.diff)
+            # accumulate straight into the diff: a weight-sized temporary costs more than the GEMM;
+            # threads take row blocks of the stored weight
+            diff = self.blobs[0].diff
+            ranges = self._ranges(diff.shape[0])
+
+            def weight_job(j, worker):
+                a, b = ranges[j]
+                if self.transpose:
+                    matmul_acc(x[:, a:b].T, dy, diff[a:b])
+                else:
+                    matmul_acc(dy[:, a:b].T, x, diff[a:b])
+
+            parallel.run(weight_job, len(ranges), self.xp)
         if self.bias_term and self.param_needs_grad(1):
             self.blobs[1].diff += dy.sum(axis=0)
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.m, self.k)
-            self.xp.matmul(dy, self._weight_nk(), out=dx)
+            w = self._weight_nk()
+            ranges = self._ranges(self.k)
+
+            def data_job(j, worker):
+                a, b = ranges[j]
+                self.xp.matmul(dy, w[:, a:b], out=dx[:, a:b])
+
+            parallel.run(data_job, len(ranges), self.xp)
 
 
 @register("Embed")

@@ -10,7 +10,7 @@ import numpy
 
 from netdef import DefinitionError
 
-from . import fillers
+from . import fillers, parallel
 from .base import Layer
 from .im2col import WORKSPACE, ConvEngine, conv_out_size, deconv_out_size
 from .registry import register
@@ -132,7 +132,9 @@ class _BaseConv(_ConvGeometry):
         if not self._engine.is_1x1:
             for eng in (self._engine, self._data_engine()):
                 if eng is not None:
-                    WORKSPACE.reserve(self.xp, bottom[0].dtype, int(numpy.prod(eng.col_shape(min(num, eng.chunk)))))
+                    size = max(b - a for a, b in eng.chunks(num))
+                    for worker in range(parallel.workers(self.xp)):
+                        WORKSPACE.reserve(self.xp, bottom[0].dtype, int(numpy.prod(eng.col_shape(size))), worker)
         top_shape = shape[:self.channel_axis] + (self.num_output,) + out
         for t in top:
             t.reshape(top_shape)
@@ -178,11 +180,16 @@ class Convolution(_BaseConv):
             if eng.is_1x1:
                 self._forward_1x1(x, W, y)
             else:
-                for a, z in eng.chunks(self.num):
-                    col = self._im2col(i, x[a:z])
+                chunks = eng.chunks(self.num)
+
+                def job(j, worker, i=i, x=x, y=y):
+                    a, z = chunks[j]
+                    col = self._im2col(i, x[a:z], worker)
                     eng.from_colside(eng.gemm_forward(col, W), y[a:z])
+
+                parallel.run(job, len(chunks), self.xp)
                 # the columns stay valid for backward only when the batch was one chunk
-                if len(eng.chunks(self.num)) == 1:
+                if len(chunks) == 1:
                     self._fresh.add(i)
             if self.bias_term:
                 self._add_bias(y)
@@ -204,13 +211,14 @@ class Convolution(_BaseConv):
             return None
         return eng.transposed()
 
-    def _im2col(self, i, x):
-        """im2col of bottom i into the shared column workspace; remembers the token and view."""
+    def _im2col(self, i, x, worker=0):
+        """im2col of bottom i into the thread's column workspace; remembers the token and view."""
         eng = self._engine
         token = object()
-        buf = WORKSPACE.take(self.xp, x.dtype, eng.col_shape(x.shape[0]), token)
-        self._cols[i] = (token, buf)
-        return eng.im2col(x, out=buf)
+        buf = WORKSPACE.take(self.xp, x.dtype, eng.col_shape(x.shape[0]), token, worker)
+        if worker == 0:
+            self._cols[i] = (token, buf)
+        return eng.im2col(x, out=buf, worker=worker)
 
     def _kept_columns(self, i, n):
         """The columns forward left in the workspace for bottom i, if nobody overwrote them."""
@@ -235,25 +243,39 @@ class Convolution(_BaseConv):
                 continue
             chunks = eng.chunks(self.num)
             teng = self._data_engine() if dx is not None else None
-            dW = None
-            for a, z in chunks:
+            # per chunk, summed in chunk order afterwards: the same floats whichever thread ran it
+            dW = [None] * len(chunks)
+
+            def job(j, worker, i=i, x=x, dy=dy, dx=dx):
+                a, z = chunks[j]
                 rows = eng.colside_rows(dy[a:z]) if need_w else None
                 if need_w:
                     col = self._kept_columns(i, z - a) if len(chunks) == 1 else None
                     if col is None:
-                        col = self._im2col(i, x[a:z])
-                    g = eng.gemm_weight(col, rows)
-                    dW = g if dW is None else dW + g
+                        col = self._im2col(i, x[a:z], worker)
+                    dW[j] = eng.gemm_weight(col, rows)
                 if dx is not None and teng is None:
                     ym = rows if rows is not None and eng.layout == "B" else eng.to_colside(dy[a:z])
-                    eng.data_to_image(ym, W, z - a, dx[a:z])
+                    eng.data_to_image(ym, W, z - a, dx[a:z], worker)
+
+            if need_w or teng is None:
+                parallel.run(job, len(chunks), self.xp)
             if need_w:
-                self.blobs[0].diff += dW
+                total = dW[0]
+                for g in dW[1:]:
+                    total = total + g
+                self.blobs[0].diff += total
             if teng is not None:
                 Wt = eng.flipped_weight(W)
-                for a, z in teng.chunks(self.num):
-                    buf = WORKSPACE.take(self.xp, dy.dtype, teng.col_shape(z - a), object())
-                    teng.from_colside(teng.gemm_forward(teng.im2col(dy[a:z], out=buf), Wt), dx[a:z])
+                tchunks = teng.chunks(self.num)
+
+                def data_job(j, worker, dy=dy, dx=dx):
+                    a, z = tchunks[j]
+                    buf = WORKSPACE.take(self.xp, dy.dtype, teng.col_shape(z - a), object(), worker)
+                    cols = teng.im2col(dy[a:z], out=buf, worker=worker)
+                    teng.from_colside(teng.gemm_forward(cols, Wt), dx[a:z])
+
+                parallel.run(data_job, len(tchunks), self.xp)
 
     def _backward_1x1(self, x, W, dy, dx, need_w):
         xp, G, n = self.xp, self.group, self.num

@@ -1,12 +1,13 @@
-"""Compiled CPU loops (numba) for the few layers whose array code is bound by passes and gathers.
+"""Compiled CPU loops (numba) for the few places whose array code is bound by passes and gathers.
 
 Max pooling in array code needs one pass per kernel offset for the maximum, several more for
-the argmax, and a scattered add for the gradient; a loop visits each input once. Each kernel
+the argmax, and a scattered add for the gradient; a loop visits each input once. The SGD step
+reads and writes each parameter once instead of once per operation. Each kernel
 here has an array-code twin in its layer: the twin runs on cupy, where numba is missing, and
 under ``BREWNET_JIT=0``. ``enabled(xp)`` is the one place that chooses between them.
 
-Kernels work on (planes, H, W) arrays, planes = num x channels, C-contiguous, and split the
-planes across threads. Compiled code is cached on disk (numba's cache) after the first run.
+Pooling kernels work on (planes, H, W) arrays, planes = num x channels, C-contiguous. They
+run on the calling thread: the BLAS threads keep the other core busy between GEMMs. Compiled code is cached on disk (numba's cache) after the first run.
 """
 
 import contextlib
@@ -185,5 +186,17 @@ def _build():
                     for w in range(W):
                         dx[p, h, w] += col_grad[w]
 
+    @jit
+    def sgd_l2_step(diff, data, history, decay, rate, momentum):
+        # Caffe's regularize (L2), SGD momentum rule and Net::Update, one sweep over memory:
+        # the same float32 operations in the same order (no fused multiply-add: bit-identical)
+        for i in range(diff.size):
+            g = diff[i] + decay * data[i]
+            v = momentum * history[i] + rate * g
+            history[i] = v
+            diff[i] = v
+            data[i] -= v
+
     return SimpleNamespace(max_pool_forward=max_pool_forward, max_pool_backward=max_pool_backward,
-                           ave_pool_forward=ave_pool_forward, ave_pool_backward=ave_pool_backward)
+                           ave_pool_forward=ave_pool_forward, ave_pool_backward=ave_pool_backward,
+                           sgd_l2_step=sgd_l2_step)

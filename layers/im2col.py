@@ -16,6 +16,8 @@ import itertools
 
 import numpy
 
+from . import parallel
+
 
 def conv_out_size(size, kernel, stride, pad, dilation):
     """Caffe's output size: C integer division (truncates toward zero)."""
@@ -47,29 +49,30 @@ class ColumnWorkspace:
         self._owner = {}
 
     @staticmethod
-    def _key(xp, dtype):
+    def _key(xp, dtype, worker=0):
         cuda = getattr(xp, "cuda", None)  # one buffer per GPU under cupy
-        return xp.__name__, numpy.dtype(dtype).str, cuda.Device().id if cuda is not None else None
+        # and one per CPU thread (layers/parallel.py): threads fill their own columns at once
+        return xp.__name__, numpy.dtype(dtype).str, cuda.Device().id if cuda is not None else None, worker
 
-    def reserve(self, xp, dtype, size):
+    def reserve(self, xp, dtype, size, worker=0):
         """Grow the buffer to ``size`` elements now (at reshape), so forward never reallocates."""
-        key = self._key(xp, dtype)
+        key = self._key(xp, dtype, worker)
         buf = self._bufs.get(key)
         if buf is None or buf.size < size:
             self._bufs[key] = None  # drop the old buffer before allocating the new one
             self._bufs[key] = xp.empty(int(size), dtype=dtype)
             self._owner[key] = None
 
-    def take(self, xp, dtype, shape, owner):
-        """A view of the buffer with ``shape``, now owned by ``owner``."""
+    def take(self, xp, dtype, shape, owner, worker=0):
+        """A view of thread ``worker``'s buffer with ``shape``, now owned by ``owner``."""
         size = int(numpy.prod(shape, dtype=numpy.int64))
-        self.reserve(xp, dtype, size)
-        key = self._key(xp, dtype)
+        self.reserve(xp, dtype, size, worker)
+        key = self._key(xp, dtype, worker)
         self._owner[key] = owner
         return self._bufs[key][:size].reshape(shape)
 
-    def holds(self, xp, dtype, owner):
-        return owner is not None and self._owner.get(self._key(xp, dtype)) is owner
+    def holds(self, xp, dtype, owner, worker=0):
+        return owner is not None and self._owner.get(self._key(xp, dtype, worker)) is owner
 
 
 WORKSPACE = ColumnWorkspace()
@@ -93,6 +96,7 @@ class ConvEngine:
     skinny_max_outputs = 64
     # "A" or "B" to override the per-shape choice (tests exercise both)
     force_layout = None
+    force_col2im = False
 
     def __init__(self, xp, dtype, C, S, M, G, kernel, stride, pad, dilation, O, cache_chunks=False):
         self.xp, self.dtype = xp, numpy.dtype(dtype)
@@ -126,17 +130,23 @@ class ConvEngine:
         self._transposed = None
 
     def chunks(self, n):
-        return [(a, min(n, a + self.chunk)) for a in range(0, n, self.chunk)]
+        """(start, stop) sample ranges: cache-sized, and at least one per CPU thread."""
+        size = self.chunk
+        threads = parallel.workers(self.xp)
+        if threads > 1:
+            size = min(size, -(-n // threads))
+        size = max(1, size)
+        return [(a, min(n, a + size)) for a in range(0, n, size)]
 
     # -- image -> padded source ------------------------------------------------
-    def _padded_source(self, x):
+    def _padded_source(self, x, worker=0):
         """x (n, C, *S) -> (array, logical (n, C, *Sp) view) used by the window view."""
         xp, n = self.xp, x.shape[0]
         if self.layout == "B" and not self.padded:
             return x
         shape = (n, self.C) + self.Sp if self.layout == "B" else (n,) + self.Sp + (self.C,)
         # borders are zeroed once and never written again
-        buf = self._buffer("pad", shape, x.dtype, zero=True)
+        buf = self._buffer("pad", shape, x.dtype, zero=True, worker=worker)
         inner = tuple(slice(p_, p_ + S_) for p_, S_ in zip(self.p, self.S))
         if self.layout == "B":
             buf[(slice(None), slice(None)) + inner] = x
@@ -160,10 +170,10 @@ class ConvEngine:
             return (self.C,) + self.k + (n,) + self.O
         return (n,) + self.O + (self.G,) + self.k + (self.Cg,)
 
-    def im2col(self, x, out=None):
+    def im2col(self, x, out=None, worker=0):
         """Column matrix of x (n, C, *S): B -> (G, Kg, nL); A -> (G, nL, Kg) (strided over groups)."""
         xp, n, G, nsp = self.xp, x.shape[0], self.G, self.nsp
-        win = self._window_view(self._padded_source(x))  # (n, C, *k, *O)
+        win = self._window_view(self._padded_source(x, worker))  # (n, C, *k, *O)
         ks = tuple(range(2, 2 + nsp))
         os_ = tuple(range(2 + nsp, 2 + 2 * nsp))
         shape = self.col_shape(n)
@@ -270,24 +280,24 @@ class ConvEngine:
         return self.xp.ascontiguousarray(Wg).reshape((self.C, self.Mg) + self.k)
 
     # -- column-side diff -> image (conv data gradient, deconv forward) -------------
-    def data_to_image(self, ym, W, n, out):
+    def data_to_image(self, ym, W, n, out, worker=0):
         """out (n, C, *S) = col2im(W^T ym), one GEMM and one strided add per kernel offset.
 
         Fusing the two keeps every add between contiguous blocks (long runs), which is
         several times faster than summing a full column matrix back with short runs.
         """
         xp, G, Cg, Mg = self.xp, self.G, self.Cg, self.Mg
-        if Cg < 16:
+        if Cg < 16 or self.force_col2im:
             # per-offset GEMMs this narrow are slow: one GEMM, then col2im
-            return self.col2im(self._gemm_data(ym, W, n), out)
-        acc = self._accumulator(n, ym.dtype)
+            return self.col2im(self._gemm_data(ym, W, n), out, worker)
+        acc = self._accumulator(n, ym.dtype, worker)
         # (kk, G, Mg, Cg): the weight slice of each kernel offset
         Wk = xp.ascontiguousarray(xp.moveaxis(W.reshape(G, Mg, Cg, self.kk), -1, 0))
         if self.layout == "A":
-            buf = self._scratch((n,) + self.O + (self.C,), ym.dtype)
+            buf = self._scratch((n,) + self.O + (self.C,), ym.dtype, worker)
             gemm_out = buf.reshape(n * self.L, G, Cg).transpose(1, 0, 2)
         else:
-            buf = self._scratch((self.C, n) + self.O, ym.dtype)
+            buf = self._scratch((self.C, n) + self.O, ym.dtype, worker)
             gemm_out = buf.reshape(G, Cg, n * self.L)
         for o, win in enumerate(self._window_slices()):
             if self.layout == "A":
@@ -313,24 +323,24 @@ class ConvEngine:
         ks = tuple(range(2 + nsp, 2 + 2 * nsp))
         return dcol.transpose((1, 0, 2 + 2 * nsp) + ks + os_)
 
-    def _buffer(self, role, shape, dtype, zero=False):
-        key = (role, tuple(shape), numpy.dtype(dtype).str)
+    def _buffer(self, role, shape, dtype, zero=False, worker=0):
+        key = (role, worker, tuple(shape), numpy.dtype(dtype).str)
         buf = self._bufs.get(key)
         if buf is None:
-            stale = [k for k in self._bufs if k[0] == role]
+            stale = [k for k in list(self._bufs) if k[:2] == (role, worker)]
             if len(stale) >= 2:  # the batch size changed: forget the old sizes
                 for k in stale:
                     del self._bufs[k]
             buf = self._bufs[key] = (self.xp.zeros if zero else self.xp.empty)(shape, dtype=dtype)
         return buf
 
-    def _scratch(self, shape, dtype):
-        return self._buffer("scratch", shape, dtype)
+    def _scratch(self, shape, dtype, worker=0):
+        return self._buffer("scratch", shape, dtype, worker=worker)
 
-    def _accumulator(self, n, dtype):
+    def _accumulator(self, n, dtype, worker=0):
         """Zeroed padded image accumulator: B (C, n, *Sp), A (n, *Sp, C)."""
         shape = (self.C, n) + self.Sp if self.layout == "B" else (n,) + self.Sp + (self.C,)
-        acc = self._buffer("acc", shape, dtype)
+        acc = self._buffer("acc", shape, dtype, worker=worker)
         acc.fill(0)
         return acc
 
@@ -347,10 +357,10 @@ class ConvEngine:
         return out
 
     # -- col2im ------------------------------------------------------------------
-    def col2im(self, dcol, out):
+    def col2im(self, dcol, out, worker=0):
         """Sum a logical (n, G, Cg, *k, *O) column diff back onto the image: writes out (n, C, *S)."""
         n = dcol.shape[0]
-        acc = self._accumulator(n, dcol.dtype)
+        acc = self._accumulator(n, dcol.dtype, worker)
         accv = acc.swapaxes(0, 1) if self.layout == "B" else self.xp.moveaxis(acc, -1, 1)
         accg = accv.reshape((n, self.G, self.Cg) + self.Sp)
         offsets = itertools.product(*(range(k_) for k_ in self.k))

@@ -11,7 +11,7 @@ import numpy
 
 from netdef import DefinitionError, caffe_pb2
 
-from . import cpu_kernels
+from . import cpu_kernels, parallel
 from .base import Layer
 from .registry import register
 
@@ -133,6 +133,21 @@ class PoolCore:
     def _planes(self, a, hw):
         return a.reshape((-1,) + tuple(hw))
 
+    # below this many input elements a kernel call is cheaper than handing out jobs
+    parallel_min_elements = 1 << 16
+
+    def _by_planes(self, kernel, arrays, *args):
+        """Run a compiled kernel over (planes, ...) arrays, the planes split across the CPU threads."""
+        planes = arrays[0].shape[0]
+        parts = parallel.workers(self.xp) if arrays[0].size >= self.parallel_min_elements else 1
+        ranges = parallel.split(planes, parts)
+
+        def job(j, worker):
+            a, b = ranges[j]
+            kernel(*(arr[a:b] for arr in arrays), *args)
+
+        parallel.run(job, len(ranges), self.xp)
+
     def _jit(self, *arrays):
         """The compiled kernels when they apply (numpy, C-contiguous arrays), else None."""
         if cpu_kernels.enabled(self.xp) and all(a.flags.c_contiguous for a in arrays):
@@ -149,8 +164,8 @@ class PoolCore:
             if self._flat_buf is None or self._flat_buf.shape != y.shape:
                 self._flat_buf = xp.empty(y.shape, dtype=numpy.int32)
             (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
-            jit.max_pool_forward(self._planes(x, self.in_hw), self._planes(y, self.out_hw),
-                                 self._planes(self._flat_buf, self.out_hw), kh, kw, sh, sw, ph, pw)
+            self._by_planes(jit.max_pool_forward, (self._planes(x, self.in_hw), self._planes(y, self.out_hw),
+                                                   self._planes(self._flat_buf, self.out_hw)), kh, kw, sh, sw, ph, pw)
             self._flat, self.idx = self._flat_buf, None
             return
         sources = self._max_sources(x)
@@ -241,7 +256,8 @@ class PoolCore:
         jit = self._jit(x, y)
         if jit is not None:
             (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
-            jit.ave_pool_forward(self._planes(x, self.in_hw), self._planes(y, self.out_hw), kh, kw, sh, sw, ph, pw)
+            self._by_planes(jit.ave_pool_forward, (self._planes(x, self.in_hw), self._planes(y, self.out_hw)),
+                            kh, kw, sh, sw, ph, pw)
             return
         src = self._padded(x, 0)
         y.fill(0)
@@ -306,8 +322,8 @@ class PoolCore:
         if self.method == P.MAX and self._flat is not None:
             jit = self._jit(dy, dx)
             if jit is not None:
-                jit.max_pool_backward(self._planes(dy, self.out_hw), self._planes(self._flat, self.out_hw),
-                                      dx.reshape(self._flat.shape[0] * self._flat.shape[1], -1))
+                self._by_planes(jit.max_pool_backward, (self._planes(dy, self.out_hw), self._planes(self._flat, self.out_hw),
+                                                        dx.reshape(self._flat.shape[0] * self._flat.shape[1], -1)))
                 return
         idx = self.argmax() if self.method == P.MAX else self.idx
         if self.method == P.MAX and dx.flags.c_contiguous and dy.flags.c_contiguous:
@@ -330,7 +346,8 @@ class PoolCore:
         jit = self._jit(dy, dx)
         if jit is not None:
             (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
-            jit.ave_pool_backward(self._planes(dy, self.out_hw), self._planes(dx, self.in_hw), kh, kw, sh, sw, ph, pw)
+            self._by_planes(jit.ave_pool_backward, (self._planes(dy, self.out_hw), self._planes(dx, self.in_hw)),
+                            kh, kw, sh, sw, ph, pw)
             return
         g = dy / self.divisor(dy.dtype)
         self._scatter(dx, ((sl, g) for _, sl in self._offsets()))

@@ -9,6 +9,7 @@ normalize (iter_size), regularize (weight decay), then the rule's update.
 
 import math
 
+from layers import cpu_kernels, parallel
 from layers.blas import axpy
 
 REGULARIZATION_TYPES = ("L2", "L1")
@@ -72,6 +73,8 @@ def sgd(diff, hist, local_rate, param, iteration, xp):
 
 # elements per block of the fused step: three float32 blocks stay in the core's cache
 FUSED_BLOCK = 1 << 17
+# parameters at least this large are stepped by all CPU threads at once
+PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 def sgd_l2_fused(diff, data, v, local_decay, local_rate, momentum, scratch=None, apply=False):
@@ -87,6 +90,16 @@ def sgd_l2_fused(diff, data, v, local_decay, local_rate, momentum, scratch=None,
     decay = _scalar(diff, local_decay)
     rate, mom = _scalar(v, local_rate), _scalar(v, momentum)
     d, w, h = diff.reshape(-1), data.reshape(-1), v.reshape(-1)
+    if apply and cpu_kernels.enabled(numpy) and diff.dtype == data.dtype == v.dtype:
+        step = cpu_kernels.kernels().sgd_l2_step
+        ranges = parallel.split(d.size, parallel.workers() if d.size >= PARALLEL_MIN_ELEMENTS else 1)
+
+        def job(j, worker):
+            a, b = ranges[j]
+            step(d[a:b], w[a:b], h[a:b], decay, rate, mom)
+
+        parallel.run(job, len(ranges))
+        return True
     block = min(FUSED_BLOCK, d.size)
     usable = scratch is not None and scratch.dtype == diff.dtype and scratch.size >= block
     tmp = scratch[:block] if usable else numpy.empty(block, diff.dtype)

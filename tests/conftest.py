@@ -66,8 +66,8 @@ def mnist_dir(tmp_path_factory):
 
 
 @pytest.fixture(params=["compiled", "array"])
-def pool_impl(request):
-    """Runs a pooling test twice: with the compiled CPU kernels (numba) and with their
+def cpu_impl(request):
+    """Runs a test twice: with the compiled CPU kernels (numba) and with their
     array-code twins (what cupy and numba-less installs run)."""
     from layers import cpu_kernels
 

@@ -108,7 +108,7 @@ def test_shared_column_workspace_gives_each_layer_its_own_gradient():
 @pytest.mark.parametrize("params,hw", [("kernel_size: 3 stride: 2", (7, 8)), ("kernel_size: 2 stride: 2", (6, 6)),
                                        ("kernel_size: 3 stride: 2 pad: 1", (6, 7)),
                                        ("kernel_size: 3 stride: 1", (5, 5))])
-def test_max_pool_backward_routes_each_gradient_to_the_window_maximum(params, hw, pool_impl):
+def test_max_pool_backward_routes_each_gradient_to_the_window_maximum(params, hw, cpu_impl):
     layer = make_layer(f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {params} }}')
     x = RNG.permutation(2 * 3 * hw[0] * hw[1]).reshape((2, 3) + hw).astype(numpy.float64)
     bottom, top = setup_layer(layer, [x], n_tops=2)
@@ -141,6 +141,26 @@ def test_fused_sgd_step_matches_regularize_then_sgd(dtype, decay):
     assert updates.sgd_l2_fused(diff, data, v, decay, 0.01, param.momentum, scratch)
     numpy.testing.assert_array_equal(v, want_v)
     numpy.testing.assert_array_equal(diff, want_diff)
+
+
+@pytest.mark.parametrize("dtype,decay", [(numpy.float32, 5e-4), (numpy.float64, 5e-4), (numpy.float32, 0.0)])
+def test_fused_sgd_step_with_apply_is_bit_identical(dtype, decay, cpu_impl):
+    # the compiled sweep and the block-wise array code both reproduce regularize + sgd + data -= diff
+    from solver import updates
+
+    n = updates.FUSED_BLOCK + 77
+    data = RNG.standard_normal(n).astype(dtype)
+    diff = RNG.standard_normal(n).astype(dtype)
+    v = RNG.standard_normal(n).astype(dtype)
+    param = caffe_pb2.SolverParameter(momentum=0.9)
+    want_data, want_diff, want_v = data.copy(), diff.copy(), v.copy()
+    updates.regularize(want_diff, want_data, decay, "L2", numpy)
+    updates.sgd(want_diff, [want_v], 0.01, param, 0, numpy)
+    want_data -= want_diff
+    assert updates.sgd_l2_fused(diff, data, v, decay, 0.01, param.momentum, apply=True)
+    numpy.testing.assert_array_equal(v, want_v)
+    numpy.testing.assert_array_equal(diff, want_diff)
+    numpy.testing.assert_array_equal(data, want_data)
 
 
 # -- convolution data gradient as a convolution of dy, cache-sized chunks ------------------------
@@ -206,7 +226,7 @@ def test_conv_engine_chunk_rule():
 @pytest.mark.parametrize("params,hw", [("kernel_size: 3 stride: 2", (9, 8)),
                                        ("kernel_size: 3 stride: 1 pad: 1", (5, 6)),
                                        ("global_pooling: true", (17, 17))])  # 289 offsets: int32 indices
-def test_max_pool_mask_is_the_first_maximum_with_ties(params, hw, pool_impl):
+def test_max_pool_mask_is_the_first_maximum_with_ties(params, hw, cpu_impl):
     layer = make_layer(f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {params} }}', dtype=numpy.float32)
     x = RNG.integers(-2, 3, size=(2, 3) + hw).astype(numpy.float32)  # many ties
     bottom, top = setup_layer(layer, [x], n_tops=2, dtype=numpy.float32)

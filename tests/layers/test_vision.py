@@ -178,7 +178,7 @@ POOL_CASES = [
 
 
 @pytest.mark.parametrize("params", POOL_CASES)
-def test_pooling_gradient(params, pool_impl):
+def test_pooling_gradient(params, cpu_impl):
     check_gradient(_pool(params), [_distinct((2, 2, 6, 7))])
 
 
@@ -206,7 +206,7 @@ def _naive_pool(x, k, s, p, method, ceil=True):
 
 @pytest.mark.parametrize("k,s,p,hw", [(3, 2, 1, (7, 7)), (3, 2, 0, (6, 6)), (2, 2, 1, (5, 4)), (3, 3, 2, (8, 7))])
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
-def test_pooling_matches_naive(k, s, p, hw, method, pool_impl):
+def test_pooling_matches_naive(k, s, p, hw, method, cpu_impl):
     x = RNG.standard_normal((2, 3) + hw)
     layer = _pool(f"pool: {method} kernel_size: {k} stride: {s} pad: {p}")
     n_tops = 2 if method == "MAX" else 1
@@ -218,14 +218,14 @@ def test_pooling_matches_naive(k, s, p, hw, method, pool_impl):
         numpy.testing.assert_array_equal(top[1].data, mask)
 
 
-def test_pooling_max_ties_pick_first(pool_impl):
+def test_pooling_max_ties_pick_first(cpu_impl):
     layer = _pool("pool: MAX kernel_size: 2 stride: 2")
     bottom, top = setup_layer(layer, [numpy.ones((1, 1, 2, 4))], n_tops=2)
     layer.forward(bottom, top)
     numpy.testing.assert_array_equal(top[1].data, [[[[0, 2]]]])
 
 
-def test_pooling_max_mask_gradient_through_first_top(pool_impl):
+def test_pooling_max_mask_gradient_through_first_top(cpu_impl):
     layer = _pool("pool: MAX kernel_size: 3 stride: 2 pad: 1")
     x = _distinct((1, 2, 5, 5))
     bottom, top = setup_layer(layer, [x], n_tops=2)
@@ -314,7 +314,7 @@ def test_lrn_even_size_rejected():
 
 @pytest.mark.parametrize("pool,height,hw", [("MAX", 3, (8, 8)), ("AVE", 2, (5, 7)), ("MAX", 1, (5, 6)),
                                             ("AVE", 3, (9, 6))])
-def test_spp_gradient_and_shape(pool, height, hw, pool_impl):
+def test_spp_gradient_and_shape(pool, height, hw, cpu_impl):
     layer = make_layer(f'name: "s" type: "SPP" spp_param {{ pyramid_height: {height} pool: {pool} }}')
     x = _distinct((2, 2) + hw)
     bottom, top = setup_layer(layer, [x])
@@ -351,7 +351,7 @@ def test_crop_out_of_bounds():
         setup_layer(layer, [numpy.zeros((1, 1, 5, 5)), numpy.zeros((1, 1, 3, 3))])
 
 
-def test_max_pooling_gradient_survives_inplace_change_of_top(pool_impl):
+def test_max_pooling_gradient_survives_inplace_change_of_top(cpu_impl):
     # CIFAR-10 quick runs ReLU in place on the pooling output: backward must not depend on top data
     layer = _pool("pool: MAX kernel_size: 3 stride: 2")
     x = _distinct((2, 2, 7, 7)) - 5.0
