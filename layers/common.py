@@ -89,12 +89,12 @@ class InnerProductLayer(Layer):
         return w.T if self.transpose else w
 
     # below this many multiply-adds a GEMM is cheaper than handing out jobs
-    parallel_min_macs = 1 << 18
+    parallel_min_macs = 1 << 21
 
     def _ranges(self, size):
         """Split points of ``size`` for the CPU threads (one range when the layer is small)."""
         big = self.m * self.k * self.num_output >= self.parallel_min_macs
-        return parallel.split(size, parallel.workers(self.xp) if big else 1)
+        return parallel.split(size, parallel.jobs_for(self.xp, big, per_thread=2))
 
     def forward(self, bottom, top):
         x = bottom[0].data.reshape(self.m, self.k)

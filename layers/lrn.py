@@ -10,6 +10,7 @@ WITHIN_CHANNEL:  Caffe builds it from Power/Pooling(AVE)/Power/Eltwise layers:
 
 from netdef import DefinitionError, caffe_pb2
 
+from . import parallel
 from .base import Layer
 from .registry import register
 
@@ -57,36 +58,51 @@ class LRN(Layer):
     def _const(self, value, like):
         return like.dtype.type(value)
 
+    def _by_samples(self, fn, x):
+        """fn(start, stop) over sample ranges spread across the CPU threads (samples are independent)."""
+        ranges = parallel.split(x.shape[0], parallel.jobs_for(self.xp, x.size >= 1 << 16))
+        parallel.run(lambda j, worker: fn(*ranges[j]), len(ranges), self.xp)
+
     def forward(self, bottom, top):
-        xp, x = self.xp, bottom[0].data
+        xp, x, y = self.xp, bottom[0].data, top[0].data
         c = lambda v: self._const(v, x)  # noqa: E731  (keep float32 math float32)
-        if self.within:
-            s = _window_sum(xp, x * x, self.size, (2, 3))
-            s *= c(self.alpha / (self.size * self.size))
-            s += c(1)
-        else:
-            s = _window_sum(xp, x * x, self.size, (1,))
-            s *= c(self.alpha / self.size)
-            s += c(self.k)
-        self.scale = s  # kept for backward
-        self.power = xp.power(s, c(-self.beta))
-        y = x * self.power
-        top[0].data[...] = y
+        if getattr(self, "scale", None) is None or self.scale.shape != x.shape or self.scale.dtype != x.dtype:
+            self.scale, self.power = xp.empty_like(x), xp.empty_like(x)  # kept for backward
+
+        def job(a, b):
+            xs = x[a:b]
+            if self.within:
+                s = _window_sum(xp, xs * xs, self.size, (2, 3), out=self.scale[a:b])
+                s *= c(self.alpha / (self.size * self.size))
+                s += c(1)
+            else:
+                s = _window_sum(xp, xs * xs, self.size, (1,), out=self.scale[a:b])
+                s *= c(self.alpha / self.size)
+                s += c(self.k)
+            p = xp.power(s, c(-self.beta), out=self.power[a:b])
+            xp.multiply(xs, p, out=y[a:b])
+
+        self._by_samples(job, x)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        xp, x, dy = self.xp, bottom[0].data, top[0].diff
+        xp, x, dy, dx = self.xp, bottom[0].data, top[0].diff, bottom[0].diff
         c = lambda v: self._const(v, x)  # noqa: E731
+
         # d/dx of x * s^-beta where s depends on x^2 over the window (symmetric, so its transpose
         # is the same window sum): dx = dy * s^-beta - 2 * beta * a' * x * window(dy * x * s^-beta / s)
-        ratio = dy * x * self.power / self.scale
-        if self.within:
-            acc = _window_sum(xp, ratio, self.size, (2, 3))
-            coef = c(2 * self.alpha * self.beta / (self.size * self.size))
-        else:
-            acc = _window_sum(xp, ratio, self.size, (1,))
-            coef = c(2 * self.alpha * self.beta / self.size)
-        acc *= x
-        acc *= coef
-        bottom[0].diff[...] = dy * self.power - acc
+        def job(a, b):
+            xs, dys, power = x[a:b], dy[a:b], self.power[a:b]
+            ratio = dys * xs * power / self.scale[a:b]
+            if self.within:
+                acc = _window_sum(xp, ratio, self.size, (2, 3))
+                coef = c(2 * self.alpha * self.beta / (self.size * self.size))
+            else:
+                acc = _window_sum(xp, ratio, self.size, (1,))
+                coef = c(2 * self.alpha * self.beta / self.size)
+            acc *= xs
+            acc *= coef
+            xp.subtract(dys * power, acc, out=dx[a:b])
+
+        self._by_samples(job, x)

@@ -11,6 +11,7 @@ import numpy
 from netdef import caffe_pb2
 from netdef.errors import DefinitionError
 
+from . import parallel
 from .base import Layer
 from .fillers import fill
 from .registry import register
@@ -70,6 +71,21 @@ class _Neuron(Layer):
 class ReLU(_Neuron):
     def configure(self):
         self.slope = self.const(self.param.relu_param.negative_slope)
+
+    def forward(self, bottom, top):
+        if self.slope != 0:
+            return super().forward(bottom, top)
+        # the plain ReLU straight into the top, no temporaries, across the CPU threads
+        x, y = bottom[0].data.reshape(-1), top[0].data.reshape(-1)
+        parallel.elementwise(lambda a, b: self.xp.maximum(x[a:b], 0, out=y[a:b]), x.size, self.xp)
+
+    def backward(self, top, propagate_down, bottom):
+        if self.slope != 0 or not propagate_down[0]:
+            return super().backward(top, propagate_down, bottom)
+        # in place, the input is the output: their signs agree
+        x = self.input_data(bottom, top).reshape(-1)
+        dy, dx = top[0].diff.reshape(-1), bottom[0].diff.reshape(-1)
+        parallel.elementwise(lambda a, b: self.xp.multiply(dy[a:b], x[a:b] > 0, out=dx[a:b]), x.size, self.xp)
 
     def compute(self, x):
         y = self.xp.maximum(x, 0)

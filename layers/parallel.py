@@ -132,6 +132,19 @@ def run(fn, n_jobs, xp=numpy):
         raise failed[0]
 
 
+def jobs_for(xp=numpy, big=True, per_thread=4):
+    """How many jobs to cut work into: several per thread when it is big enough, so that a
+    thread slowed by the machine's other load takes fewer of them; one when it is small."""
+    return workers(xp) * per_thread if big and workers(xp) > 1 else 1
+
+
+def elementwise(fn, size, xp=numpy, min_size=1 << 18):
+    """Call ``fn(start, stop)`` over 0..size in ranges spread across the threads (one call when
+    ``size`` is below ``min_size``): for elementwise work on flat views."""
+    ranges = split(size, jobs_for(xp, size >= min_size))
+    run(lambda j, worker: fn(*ranges[j]), len(ranges), xp)
+
+
 def split(size, parts):
     """``parts`` contiguous (start, stop) ranges covering 0..size, as equal as possible."""
     parts = max(1, min(parts, size))

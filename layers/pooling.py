@@ -139,8 +139,7 @@ class PoolCore:
     def _by_planes(self, kernel, arrays, *args):
         """Run a compiled kernel over (planes, ...) arrays, the planes split across the CPU threads."""
         planes = arrays[0].shape[0]
-        parts = parallel.workers(self.xp) if arrays[0].size >= self.parallel_min_elements else 1
-        ranges = parallel.split(planes, parts)
+        ranges = parallel.split(planes, parallel.jobs_for(self.xp, arrays[0].size >= self.parallel_min_elements))
 
         def job(j, worker):
             a, b = ranges[j]

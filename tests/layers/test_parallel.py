@@ -83,8 +83,10 @@ layer { name: "data" type: "Input" top: "data" top: "label"
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
         convolution_param { num_output: 20 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.1 }
                             bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
 layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
-layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+layer { name: "norm1" type: "LRN" bottom: "pool1" top: "norm1" lrn_param { local_size: 5 alpha: 0.1 beta: 0.75 } }
+layer { name: "conv2" type: "Convolution" bottom: "norm1" top: "conv2"
         convolution_param { num_output: 24 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.1 } } }
 layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
 layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
@@ -102,6 +104,7 @@ def _gradients(monkeypatch, n_threads, threads):
 
     monkeypatch.setattr(PoolCore, "parallel_min_elements", 0)
     monkeypatch.setattr(InnerProductLayer, "parallel_min_macs", 0)
+    monkeypatch.setattr(parallel, "jobs_for", lambda xp=numpy, big=True, per_thread=4: parallel.workers(xp) * per_thread)
     threads(n_threads)
     param = text_format.Parse(NET, caffe_pb2.NetParameter())
     param.state.phase = caffe_pb2.TRAIN

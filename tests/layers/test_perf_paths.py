@@ -148,7 +148,7 @@ def test_fused_sgd_step_with_apply_is_bit_identical(dtype, decay, cpu_impl):
     # the compiled sweep and the block-wise array code both reproduce regularize + sgd + data -= diff
     from solver import updates
 
-    n = updates.FUSED_BLOCK + 77
+    n = updates.PARALLEL_MIN_ELEMENTS + 77  # split across the CPU threads too
     data = RNG.standard_normal(n).astype(dtype)
     diff = RNG.standard_normal(n).astype(dtype)
     v = RNG.standard_normal(n).astype(dtype)
