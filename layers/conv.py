@@ -179,20 +179,22 @@ class Convolution(_BaseConv):
             y = self._nd(t.data, self.num_output, self.out_spatial)
             if eng.is_1x1:
                 self._forward_1x1(x, W, y)
-            else:
-                chunks = eng.chunks(self.num)
+                if self.bias_term:
+                    self._add_bias(y)
+                continue
+            chunks = eng.chunks(self.num)
 
-                def job(j, worker, i=i, x=x, y=y):
-                    a, z = chunks[j]
-                    col = self._im2col(i, x[a:z], worker)
-                    eng.from_colside(eng.gemm_forward(col, W), y[a:z])
+            def job(j, worker, i=i, x=x, y=y):
+                a, z = chunks[j]
+                col = self._im2col(i, x[a:z], worker)
+                eng.from_colside(eng.gemm_forward(col, W), y[a:z])
+                if self.bias_term:
+                    self._add_bias(y[a:z])  # while the chunk is still in cache
 
-                parallel.run(job, len(chunks), self.xp)
-                # the columns stay valid for backward only when the batch was one chunk
-                if len(chunks) == 1:
-                    self._fresh.add(i)
-            if self.bias_term:
-                self._add_bias(y)
+            parallel.run(job, len(chunks), self.xp)
+            # the columns stay valid for backward only when the batch was one chunk
+            if len(chunks) == 1:
+                self._fresh.add(i)
 
     # "transposed" or "direct" to override the per-shape choice of data-gradient path (tests)
     force_data_grad = None

@@ -92,7 +92,7 @@ def sgd_l2_fused(diff, data, v, local_decay, local_rate, momentum, scratch=None,
     d, w, h = diff.reshape(-1), data.reshape(-1), v.reshape(-1)
     if apply and cpu_kernels.enabled(numpy) and diff.dtype == data.dtype == v.dtype:
         step = cpu_kernels.kernels().sgd_l2_step
-        ranges = parallel.split(d.size, parallel.workers() if d.size >= PARALLEL_MIN_ELEMENTS else 1)
+        ranges = parallel.split(d.size, parallel.jobs_for(big=d.size >= PARALLEL_MIN_ELEMENTS))
 
         def job(j, worker):
             a, b = ranges[j]
