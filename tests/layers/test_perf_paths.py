@@ -221,6 +221,24 @@ def test_conv_engine_chunk_rule():
     assert strided.transposed() is None
 
 
+@pytest.mark.parametrize("threads,n,chunk,want", [
+    (1, 100, 3, [3] * 33 + [1]),          # cache-sized chunks, one thread
+    (2, 64, 24, [16, 16, 16, 16]),         # 3 chunks rounded up to 2 rounds of 2 threads, equal sizes
+    (2, 10, 1000, [5, 5]),                 # at least one chunk per thread
+    (2, 1, 1000, [1]),
+])
+def test_conv_chunks_are_equal_rounds_for_the_threads(threads, n, chunk, want, monkeypatch):
+    from layers import parallel
+    from layers.im2col import ConvEngine
+
+    monkeypatch.setattr(parallel, "workers", lambda xp=numpy: threads)
+    eng = ConvEngine(numpy, numpy.float32, 4, (6, 6), 4, 1, (3, 3), (1, 1), (1, 1), (1, 1), (6, 6))
+    eng.chunk = chunk
+    chunks = eng.chunks(n)
+    assert [b - a for a, b in chunks] == want
+    assert chunks[0][0] == 0 and chunks[-1][1] == n and all(b == c for (_, b), (c, _) in zip(chunks, chunks[1:]))
+
+
 # -- max pooling argmax: one byte per index for small windows -------------------------------------
 
 @pytest.mark.parametrize("params,hw", [("kernel_size: 3 stride: 2", (9, 8)),
