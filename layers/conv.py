@@ -245,8 +245,19 @@ class Convolution(_BaseConv):
                 continue
             chunks = eng.chunks(self.num)
             teng = self._data_engine() if dx is not None else None
+            Wt = eng.flipped_weight(W) if teng is not None else None
+            tchunks = teng.chunks(self.num) if teng is not None else None
+            # one job per chunk does both gradients when the two engines chunk alike (dy is read
+            # once, while in cache)
+            fused = teng is not None and tchunks == chunks
             # per chunk, summed in chunk order afterwards: the same floats whichever thread ran it
             dW = [None] * len(chunks)
+
+            def data_part(a, z, worker, dy=dy, dx=dx):
+                """dx[a:z] as the convolution of dy with the flipped weights."""
+                buf = WORKSPACE.take(self.xp, dy.dtype, teng.col_shape(z - a), object(), worker)
+                cols = teng.im2col(dy[a:z], out=buf, worker=worker)
+                teng.from_colside(teng.gemm_forward(cols, Wt), dx[a:z])
 
             def job(j, worker, i=i, x=x, dy=dy, dx=dx):
                 a, z = chunks[j]
@@ -259,25 +270,18 @@ class Convolution(_BaseConv):
                 if dx is not None and teng is None:
                     ym = rows if rows is not None and eng.layout == "B" else eng.to_colside(dy[a:z])
                     eng.data_to_image(ym, W, z - a, dx[a:z], worker)
+                elif fused:
+                    data_part(a, z, worker)
 
-            if need_w or teng is None:
+            if need_w or teng is None or fused:
                 parallel.run(job, len(chunks), self.xp)
             if need_w:
                 total = dW[0]
                 for g in dW[1:]:
                     total = total + g
                 self.blobs[0].diff += total
-            if teng is not None:
-                Wt = eng.flipped_weight(W)
-                tchunks = teng.chunks(self.num)
-
-                def data_job(j, worker, dy=dy, dx=dx):
-                    a, z = tchunks[j]
-                    buf = WORKSPACE.take(self.xp, dy.dtype, teng.col_shape(z - a), object(), worker)
-                    cols = teng.im2col(dy[a:z], out=buf, worker=worker)
-                    teng.from_colside(teng.gemm_forward(cols, Wt), dx[a:z])
-
-                parallel.run(data_job, len(tchunks), self.xp)
+            if teng is not None and not fused:
+                parallel.run(lambda j, worker: data_part(*tchunks[j], worker), len(tchunks), self.xp)
 
     def _backward_1x1(self, x, W, dy, dx, need_w):
         xp, G, n = self.xp, self.group, self.num
