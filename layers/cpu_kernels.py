@@ -1,8 +1,10 @@
 """Compiled CPU loops (numba) for the few places whose array code is bound by passes and gathers.
 
 Max pooling in array code needs one pass per kernel offset for the maximum, several more for
-the argmax, and a scattered add for the gradient; a loop visits each input once. The SGD step
-reads and writes each parameter once instead of once per operation. Each kernel
+the argmax, and a scattered add for the gradient; a loop visits each input once. A
+convolution's data gradient sums its column matrix back onto the image in one loop instead of
+a small GEMM and a strided add per kernel offset. The SGD step reads and writes each parameter
+once instead of once per operation. Each kernel
 here has an array-code twin in its layer: the twin runs on cupy, where numba is missing, and
 under ``BREWNET_JIT=0``. ``enabled(xp)`` is the one place that chooses between them.
 
@@ -187,6 +189,23 @@ def _build():
                         dx[p, h, w] += col_grad[w]
 
     @jit
+    def col2im_channels_last(dcol, acc, sh, sw, dh, dw):
+        # dcol (G, n, oh, ow, kh, kw, Cg): a convolution's column diff in layout A;
+        # acc (n, Hp, Wp, G * Cg), the padded image, receives every column back (+=)
+        groups, n, oh, ow, kh, kw, cg = dcol.shape
+        for s in range(n):
+            for i in range(oh):
+                for j in range(ow):
+                    for a in range(kh):
+                        for b in range(kw):
+                            row = acc[s, i * sh + a * dh, j * sw + b * dw]
+                            for g in range(groups):
+                                src = dcol[g, s, i, j, a, b]
+                                base = g * cg
+                                for c in range(cg):
+                                    row[base + c] += src[c]
+
+    @jit
     def sgd_l2_step(diff, data, history, decay, rate, momentum):
         # Caffe's regularize (L2), SGD momentum rule and Net::Update, one sweep over memory:
         # the same float32 operations in the same order (no fused multiply-add: bit-identical)
@@ -199,4 +218,4 @@ def _build():
 
     return SimpleNamespace(max_pool_forward=max_pool_forward, max_pool_backward=max_pool_backward,
                            ave_pool_forward=ave_pool_forward, ave_pool_backward=ave_pool_backward,
-                           sgd_l2_step=sgd_l2_step)
+                           sgd_l2_step=sgd_l2_step, col2im_channels_last=col2im_channels_last)

@@ -16,7 +16,7 @@ import itertools
 
 import numpy
 
-from . import parallel
+from . import cpu_kernels, parallel
 
 
 def conv_out_size(size, kernel, stride, pad, dilation):
@@ -102,6 +102,7 @@ class ConvEngine:
     # "A" or "B" to override the per-shape choice (tests exercise both)
     force_layout = None
     force_col2im = False
+    compiled_col2im = True
 
     def __init__(self, xp, dtype, C, S, M, G, kernel, stride, pad, dilation, O, cache_chunks=False):
         self.xp, self.dtype = xp, numpy.dtype(dtype)
@@ -285,6 +286,11 @@ class ConvEngine:
         return self.xp.ascontiguousarray(Wg).reshape((self.C, self.Mg) + self.k)
 
     # -- column-side diff -> image (conv data gradient, deconv forward) -------------
+    def compiled_data_path(self):
+        """Whether data_to_image sums the column diff back with the compiled loop (2-D, layout A,
+        numpy with numba): then one GEMM and one pass, faster than the convolution of dy too."""
+        return self.layout == "A" and self.nsp == 2 and self.compiled_col2im and cpu_kernels.enabled(self.xp)
+
     def data_to_image(self, ym, W, n, out, worker=0):
         """out (n, C, *S) = col2im(W^T ym), one GEMM and one strided add per kernel offset.
 
@@ -292,6 +298,13 @@ class ConvEngine:
         several times faster than summing a full column matrix back with short runs.
         """
         xp, G, Cg, Mg = self.xp, self.G, self.Cg, self.Mg
+        if self.compiled_data_path():
+            # one GEMM for the whole column diff, then a compiled loop adds it back
+            dcol = xp.matmul(ym, self.weight_matrix(W))  # (G, nL, Kg) = (G, n, *O, *k, Cg)
+            acc = self._accumulator(n, ym.dtype, worker)
+            cpu_kernels.kernels().col2im_channels_last(
+                dcol.reshape((G, n) + self.O + self.k + (Cg,)), acc, *self.s, *self.d)
+            return self._write_image(acc, out)
         if Cg < 16 or self.force_col2im:
             # per-offset GEMMs this narrow are slow: one GEMM, then col2im
             return self.col2im(self._gemm_data(ym, W, n), out, worker)

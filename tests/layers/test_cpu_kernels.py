@@ -68,3 +68,34 @@ def test_brewnet_jit_0_turns_the_kernels_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     assert out.stdout.strip() == "False", out.stderr
+
+
+@settings(max_examples=40, deadline=None)
+@given(kh=st.integers(1, 4), kw=st.integers(1, 4), s=st.integers(1, 3), p=st.integers(0, 2), d=st.integers(1, 2),
+       group=st.sampled_from([1, 2]), cin=st.sampled_from([2, 4, 18]), cout=st.sampled_from([2, 6]),
+       h=st.integers(4, 9), w=st.integers(4, 9), seed=st.integers(0, 2 ** 16))
+def test_compiled_col2im_data_gradient_matches_array_code(kh, kw, s, p, d, group, cin, cout, h, w, seed):
+    from layers import im2col
+
+    assume(h + 2 * p >= d * (kh - 1) + 1 and w + 2 * p >= d * (kw - 1) + 1)
+    params = (f"num_output: {cout} kernel_h: {kh} kernel_w: {kw} stride: {s} pad: {p} dilation: {d} "
+              f"group: {group} weight_filler {{ type: \"gaussian\" std: 0.5 }}")
+    rng = numpy.random.default_rng(seed)
+    x = rng.standard_normal((3, cin, h, w))
+    grads = []
+    for compiled in (True, False):
+        layer = make_layer(f'name: "c" type: "Convolution" convolution_param {{ {params} }}')
+        switch = cpu_kernels.enabled_for_test() if compiled else cpu_kernels.disabled()
+        with switch:
+            im2col.ConvEngine.force_layout = "A"
+            try:
+                bottom, top = setup_layer(layer, [x])
+                assert layer._engine.compiled_data_path() == compiled
+                layer.forward(bottom, top)
+                top[0].diff[...] = numpy.random.default_rng(seed + 1).standard_normal(top[0].shape)
+                layer.backward(top, [True], bottom)
+            finally:
+                im2col.ConvEngine.force_layout = None
+        grads.append((bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
+    for a, b in zip(*grads):
+        numpy.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -171,7 +171,7 @@ def test_fused_sgd_step_with_apply_is_bit_identical(dtype, decay, cpu_impl):
     ("num_output: 2 kernel_h: 3 kernel_w: 2 pad_h: 2 pad_w: 1 dilation: 2", (2, 2, 5, 6)),
 ])
 @pytest.mark.parametrize("layout", ["A", "B"])
-def test_conv_transposed_data_gradient_matches_direct(params, shape, layout, monkeypatch):
+def test_conv_transposed_data_gradient_matches_direct(params, shape, layout, monkeypatch, cpu_impl):
     from layers import conv, im2col
 
     monkeypatch.setattr(im2col.ConvEngine, "force_layout", layout)

@@ -56,7 +56,7 @@ def layout(request, monkeypatch):
 
 
 @pytest.mark.parametrize("params,shape", CONV_CASES)
-def test_conv_matches_naive_and_gradient(params, shape, layout):
+def test_conv_matches_naive_and_gradient(params, shape, layout, cpu_impl):
     layer = _conv(params)
     x = RNG.standard_normal(shape)
     bottom, top = setup_layer(layer, [x])
@@ -367,8 +367,9 @@ def test_max_pooling_gradient_survives_inplace_change_of_top(cpu_impl):
 
 
 @pytest.mark.parametrize("channels", [2, 16])
-def test_conv_data_gradient_both_paths(channels, layout):
-    # narrow groups (< 16 channels) sum a full column matrix; wider ones fuse GEMM and col2im
+def test_conv_data_gradient_both_paths(channels, layout, cpu_impl):
+    # narrow groups (< 16 channels) sum a full column matrix; wider ones fuse GEMM and col2im;
+    # with the compiled kernels, layout A sums the column matrix back in one compiled pass
     check_gradient(_conv("num_output: 2 kernel_size: 2 stride: 1 pad: 1 bias_term: false"),
                    [RNG.standard_normal((1, channels, 3, 3))], check_params=False)
     check_gradient(_conv("num_output: 16 kernel_size: 3 stride: 2", "Deconvolution"),
