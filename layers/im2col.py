@@ -103,6 +103,8 @@ class ConvEngine:
     force_layout = None
     force_col2im = False
     compiled_col2im = True
+    # bytes of column diff the compiled data gradient holds at once (per thread)
+    dcol_block_bytes = 4 << 20
 
     def __init__(self, xp, dtype, C, S, M, G, kernel, stride, pad, dilation, O, cache_chunks=False):
         self.xp, self.dtype = xp, numpy.dtype(dtype)
@@ -299,11 +301,18 @@ class ConvEngine:
         """
         xp, G, Cg, Mg = self.xp, self.G, self.Cg, self.Mg
         if self.compiled_data_path():
-            # one GEMM for the whole column diff, then a compiled loop adds it back
-            dcol = xp.matmul(ym, self.weight_matrix(W))  # (G, nL, Kg) = (G, n, *O, *k, Cg)
+            # a GEMM for the column diff of a few samples at a time (a reused buffer of about
+            # dcol_block_bytes), then a compiled loop adds it back onto the image
             acc = self._accumulator(n, ym.dtype, worker)
-            cpu_kernels.kernels().col2im_channels_last(
-                dcol.reshape((G, n) + self.O + self.k + (Cg,)), acc, *self.s, *self.d)
+            Wm = self.weight_matrix(W)
+            ym4 = ym.reshape(G, n, self.L, Mg)
+            step = max(1, self.dcol_block_bytes // (G * self.L * self.Kg * ym.itemsize))
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                dcol = self._buffer("dcol", (G, (b - a) * self.L, self.Kg), ym.dtype, worker=worker)
+                xp.matmul(ym4[:, a:b].reshape(G, (b - a) * self.L, Mg), Wm, out=dcol)
+                cpu_kernels.kernels().col2im_channels_last(
+                    dcol.reshape((G, b - a) + self.O + self.k + (Cg,)), acc[a:b], *self.s, *self.d)
             return self._write_image(acc, out)
         if Cg < 16 or self.force_col2im:
             # per-offset GEMMs this narrow are slow: one GEMM, then col2im

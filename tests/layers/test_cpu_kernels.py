@@ -88,6 +88,7 @@ def test_compiled_col2im_data_gradient_matches_array_code(kh, kw, s, p, d, group
         switch = cpu_kernels.enabled_for_test() if compiled else cpu_kernels.disabled()
         with switch:
             im2col.ConvEngine.force_layout = "A"
+            im2col.ConvEngine.dcol_block_bytes = 1  # one sample's column diff at a time
             try:
                 bottom, top = setup_layer(layer, [x])
                 assert layer._engine.compiled_data_path() == compiled
@@ -96,6 +97,7 @@ def test_compiled_col2im_data_gradient_matches_array_code(kh, kw, s, p, d, group
                 layer.backward(top, [True], bottom)
             finally:
                 im2col.ConvEngine.force_layout = None
+                im2col.ConvEngine.dcol_block_bytes = 4 << 20
         grads.append((bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
     for a, b in zip(*grads):
         numpy.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
