@@ -301,7 +301,7 @@ class ConvEngine:
         """
         xp, G, Cg, Mg = self.xp, self.G, self.Cg, self.Mg
         if self.compiled_data_path():
-            # a GEMM for the column diff of a few samples at a time (a reused buffer of about
+            # a GEMM for the column diff of a few samples at a time (at most about
             # dcol_block_bytes), then a compiled loop adds it back onto the image
             acc = self._accumulator(n, ym.dtype, worker)
             Wm = self.weight_matrix(W)
@@ -309,7 +309,8 @@ class ConvEngine:
             step = max(1, self.dcol_block_bytes // (G * self.L * self.Kg * ym.itemsize))
             for a in range(0, n, step):
                 b = min(n, a + step)
-                dcol = self._buffer("dcol", (G, (b - a) * self.L, self.Kg), ym.dtype, worker=worker)
+                # the thread's shared column workspace: its columns were used up by the weight GEMM
+                dcol = WORKSPACE.take(xp, ym.dtype, (G, (b - a) * self.L, self.Kg), object(), worker)
                 xp.matmul(ym4[:, a:b].reshape(G, (b - a) * self.L, Mg), Wm, out=dcol)
                 cpu_kernels.kernels().col2im_channels_last(
                     dcol.reshape((G, b - a) + self.O + self.k + (Cg,)), acc[a:b], *self.s, *self.d)
