@@ -60,6 +60,9 @@ def kernels():
         except ImportError as exc:
             _state["failed"] = True
             logger.debug("numba unavailable (%s): pooling runs as array code", exc)
+        except Exception as exc:  # e.g. numba finds no writable cache folder (set NUMBA_CACHE_DIR)
+            _state["failed"] = True
+            logger.warning("compiled CPU kernels unavailable, using array code: %s", exc)
     return _state["kernels"]
 
 

@@ -101,3 +101,17 @@ def test_compiled_col2im_data_gradient_matches_array_code(kh, kw, s, p, d, group
         grads.append((bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
     for a, b in zip(*grads):
         numpy.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_kernel_build_failure_falls_back_to_array_code(monkeypatch, caplog):
+    # e.g. numba refusing to cache in a read-only install: warn once, run the array code
+    def broken():
+        raise RuntimeError("cannot cache function: no locator available")
+
+    monkeypatch.setattr(cpu_kernels, "_build", broken)
+    monkeypatch.setitem(cpu_kernels._state, "kernels", None)
+    monkeypatch.setitem(cpu_kernels._state, "failed", False)
+    with caplog.at_level("WARNING", logger="brewnet"):
+        assert cpu_kernels.kernels() is None
+    assert not cpu_kernels.enabled(numpy)
+    assert "no locator" in caplog.text
