@@ -4,12 +4,13 @@ Max pooling in array code needs one pass per kernel offset for the maximum, seve
 the argmax, and a scattered add for the gradient; a loop visits each input once. A
 convolution's data gradient sums its column matrix back onto the image in one loop instead of
 a small GEMM and a strided add per kernel offset. The SGD step reads and writes each parameter
-once instead of once per operation. Each kernel
-here has an array-code twin in its layer: the twin runs on cupy, where numba is missing, and
-under ``BREWNET_JIT=0``. ``enabled(xp)`` is the one place that chooses between them.
+once instead of once per operation. Each kernel here has an array-code twin in its layer: the
+twin runs on cupy, where numba is missing, and under ``BREWNET_JIT=0``. ``enabled(xp)`` is the
+one place that chooses between them.
 
-Pooling kernels work on (planes, H, W) arrays, planes = num x channels, C-contiguous. They
-run on the calling thread: the BLAS threads keep the other core busy between GEMMs. Compiled code is cached on disk (numba's cache) after the first run.
+Pooling kernels work on (planes, H, W) arrays, planes = num x channels, C-contiguous; callers
+split the planes (or elements) across brewnet's CPU threads (layers/parallel.py), and every
+kernel releases the GIL. Compiled code is cached on disk (numba's cache) after the first run.
 """
 
 import contextlib
@@ -26,10 +27,6 @@ _state = {"on": os.environ.get("BREWNET_JIT", "1") != "0", "kernels": None, "fai
 def enabled(xp):
     """True when the compiled kernels should run for arrays of module ``xp``."""
     return xp is numpy and _state["on"] and kernels() is not None
-
-
-def set_enabled(on):
-    _state["on"] = bool(on)
 
 
 @contextlib.contextmanager
@@ -74,9 +71,10 @@ def _build():
     # error_model numpy: x / 0 gives inf or NaN as in numpy and Caffe, instead of raising
     jit = njit(cache=True, nogil=True, error_model="numpy")
 
-    # Each kernel works one output row at a time in two steps: first down the window's rows for
-    # every input column at once (unit stride, so LLVM vectorizes it), then across each window's
-    # columns. Done per element, the clipping and indexing cost several times the arithmetic.
+    # The pooling kernels work in two steps instead of window by window (where the clipping and
+    # indexing cost several times the arithmetic): along each row, then down the rows for every
+    # output column at once (unit stride, so LLVM vectorizes it). Average pooling sums down the
+    # rows first, max pooling goes along the rows first (its row-major tie rule needs that).
 
     @jit
     def max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw):

@@ -101,8 +101,6 @@ class ConvEngine:
     skinny_max_outputs = 64
     # "A" or "B" to override the per-shape choice (tests exercise both)
     force_layout = None
-    force_col2im = False
-    compiled_col2im = True
     # bytes of column diff the compiled data gradient holds at once (per thread)
     dcol_block_bytes = 4 << 20
 
@@ -291,7 +289,7 @@ class ConvEngine:
     def compiled_data_path(self):
         """Whether data_to_image sums the column diff back with the compiled loop (2-D, layout A,
         numpy with numba): then one GEMM and one pass, faster than the convolution of dy too."""
-        return self.layout == "A" and self.nsp == 2 and self.compiled_col2im and cpu_kernels.enabled(self.xp)
+        return self.layout == "A" and self.nsp == 2 and cpu_kernels.enabled(self.xp)
 
     def data_to_image(self, ym, W, n, out, worker=0):
         """out (n, C, *S) = col2im(W^T ym), one GEMM and one strided add per kernel offset.
@@ -315,7 +313,7 @@ class ConvEngine:
                 cpu_kernels.kernels().col2im_channels_last(
                     dcol.reshape((G, b - a) + self.O + self.k + (Cg,)), acc[a:b], *self.s, *self.d)
             return self._write_image(acc, out)
-        if Cg < 16 or self.force_col2im:
+        if Cg < 16:
             # per-offset GEMMs this narrow are slow: one GEMM, then col2im
             return self.col2im(self._gemm_data(ym, W, n), out, worker)
         acc = self._accumulator(n, ym.dtype, worker)
