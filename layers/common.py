@@ -91,20 +91,17 @@ class InnerProductLayer(Layer):
     # below this many multiply-adds a GEMM is cheaper than handing out jobs
     parallel_min_macs = 1 << 21
 
-    def _ranges(self, size):
-        """Split points of ``size`` for the CPU threads (one range when the layer is small)."""
+    def _split(self, fn, size):
+        """fn(start, stop) over 0..size in blocks across the CPU threads (one when the layer is small)."""
         big = self.m * self.k * self.num_output >= self.parallel_min_macs
-        return parallel.split(size, parallel.jobs_for(self.xp, big, per_thread=2))
+        parallel.over_ranges(fn, size, self.xp, big, per_thread=2)
 
     def forward(self, bottom, top):
         x = bottom[0].data.reshape(self.m, self.k)
         out = top[0].data.reshape(self.m, self.num_output)
         w = self._weight_nk()
         # output features split across threads: each reads its own rows of the weights once
-        ranges = self._ranges(self.num_output)
-
-        def job(j, worker):
-            a, b = ranges[j]
+        def block(a, b):
             if self.xp is numpy and b - a >= 64:
                 # computed as (features, samples): OpenBLAS streams the weights 1.2-1.4x faster
                 # into that shape than into (samples, features) when the batch is small
@@ -114,7 +111,7 @@ class InnerProductLayer(Layer):
             if self.bias_term:
                 out[:, a:b] += self.blobs[1].data[a:b]
 
-        parallel.run(job, len(ranges), self.xp)
+        self._split(block, self.num_output)
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff.reshape(self.m, self.num_output)
@@ -123,28 +120,20 @@ class InnerProductLayer(Layer):
             # accumulate straight into the diff: a weight-sized temporary costs more than the GEMM;
             # threads take row blocks of the stored weight
             diff = self.blobs[0].diff
-            ranges = self._ranges(diff.shape[0])
 
-            def weight_job(j, worker):
-                a, b = ranges[j]
+            def weight_block(a, b):
                 if self.transpose:
                     matmul_acc(x[:, a:b].T, dy, diff[a:b])
                 else:
                     matmul_acc(dy[:, a:b].T, x, diff[a:b])
 
-            parallel.run(weight_job, len(ranges), self.xp)
+            self._split(weight_block, diff.shape[0])
         if self.bias_term and self.param_needs_grad(1):
             self.blobs[1].diff += dy.sum(axis=0)
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.m, self.k)
             w = self._weight_nk()
-            ranges = self._ranges(self.k)
-
-            def data_job(j, worker):
-                a, b = ranges[j]
-                self.xp.matmul(dy, w[:, a:b], out=dx[:, a:b])
-
-            parallel.run(data_job, len(ranges), self.xp)
+            self._split(lambda a, b: self.xp.matmul(dy, w[:, a:b], out=dx[:, a:b]), self.k)
 
 
 @register("Embed")

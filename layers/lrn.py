@@ -60,8 +60,7 @@ class LRN(Layer):
 
     def _by_samples(self, fn, x):
         """fn(start, stop) over sample ranges spread across the CPU threads (samples are independent)."""
-        ranges = parallel.split(x.shape[0], parallel.jobs_for(self.xp, x.size >= 1 << 16))
-        parallel.run(lambda j, worker: fn(*ranges[j]), len(ranges), self.xp)
+        parallel.over_ranges(fn, x.shape[0], self.xp, x.size >= 1 << 16)
 
     def forward(self, bottom, top):
         xp, x, y = self.xp, bottom[0].data, top[0].data

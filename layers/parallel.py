@@ -152,11 +152,16 @@ def jobs_for(xp=numpy, big=True, per_thread=4):
     return workers(xp) * per_thread if big and workers(xp) > 1 else 1
 
 
-def elementwise(fn, size, xp=numpy, min_size=1 << 18):
-    """Call ``fn(start, stop)`` over 0..size in ranges spread across the threads (one call when
-    ``size`` is below ``min_size``): for elementwise work on flat views."""
-    ranges = split(size, jobs_for(xp, size >= min_size))
+def over_ranges(fn, size, xp=numpy, big=True, per_thread=4):
+    """Call ``fn(start, stop)`` over 0..size cut into contiguous ranges spread across the
+    threads: ``jobs_for(xp, big, per_thread)`` of them, so one call when the work is small."""
+    ranges = split(size, jobs_for(xp, big, per_thread))
     run(lambda j, worker: fn(*ranges[j]), len(ranges), xp)
+
+
+def elementwise(fn, size, xp=numpy, min_size=1 << 18):
+    """``over_ranges`` for elementwise work on flat views, split from ``min_size`` elements up."""
+    over_ranges(fn, size, xp, size >= min_size)
 
 
 def split(size, parts):

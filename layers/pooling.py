@@ -138,14 +138,8 @@ class PoolCore:
 
     def _by_planes(self, kernel, arrays, *args):
         """Run a compiled kernel over (planes, ...) arrays, the planes split across the CPU threads."""
-        planes = arrays[0].shape[0]
-        ranges = parallel.split(planes, parallel.jobs_for(self.xp, arrays[0].size >= self.parallel_min_elements))
-
-        def job(j, worker):
-            a, b = ranges[j]
-            kernel(*(arr[a:b] for arr in arrays), *args)
-
-        parallel.run(job, len(ranges), self.xp)
+        parallel.over_ranges(lambda a, b: kernel(*(arr[a:b] for arr in arrays), *args), arrays[0].shape[0],
+                             self.xp, arrays[0].size >= self.parallel_min_elements)
 
     def _jit(self, *arrays):
         """The compiled kernels when they apply (numpy, C-contiguous arrays), else None."""

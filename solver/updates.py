@@ -92,13 +92,8 @@ def sgd_l2_fused(diff, data, v, local_decay, local_rate, momentum, scratch=None,
     d, w, h = diff.reshape(-1), data.reshape(-1), v.reshape(-1)
     if apply and cpu_kernels.enabled(numpy) and diff.dtype == data.dtype == v.dtype:
         step = cpu_kernels.kernels().sgd_l2_step
-        ranges = parallel.split(d.size, parallel.jobs_for(big=d.size >= PARALLEL_MIN_ELEMENTS))
-
-        def job(j, worker):
-            a, b = ranges[j]
-            step(d[a:b], w[a:b], h[a:b], decay, rate, mom)
-
-        parallel.run(job, len(ranges))
+        parallel.over_ranges(lambda a, b: step(d[a:b], w[a:b], h[a:b], decay, rate, mom), d.size,
+                             big=d.size >= PARALLEL_MIN_ELEMENTS)
         return True
     block = min(FUSED_BLOCK, d.size)
     usable = scratch is not None and scratch.dtype == diff.dtype and scratch.size >= block
