@@ -10,7 +10,7 @@ import numpy
 
 from netdef import DefinitionError
 
-from . import fillers, parallel
+from . import fillers, parallel, winograd
 from .base import Layer
 from .im2col import WORKSPACE, ConvEngine, conv_out_size, deconv_out_size
 from .registry import register
@@ -129,8 +129,11 @@ class _BaseConv(_ConvGeometry):
                                       cache_chunks=not self.reverse)
             self._engine_key = key
             self._cols = {}
+            self._wino = self._plan_winograd(bottom[0].dtype, img_C, img_S, col_M, col_S)
         if not self._engine.is_1x1:
-            for eng in (self._engine, self._data_engine()):
+            # (Winograd builds no columns)
+            engines = (self._engine, self._data_engine()) if self._wino[0] is None else ()
+            for eng in engines:
                 if eng is not None:
                     size = max(b - a for a, b in eng.chunks(num))
                     for worker in range(parallel.workers(self.xp)):
@@ -142,6 +145,10 @@ class _BaseConv(_ConvGeometry):
     def _data_engine(self):
         """Convolution only: the engine of the data gradient as a convolution of dy, if it applies."""
         return None
+
+    def _plan_winograd(self, dtype, C, S, M, O):
+        """Convolution only: (forward, data gradient) Winograd engines where they apply."""
+        return None, None
 
     # (num, C, *spatial) views of blobs around the channel axis
     def _nd(self, array, C, spatial):
@@ -188,6 +195,9 @@ class Convolution(_BaseConv):
                 if self.bias_term:
                     self._add_bias(y)
                 continue
+            if self._wino[0] is not None:
+                self._wino[0].forward(x, W, self.blobs[1].data if self.bias_term else None, y)
+                continue
             chunks = eng.chunks(self.num)
 
             def job(j, worker, i=i, x=x, y=y):
@@ -204,6 +214,14 @@ class Convolution(_BaseConv):
 
     # "transposed" or "direct" to override the per-shape choice of data-gradient path (tests)
     force_data_grad = None
+    # False: im2col even where Winograd applies (tests compare the two; BREWNET_WINOGRAD=0)
+    use_winograd = True
+
+    def _plan_winograd(self, dtype, C, S, M, O):
+        if not self.use_winograd or self.force_data_grad is not None:
+            return None, None
+        return winograd.plan(self.xp, dtype, C, S, M, self.group, self.kernel, self.stride, self.pad,
+                             self.dilation, O)
 
     def _data_engine(self):
         eng = self._engine
@@ -250,6 +268,13 @@ class Convolution(_BaseConv):
         for i, x, dy, dx in self._backward_operands(top, propagate_down, bottom, need_w):
             if eng.is_1x1:
                 self._backward_1x1(x, W, dy, dx, need_w)
+                continue
+            wino, wino_data = self._wino
+            if wino is not None:
+                if need_w:
+                    self.blobs[0].diff += wino.weight_grad(x, dy)
+                if dx is not None:
+                    wino_data.forward(dy, eng.flipped_weight(W), None, dx)
                 continue
             chunks = eng.chunks(self.num)
             teng = self._data_engine() if dx is not None else None

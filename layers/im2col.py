@@ -17,6 +17,7 @@ import itertools
 import numpy
 
 from . import cpu_kernels, parallel
+from .scratch import Scratch
 
 
 def conv_out_size(size, kernel, stride, pad, dilation):
@@ -130,19 +131,12 @@ class ConvEngine:
         if cache_chunks and self.Mg <= self.cache_max_outputs and xp is numpy:
             limit = min(limit, self.cache_col_bytes)
         self.chunk = max(1, limit // per_sample)
-        # scratch buffers by (role, shape, dtype): a batch in chunks needs two sizes (full chunk and
-        # remainder), and reallocating a zeroed buffer per chunk would cost more than the copy
-        self._bufs = {}
+        self._bufs = Scratch(xp)
         self._transposed = None
 
     def chunks(self, n):
         """(start, stop) sample ranges: cache-sized, and at least one per CPU thread."""
-        count = -(-n // self.chunk)
-        threads = parallel.workers(self.xp)
-        if threads > 1:
-            count = -(-count // threads) * threads  # a whole number of rounds, equal chunks
-        size = max(1, -(-n // max(1, count)))
-        return [(a, min(n, a + size)) for a in range(0, n, size)]
+        return parallel.chunk_ranges(n, self.chunk, self.xp)
 
     # -- image -> padded source ------------------------------------------------
     def _padded_source(self, x, worker=0):
@@ -350,15 +344,7 @@ class ConvEngine:
         return dcol.transpose((1, 0, 2 + 2 * nsp) + ks + os_)
 
     def _buffer(self, role, shape, dtype, zero=False, worker=0):
-        key = (role, worker, tuple(shape), numpy.dtype(dtype).str)
-        buf = self._bufs.get(key)
-        if buf is None:
-            stale = [k for k in list(self._bufs) if k[:2] == (role, worker)]
-            if len(stale) >= 2:  # the batch size changed: forget the old sizes
-                for k in stale:
-                    del self._bufs[k]
-            buf = self._bufs[key] = (self.xp.zeros if zero else self.xp.empty)(shape, dtype=dtype)
-        return buf
+        return self._bufs.get(role, shape, dtype, worker, zero)
 
     def _scratch(self, shape, dtype, worker=0):
         return self._buffer("scratch", shape, dtype, worker=worker)

@@ -164,6 +164,17 @@ def elementwise(fn, size, xp=numpy, min_size=1 << 18):
     over_ranges(fn, size, xp, size >= min_size)
 
 
+def chunk_ranges(n, chunk, xp=numpy):
+    """(start, stop) ranges of at most ``chunk`` samples covering 0..n, in a whole number of
+    rounds of equal chunks per thread (so no thread is left with the odd one at the end)."""
+    count = -(-n // chunk)
+    threads = workers(xp)
+    if threads > 1:
+        count = -(-count // threads) * threads
+    size = max(1, -(-n // max(1, count)))
+    return [(a, min(n, a + size)) for a in range(0, n, size)]
+
+
 def split(size, parts):
     """``parts`` contiguous (start, stop) ranges covering 0..size, as equal as possible."""
     parts = max(1, min(parts, size))
