@@ -95,8 +95,11 @@ def plan(xp, dtype, C, S, M, G, kernel, stride, pad, dilation, O):
 class WinogradConv:
     """y (n, M, *O) = conv(x (n, C, *S), W (M, C/G, k, k), pad) + b, with its weight gradient."""
 
-    # bytes of a thread's largest transformed chunk: samples are taken in chunks this size
+    # Samples are taken in chunks whose largest transformed array is about chunk_bytes (in cache),
+    # but of at least min_tiles tiles (up to 4x the bytes): the per-tile-element GEMMs of wide
+    # layers (CaffeNet's 256-384 channels) run at 40 GFLOP/s with 32 rows and 80 with 256.
     chunk_bytes = 2 << 20
+    min_tiles = 256
 
     def __init__(self, dtype, C, S, M, G, k, pad, O):
         self.dtype = numpy.dtype(dtype)
@@ -114,7 +117,9 @@ class WinogradConv:
         self.AT_w, self.G_w, self.BT_w = map(as_dtype, transform_matrices(k, m))
         self.per_sample = self.tiles[0] * self.tiles[1]
         widest = self.t * max(self.t * self.per_sample, self.tiles[0] * self.Sp[1]) * max(C, M)
-        self.chunk = max(1, self.chunk_bytes // (widest * self.dtype.itemsize))
+        per_sample_bytes = widest * self.dtype.itemsize
+        self.chunk = max(1, self.chunk_bytes // per_sample_bytes,
+                         min(-(-self.min_tiles // self.per_sample), 4 * self.chunk_bytes // per_sample_bytes))
         self._scratch = Scratch(numpy)
 
     def chunks(self, n):
@@ -126,8 +131,9 @@ class WinogradConv:
         G_, k, t = self.G, self.k, self.t
         src = W.reshape(G_, self.Mg, self.Cg, k, k).transpose(3, 4, 0, 2, 1)
         src = numpy.ascontiguousarray(src, dtype=self.dtype).reshape(k * k, -1)
-        out = numpy.empty((t * t, src.shape[1]), dtype=self.dtype)
-        scratch = numpy.empty((t, k, src.shape[1]), dtype=self.dtype)
+        # (kept buffers: fresh ones would page-fault on every call, CaffeNet's conv3 1.5 ms)
+        out = self._scratch.get("U", (t * t, src.shape[1]), self.dtype)
+        scratch = self._scratch.get("U-rows", (t, k, src.shape[1]), self.dtype)
         cpu_kernels.kernels().tile_pairs(src, self.Gm, scratch, out)
         return out.reshape(t * t, G_, self.Cg, self.Mg)
 
@@ -212,7 +218,7 @@ class WinogradConv:
         for p in parts[1:]:
             total = total + p
         L = total[0].size
-        out = numpy.empty((k * k, L), dtype=self.dtype)
-        scratch = numpy.empty((k, self.t, L), dtype=self.dtype)
+        out = self._scratch.get("dW", (k * k, L), self.dtype)
+        scratch = self._scratch.get("dW-rows", (k, self.t, L), self.dtype)
         cpu_kernels.kernels().tile_pairs(total.reshape(tt, L), self.AT_w, scratch, out)
         return out.reshape(k, k, self.M, self.Cg).transpose(2, 3, 0, 1)
