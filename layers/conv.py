@@ -12,8 +12,9 @@ from netdef import DefinitionError
 
 from . import fillers, parallel, winograd
 from .base import Layer
-from .im2col import WORKSPACE, ConvEngine, conv_out_size, deconv_out_size
+from .im2col import ConvEngine, conv_out_size, deconv_out_size
 from .registry import register
+from .scratch import WORKSPACE
 
 
 def _spatial_values(layer, cp, field, n_spatial, default):

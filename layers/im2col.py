@@ -17,7 +17,7 @@ import itertools
 import numpy
 
 from . import cpu_kernels, parallel
-from .scratch import Scratch
+from .scratch import WORKSPACE, Scratch
 
 
 def conv_out_size(size, kernel, stride, pad, dilation):
@@ -35,48 +35,6 @@ def _as_strided(xp, array, shape, strides):
     return xp.lib.stride_tricks.as_strided(array, shape=tuple(shape), strides=tuple(strides))
 
 
-class ColumnWorkspace:
-    """One column buffer shared by every (de)convolution of a dtype on a device.
-
-    A net's layers run one at a time, so they can take turns with one buffer (Caffe keeps
-    one per layer); this keeps CaffeNet's five column matrices (about 180 MB) down to the
-    largest one. Whoever wrote the buffer last holds a token; a layer whose columns are
-    still there at backward time (the last convolution before the fully connected part)
-    reuses them, the others rebuild theirs (an im2col copy costs far less than its GEMMs).
-    """
-
-    def __init__(self):
-        self._bufs = {}
-        self._owner = {}
-
-    @staticmethod
-    def _key(xp, dtype, worker=0):
-        cuda = getattr(xp, "cuda", None)  # one buffer per GPU under cupy
-        # and one per CPU thread (layers/parallel.py): threads fill their own columns at once
-        return xp.__name__, numpy.dtype(dtype).str, cuda.Device().id if cuda is not None else None, worker
-
-    def reserve(self, xp, dtype, size, worker=0):
-        """Grow the buffer to ``size`` elements now (at reshape), so forward never reallocates."""
-        key = self._key(xp, dtype, worker)
-        buf = self._bufs.get(key)
-        if buf is None or buf.size < size:
-            self._bufs[key] = None  # drop the old buffer before allocating the new one
-            self._bufs[key] = xp.empty(int(size), dtype=dtype)
-            self._owner[key] = None
-
-    def take(self, xp, dtype, shape, owner, worker=0):
-        """A view of thread ``worker``'s buffer with ``shape``, now owned by ``owner``."""
-        size = int(numpy.prod(shape, dtype=numpy.int64))
-        self.reserve(xp, dtype, size, worker)
-        key = self._key(xp, dtype, worker)
-        self._owner[key] = owner
-        return self._bufs[key][:size].reshape(shape)
-
-    def holds(self, xp, dtype, owner, worker=0):
-        return owner is not None and self._owner.get(self._key(xp, dtype, worker)) is owner
-
-
-WORKSPACE = ColumnWorkspace()
 
 
 class ConvEngine:

@@ -25,7 +25,7 @@ from fractions import Fraction
 import numpy
 
 from . import cpu_kernels, parallel
-from .scratch import Scratch
+from .scratch import WORKSPACE
 
 # output block per tile (per axis); 6 would cut the multiplications further but loses
 # another digit of float32 accuracy
@@ -34,6 +34,9 @@ KERNELS = (3, 5)
 # below this many channels per group on either side, the per-tile-element GEMMs are too thin
 # to beat im2col's (CIFAR-10's first layer, 3 inputs, stays on im2col)
 MIN_CHANNELS = 16
+# at least this share of the 4x4 output blocks must fall inside the output: CaffeNet's 13x13
+# layers (16x16 computed, 66%) measured no faster than im2col on two threads at batch 10
+MIN_TILE_USE = 0.75
 _POINTS = (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))
 
 
@@ -83,7 +86,8 @@ def plan(xp, dtype, C, S, M, G, kernel, stride, pad, dilation, O):
             and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
             and kernel[0] == kernel[1] and kernel[0] in KERNELS
             and all(0 <= p_ < kernel[0] for p_ in pad)
-            and min(C // G, M // G) >= MIN_CHANNELS):
+            and min(C // G, M // G) >= MIN_CHANNELS
+            and numpy.prod(O) >= MIN_TILE_USE * numpy.prod([-(-o // TILE_OUT) * TILE_OUT for o in O])):
         return None, None
     k = kernel[0]
     forward = WinogradConv(dtype, C, S, M, G, k, pad, O)
@@ -120,10 +124,13 @@ class WinogradConv:
         per_sample_bytes = widest * self.dtype.itemsize
         self.chunk = max(1, self.chunk_bytes // per_sample_bytes,
                          min(-(-self.min_tiles // self.per_sample), 4 * self.chunk_bytes // per_sample_bytes))
-        self._scratch = Scratch(numpy)
 
     def chunks(self, n):
         return parallel.chunk_ranges(n, self.chunk, numpy)
+
+    def _buffer(self, role, shape, worker=0):
+        # the net's layers run one at a time: every Winograd layer shares these (memory: CaffeNet)
+        return WORKSPACE.take(numpy, self.dtype, shape, None, worker, role="winograd-" + role)
 
     # -- transforms ---------------------------------------------------------------
     def _weight_tiles(self, W):
@@ -132,8 +139,8 @@ class WinogradConv:
         src = W.reshape(G_, self.Mg, self.Cg, k, k).transpose(3, 4, 0, 2, 1)
         src = numpy.ascontiguousarray(src, dtype=self.dtype).reshape(k * k, -1)
         # (kept buffers: fresh ones would page-fault on every call, CaffeNet's conv3 1.5 ms)
-        out = self._scratch.get("U", (t * t, src.shape[1]), self.dtype)
-        scratch = self._scratch.get("U-rows", (t, k, src.shape[1]), self.dtype)
+        out = self._buffer("U", (t * t, src.shape[1]))
+        scratch = self._buffer("U-rows", (t, k, src.shape[1]))
         cpu_kernels.kernels().tile_pairs(src, self.Gm, scratch, out)
         return out.reshape(t * t, G_, self.Cg, self.Mg)
 
@@ -143,7 +150,8 @@ class WinogradConv:
         n, C, H, W = x.shape
         m = self.m
         Q = -(-shape[1] // m)
-        buf = self._scratch.get(role, (n, shape[0], m, Q, C), self.dtype, worker, zero=True)
+        buf = self._buffer(role, (n, shape[0], m, Q, C), worker)
+        buf.fill(0)  # the border (another layer may have used the buffer)
         src = x.transpose(0, 2, 3, 1)
         rows = slice(offset[0], offset[0] + H)
         for ph in range(m):
@@ -161,10 +169,10 @@ class WinogradConv:
         C = image.shape[-1]
         width = image[0, 0].size
         ta = mat.shape[0]
-        rows = self._scratch.get(role + "-rows", (n, ta, self.tiles[0], width), self.dtype, worker)
+        rows = self._buffer(role + "-rows", (n, ta, self.tiles[0], width), worker)
         kern = cpu_kernels.kernels()
         kern.tile_rows(image.reshape(n, H, width), mat, rows, self.m)
-        out = self._scratch.get(role, (ta * ta, n * self.per_sample * C), self.dtype, worker)
+        out = self._buffer(role, (ta * ta, n * self.per_sample * C), worker)
         kern.tile_cols(rows, mat, out, self.m, self.tiles[1], C)
         return out.reshape(ta * ta, n * self.per_sample, C)
 
@@ -187,10 +195,10 @@ class WinogradConv:
             image = self._phase_image(x[a:z], "x", self.Sp, self.pad, worker)
             V = self._tiles(image, self.BT, "V", worker)
             T = V.shape[1]
-            prod = self._scratch.get("prod", (tt, T, self.M), self.dtype, worker)
+            prod = self._buffer("prod", (tt, T, self.M), worker)
             numpy.matmul(self._grouped(V, self.Cg), U, out=self._grouped(prod, self.Mg))
-            P = self._scratch.get("P", (m, self.t, T * self.M), self.dtype, worker)
-            out = self._scratch.get("out", (m * m, T * self.M), self.dtype, worker)
+            P = self._buffer("P", (m, self.t, T * self.M), worker)
+            out = self._buffer("out", (m * m, T * self.M), worker)
             kern.tile_pairs(prod.reshape(tt, T * self.M), self.AT, P, out)
             kern.tiles_to_image(out.reshape(m * m, T, self.M), y[a:z], m, self.tiles[0], self.tiles[1], b)
 
@@ -216,9 +224,9 @@ class WinogradConv:
         parallel.run(job, len(chunks), numpy)
         total = parts[0]
         for p in parts[1:]:
-            total = total + p
+            total += p
         L = total[0].size
-        out = self._scratch.get("dW", (k * k, L), self.dtype)
-        scratch = self._scratch.get("dW-rows", (k, self.t, L), self.dtype)
+        out = self._buffer("dW", (k * k, L))
+        scratch = self._buffer("dW-rows", (k, self.t, L))
         cpu_kernels.kernels().tile_pairs(total.reshape(tt, L), self.AT_w, scratch, out)
         return out.reshape(k, k, self.M, self.Cg).transpose(2, 3, 0, 1)

@@ -52,10 +52,10 @@ def _run(prototxt, x, dy, dtype, winograd_on, monkeypatch):
 
 CASES = [
     # (batch, channels, spatial, num_output, kernel, pad, group): CIFAR-10-quick's conv2 and conv3,
-    # CaffeNet's grouped 3x3, LeNet's unpadded conv2, odd and non-square sizes and pads
+    # a grouped 3x3, LeNet's unpadded conv2, odd and non-square sizes and pads
     (7, 32, (16, 16), 32, 5, 2, 1),
     (3, 32, (8, 8), 64, 5, 2, 1),
-    (2, 64, (13, 13), 64, 3, 1, 2),
+    (2, 64, (14, 14), 64, 3, 1, 2),
     (5, 20, (12, 12), 50, 5, 0, 1),
     (2, 16, (10, 14), 16, 5, (1, 3), 1),
     (3, 16, (9, 7), 24, 3, (0, 1), 1),
@@ -84,7 +84,7 @@ def test_winograd_matches_im2col(n, C, S, M, k, pad, group, dtype, rtol, monkeyp
 
 def test_winograd_gradient_float64():
     layer = make_layer(_conv_prototxt(16, 3, 1))
-    x = RNG.standard_normal((2, 16, 5, 6))
+    x = RNG.standard_normal((2, 16, 8, 7))
     bottom, _ = setup_layer(layer, [x])
     assert layer._wino[0] is not None
     check_gradient(layer, [x])
@@ -136,6 +136,9 @@ def test_winograd_applies_only_where_it_pays_and_is_exact(monkeypatch):
     assert _plan(C=3) is None and _plan(M=8) is None  # CIFAR-10's first layer stays on im2col
     assert _plan(C=64, M=64, group=8) is None  # 8 channels per group
     assert _plan(dtype=numpy.float16) is None
+    # CaffeNet's 13x13 layers: 16x16 outputs computed for 169 (a third thrown away)
+    assert _plan(C=256, M=384, kernel=(3, 3), pad=(1, 1), S=(13, 13)) is None
+    assert _plan(kernel=(3, 3), pad=(1, 1), S=(14, 14)) is not None
     with cpu_kernels.disabled():
         assert _plan() is None  # the array-code path (and so cupy) keeps im2col
     monkeypatch.setenv("BREWNET_WINOGRAD", "0")
