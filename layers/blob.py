@@ -19,17 +19,48 @@ class Blob:
         shape = tuple(int(d) for d in shape)
         self.data = self.xp.zeros(shape, dtype=self.dtype)
         self._diff = None
+        self._diff_zero_pending = False
 
     # diff is allocated on first use: data-only blobs (test nets, inputs) never pay for it
     @property
     def diff(self):
         if self._diff is None or self._diff.shape != self.data.shape:
             self._diff = self.xp.zeros(self.data.shape, dtype=self.dtype)
+        elif self._diff_zero_pending:
+            self._diff.fill(0)
+        self._diff_zero_pending = False
         return self._diff
 
     @diff.setter
     def diff(self, value):
         self._set_array("_diff", value)
+        self._diff_zero_pending = False
+
+    # Clearing a parameter's diff (every iteration) and then adding its gradient to it reads and
+    # writes the diff twice; CaffeNet's fully connected weights are 224 MB. So clearing is lazy,
+    # and a layer computing a whole gradient can write it where the diff would be zeros.
+    def clear_diff(self):
+        """diff = 0 (Caffe's ClearParamDiffs for one blob), written when the diff is next read."""
+        if self._diff is not None:
+            self._diff_zero_pending = True
+        return self
+
+    def diff_to_overwrite(self):
+        """(diff, zero): zero is True when the diff holds zeros that the caller may overwrite
+        instead of adding to; the caller must then write every element."""
+        zero = self._diff is None or self._diff.shape != self.data.shape or self._diff_zero_pending
+        if zero and (self._diff is None or self._diff.shape != self.data.shape):
+            self._diff = self.xp.empty(self.data.shape, dtype=self.dtype)
+        self._diff_zero_pending = False
+        return self._diff, zero
+
+    def add_to_diff(self, value):
+        """diff += value, written straight in where the diff is zeros."""
+        diff, zero = self.diff_to_overwrite()
+        if zero:
+            diff[...] = value
+        else:
+            diff += value
 
     def _set_array(self, attr, value):
         if self.xp is numpy:
@@ -80,6 +111,7 @@ class Blob:
         else:
             self.data = self.xp.zeros(shape, dtype=self.dtype)
             self._diff = None
+            self._diff_zero_pending = False
 
     def reshape_like(self, other):
         self.reshape(other.shape)

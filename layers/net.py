@@ -133,6 +133,14 @@ class SharedView(Blob):
     def diff(self, value):
         self.owner.diff[...] = self.xp.asarray(value, dtype=self.dtype).reshape(self.owner.shape)
 
+    def clear_diff(self):
+        self.owner.clear_diff()
+        return self
+
+    def diff_to_overwrite(self):
+        diff, zero = self.owner.diff_to_overwrite()
+        return diff.reshape(self._view_shape), zero
+
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
@@ -554,7 +562,7 @@ class Net:
 
     def clear_param_diffs(self):
         for blob in self.learnable_params:
-            blob.diff[...] = 0
+            blob.clear_diff()  # lazily: see Blob.clear_diff
 
     def update(self):
         """data -= diff for every learnable parameter (Caffe's Net::Update)."""

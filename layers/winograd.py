@@ -100,10 +100,10 @@ class WinogradConv:
     """y (n, M, *O) = conv(x (n, C, *S), W (M, C/G, k, k), pad) + b, with its weight gradient."""
 
     # Samples are taken in chunks whose largest transformed array is about chunk_bytes (in cache),
-    # but of at least min_tiles tiles (up to 4x the bytes): the per-tile-element GEMMs of wide
-    # layers (CaffeNet's 256-384 channels) run at 40 GFLOP/s with 32 rows and 80 with 256.
+    # but of at least min_tiles tiles (up to twice the bytes): the per-tile-element GEMMs of wide
+    # layers (256-384 channels) run at 40 GFLOP/s with 32 rows and 70 with 128.
     chunk_bytes = 2 << 20
-    min_tiles = 256
+    min_tiles = 128
 
     def __init__(self, dtype, C, S, M, G, k, pad, O):
         self.dtype = numpy.dtype(dtype)
@@ -123,7 +123,7 @@ class WinogradConv:
         widest = self.t * max(self.t * self.per_sample, self.tiles[0] * self.Sp[1]) * max(C, M)
         per_sample_bytes = widest * self.dtype.itemsize
         self.chunk = max(1, self.chunk_bytes // per_sample_bytes,
-                         min(-(-self.min_tiles // self.per_sample), 4 * self.chunk_bytes // per_sample_bytes))
+                         min(-(-self.min_tiles // self.per_sample), 2 * self.chunk_bytes // per_sample_bytes))
 
     def chunks(self, n):
         return parallel.chunk_ranges(n, self.chunk, numpy)

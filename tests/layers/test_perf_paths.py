@@ -265,3 +265,59 @@ def test_max_pool_mask_is_the_first_maximum_with_ties(params, hw, cpu_impl):
                     want[n, ch, i, j] = r * W + c
     numpy.testing.assert_array_equal(top[1].data, want)
     assert layer._core.argmax().dtype == (numpy.int32 if "global" in params else numpy.uint8)
+
+
+def test_lazily_cleared_diff_reads_as_zeros_and_is_overwritten_once():
+    from layers.blob import Blob
+
+    b = Blob((3, 4), dtype=numpy.float64)
+    b.diff[...] = 5
+    b.clear_diff()
+    assert (b.diff == 0).all()
+    b.diff[...] = 5
+    b.clear_diff()
+    diff, zero = b.diff_to_overwrite()
+    assert zero
+    diff[...] = 2  # the caller writes every element
+    b.add_to_diff(numpy.ones((3, 4)))  # no longer known zero: adds
+    assert (b.diff == 3).all()
+    b.clear_diff()
+    b.add_to_diff(numpy.full((3, 4), 7.0))
+    assert (b.diff == 7).all()
+    assert Blob((2,)).diff_to_overwrite()[1]  # a diff never allocated is zeros too
+
+
+SHARED_IPS = """
+name: "shared"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 6 } } }
+layer { name: "target" type: "Input" top: "target" input_param { shape { dim: 4 dim: 6 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "h"
+  param { name: "w" } inner_product_param { num_output: 6 bias_term: false weight_filler { type: "gaussian" } } }
+layer { name: "ip2" type: "InnerProduct" bottom: "h" top: "out"
+  param { name: "w" } inner_product_param { num_output: 6 bias_term: false weight_filler { type: "gaussian" } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "out" bottom: "target" top: "loss" }
+"""
+
+
+def test_shared_weight_gradient_after_lazy_clear_sums_both_layers_and_accumulates():
+    """ip1 and ip2 share one weight: the first to run backward writes over the cleared diff, the
+    second adds; a second backward without clearing adds again (iter_size > 1)."""
+    net = Net(text_format.Parse(SHARED_IPS, caffe_pb2.NetParameter()), phase=caffe_pb2.TRAIN,
+              dtype=numpy.float64, rng=0)
+    net.blobs["data"].data[...] = RNG.standard_normal((4, 6))
+    net.blobs["target"].data[...] = RNG.standard_normal((4, 6))
+    w = net.layers[net.layer_names.index("ip1")].blobs[0]
+    w.diff[...] = 123.0  # stale values the clear must hide
+    net.clear_param_diffs()
+    net.forward()
+    net.backward()
+    once = w.diff.copy()
+    # the same gradient by hand: d loss / d w through both uses
+    x = net.blobs["data"].data
+    h = net.blobs["h"].data
+    dout = (net.blobs["out"].data - net.blobs["target"].data) / 4
+    dh = dout @ w.data
+    numpy.testing.assert_allclose(once, dout.T @ h + dh.T @ x, rtol=1e-10)
+    net.forward()
+    net.backward()
+    numpy.testing.assert_allclose(w.diff, 2 * once, rtol=1e-10)
