@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Training throughput of brewnet next to PyTorch (CPU), on LeNet, CIFAR-10-quick and CaffeNet.
 
-One command: measures the float32 GEMM peak, then runs interleaved rounds (brewnet, PyTorch,
-brewnet, ...) in which every measurement is a fresh subprocess, so that peak memory
-(ru_maxrss) belongs to one net and one framework only. Training = forward + backward +
+One command: measures the float32 GEMM peak, then runs interleaved rounds (brewnet then
+PyTorch, then PyTorch then brewnet, ...) in which every measurement is a fresh subprocess, so
+that peak memory (ru_maxrss) belongs to one net and one framework only. The ratio is the median
+of the rounds' own ratios, which a slow spell of the machine affects least. Training = forward + backward +
 SGD update (momentum 0.9, weight decay 5e-4) through the brewnet Solver, and
 torch.optim.SGD with the same settings on a model translated layer by layer from the
 same prototxt (same shapes). Prints a table of medians and writes JSON.
@@ -361,7 +362,13 @@ def summarize(net, spec, runs, peak):
         if t and "img_per_s" in t:
             t["gemm_peak_fraction"] = t["img_per_s"] * flops / (peak * 1e9)
     if b and t and "img_per_s" in b and "img_per_s" in t:
-        out["ratio_brewnet_over_pytorch"] = b["img_per_s"] / t["img_per_s"]
+        # the median of each round's ratio: the two measurements of a round ran minutes apart at
+        # most, so a slow spell of the machine that spans both cancels out
+        paired = [spec["batch"] / statistics.median(rb["times"]) / (spec["batch"] / statistics.median(rt["times"]))
+                  for rb, rt in zip(runs["brewnet"], runs["pytorch"]) if "times" in rb and "times" in rt]
+        out["ratio_rounds"] = paired
+        out["ratio_brewnet_over_pytorch"] = _median(paired)
+        out["ratio_of_medians"] = b["img_per_s"] / t["img_per_s"]
         out["memory_ratio_brewnet_over_pytorch"] = b["rss_delta_mib"] / t["rss_delta_mib"]
     out["reference_img_per_s"] = REFERENCE.get(net)
     out["raw"] = {fw: [{"load_average_1min": r.get("load_average_1min")} for r in runs[fw]] for fw in runs}
@@ -391,8 +398,9 @@ def print_table(results, peak):
         for fw, rec in (("brewnet", b), ("pytorch", t)):
             for err in rec.get("errors", []):
                 click.echo(f"    {fw} error: {err}")
-    click.echo("MiB = peak RSS growth of the measuring process (ru_maxrss after training minus after "
-               "importing the framework); %peak = img/s x training FLOP per image / GEMM peak.")
+    click.echo("ratio = median over rounds of brewnet / PyTorch within the round (the two run back to back, "
+               "in alternating order); MiB = peak RSS growth of the measuring process (ru_maxrss after training "
+               "minus after importing the framework); %peak = img/s x training FLOP per image / GEMM peak.")
     loads = [r.get("load_average_1min") for res in results.values() for fw in ("brewnet", "pytorch")
              for r in (res.get("raw", {}).get(fw) or [])]
     loads = [x for x in loads if x is not None]
@@ -442,7 +450,9 @@ def main(nets, rounds, quick, use_torch, json_out, worker):
     for r in range(rounds):
         for n in names:
             spec = NETS[n]
-            for fw in frameworks:
+            # alternate who goes first, so that a machine slowing down or speeding up over a
+            # round favours neither
+            for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
                 if fw == "pytorch" and "deploy" not in spec:
                     continue  # the LMDB variant is brewnet's data path only
                 job = {"kind": fw, "net": n,
