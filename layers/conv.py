@@ -132,8 +132,10 @@ class _BaseConv(_ConvGeometry):
             self._cols = {}
             self._wino = self._plan_winograd(bottom[0].dtype, img_C, img_S, col_M, col_S)
         if not self._engine.is_1x1:
-            # (Winograd builds no columns)
-            engines = (self._engine, self._data_engine()) if self._wino[0] is None else ()
+            if self._wino[0] is None:
+                engines = (self._engine, self._data_engine())
+            else:  # Winograd builds no columns; im2col may still compute the data gradient
+                engines = (self._data_engine(),) if self._wino[1] is None else ()
             for eng in engines:
                 if eng is not None:
                     size = max(b - a for a, b in eng.chunks(num))
@@ -274,9 +276,11 @@ class Convolution(_BaseConv):
             if wino is not None:
                 if need_w:
                     self.blobs[0].add_to_diff(wino.weight_grad(x, dy))
-                if dx is not None:
-                    wino_data.forward(dy, eng.flipped_weight(W), None, dx)
-                continue
+                if dx is None or wino_data is not None:
+                    if dx is not None:
+                        wino_data.forward(dy, eng.flipped_weight(W), None, dx)
+                    continue
+                need_w = False  # only dx is left, for im2col's data path
             chunks = eng.chunks(self.num)
             teng = self._data_engine() if dx is not None else None
             Wt = eng.flipped_weight(W) if teng is not None else None

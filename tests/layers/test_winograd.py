@@ -72,6 +72,7 @@ def test_winograd_matches_im2col(n, C, S, M, k, pad, group, dtype, rtol, monkeyp
     proto = _conv_prototxt(M, k, pad, group)
     *wino, layer = _run(proto, x, dy, dtype, True, monkeypatch)
     assert layer._wino[0] is not None, "Winograd should apply to this shape"
+    assert (layer._wino[1] is None) == any(k - 1 - p > p for p in pads)
     *ref, ref_layer = _run(proto, x, dy, dtype, False, monkeypatch)
     assert ref_layer._wino[0] is None
     y, dx, (dW, db) = wino
@@ -128,6 +129,10 @@ def _plan(C=32, M=32, kernel=(5, 5), stride=(1, 1), pad=(2, 2), dilation=(1, 1),
 
 def test_winograd_applies_only_where_it_pays_and_is_exact(monkeypatch):
     assert _plan() is not None and _plan(kernel=(3, 3), pad=(1, 1)) is not None
+    # an unpadded 5x5 (LeNet's conv2): Winograd forward and weight gradient, im2col's data gradient
+    O = (8, 8)
+    forward, data = winograd.plan(numpy, numpy.float32, 20, (12, 12), 50, 1, (5, 5), (1, 1), (0, 0), (1, 1), O)
+    assert forward is not None and data is None
     assert _plan(stride=(2, 2)) is None
     assert _plan(dilation=(2, 2)) is None
     assert _plan(kernel=(7, 7), pad=(3, 3)) is None
