@@ -48,9 +48,10 @@ class Blob:
     def diff_to_overwrite(self):
         """(diff, zero): zero is True when the diff holds zeros that the caller may overwrite
         instead of adding to; the caller must then write every element."""
-        zero = self._diff is None or self._diff.shape != self.data.shape or self._diff_zero_pending
-        if zero and (self._diff is None or self._diff.shape != self.data.shape):
+        unallocated = self._diff is None or self._diff.shape != self.data.shape
+        if unallocated:
             self._diff = self.xp.empty(self.data.shape, dtype=self.dtype)
+        zero = unallocated or self._diff_zero_pending
         self._diff_zero_pending = False
         return self._diff, zero
 

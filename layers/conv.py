@@ -276,11 +276,13 @@ class Convolution(_BaseConv):
             if wino is not None:
                 if need_w:
                     self.blobs[0].add_to_diff(wino.weight_grad(x, dy))
-                if dx is None or wino_data is not None:
-                    if dx is not None:
-                        wino_data.forward(dy, eng.flipped_weight(W), None, dx)
+                    need_w = False
+                if dx is None:
                     continue
-                need_w = False  # only dx is left, for im2col's data path
+                if wino_data is not None:
+                    wino_data.forward(dy, eng.flipped_weight(W), None, dx)
+                    continue
+                # else im2col's data gradient below (an unpadded convolution)
             chunks = eng.chunks(self.num)
             teng = self._data_engine() if dx is not None else None
             Wt = eng.flipped_weight(W) if teng is not None else None

@@ -35,8 +35,6 @@ def _as_strided(xp, array, shape, strides):
     return xp.lib.stride_tricks.as_strided(array, shape=tuple(shape), strides=tuple(strides))
 
 
-
-
 class ConvEngine:
     """Geometry and kernels for one (de)convolution shape.
 

@@ -364,7 +364,7 @@ def summarize(net, spec, runs, peak):
     if b and t and "img_per_s" in b and "img_per_s" in t:
         # the median of each round's ratio: the two measurements of a round ran minutes apart at
         # most, so a slow spell of the machine that spans both cancels out
-        paired = [spec["batch"] / statistics.median(rb["times"]) / (spec["batch"] / statistics.median(rt["times"]))
+        paired = [statistics.median(rt["times"]) / statistics.median(rb["times"])
                   for rb, rt in zip(runs["brewnet"], runs["pytorch"]) if "times" in rb and "times" in rt]
         out["ratio_rounds"] = paired
         out["ratio_brewnet_over_pytorch"] = _median(paired)
