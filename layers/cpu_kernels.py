@@ -219,34 +219,45 @@ def _build():
     # check and LLVM vectorizes the loop (signed offsets measured 7x slower).
 
     @njit(cache=True, inline="always")
-    def combine_rows(dst, coefs, src, base, stride):
-        # dst = sum_i coefs[i] * src[base + i * stride], whole rows; zeros if every coef is 0
-        length = uintp(dst.shape[0])
+    def combine_runs(dst, at, coefs, src, frm, offsets, length):
+        # dst[at:at + length] = sum_i coefs[i] * src[frm + offsets[i]:... + length], on flat
+        # arrays with unsigned offsets; zeros if every coef is 0
         first = True
         for i in range(coefs.shape[0]):
             coef = coefs[i]
             if coef != 0:
-                row = src[base + i * stride]
+                start = frm + offsets[i]
                 if first:
                     for q in range(length):
-                        dst[q] = coef * row[q]
+                        dst[at + q] = coef * src[start + q]
                     first = False
                 else:
                     for q in range(length):
-                        dst[q] += coef * row[q]
+                        dst[at + q] += coef * src[start + q]
         if first:
-            dst[:] = 0
+            for q in range(length):
+                dst[at + q] = 0
+
+    @njit(cache=True, inline="always")
+    def strided_offsets(count, stride):
+        offsets = numpy.empty(count, dtype=numpy.uintp)
+        for i in range(count):
+            offsets[i] = uintp(i * stride)
+        return offsets
 
     @jit
     def tile_rows(src, mat, out, step):
         # src (n, H, L), mat (ta, k), out (n, ta, tiles, L):
         # out[s, a, r] = sum_i mat[a, i] * src[s, r * step + i], i.e. mat applied down each tile
-        n = src.shape[0]
+        n, H, L = src.shape
         ta, tiles = out.shape[1], out.shape[2]
+        src_flat, out_flat = src.ravel(), out.ravel()
+        down = strided_offsets(mat.shape[1], L)
         for s in range(n):
             for a in range(ta):
                 for r in range(tiles):
-                    combine_rows(out[s, a, r], mat[a], src[s], r * step, 1)
+                    combine_runs(out_flat, uintp(((s * ta + a) * tiles + r) * L), mat[a], src_flat,
+                                 uintp((s * H + r * step) * L), down, uintp(L))
 
     @jit
     def tile_cols(rows, mat, out, step, tiles_w, channels):
@@ -257,42 +268,35 @@ def _build():
         # so the loops here run over tiles_w * C instead of C.
         n, ta, tiles_h, width = rows.shape
         tb, k = mat.shape
+        per_row = out.shape[1]
+        rows_flat, out_flat = rows.ravel(), out.ravel()
         q_count = width // (step * channels)
+        across = numpy.empty(k, dtype=numpy.uintp)
+        for j in range(k):
+            across[j] = uintp(((j % step) * q_count + j // step) * channels)
         run = uintp(tiles_w * channels)
         for s in range(n):
             for a in range(ta):
                 for r in range(tiles_h):
-                    src = rows[s, a, r]
-                    at = uintp((s * tiles_h + r) * tiles_w * channels)
+                    frm = uintp(((s * ta + a) * tiles_h + r) * width)
+                    at = (s * tiles_h + r) * tiles_w * channels
                     for b in range(tb):
-                        dst = out[a * tb + b]
-                        first = True
-                        for j in range(k):
-                            coef = mat[b, j]
-                            if coef != 0:
-                                frm = uintp(((j % step) * q_count + j // step) * channels)
-                                if first:
-                                    for q in range(run):
-                                        dst[at + q] = coef * src[frm + q]
-                                    first = False
-                                else:
-                                    for q in range(run):
-                                        dst[at + q] += coef * src[frm + q]
-                        if first:
-                            for q in range(run):
-                                dst[at + q] = 0
+                        combine_runs(out_flat, uintp((a * tb + b) * per_row + at), mat[b], rows_flat, frm, across, run)
 
     @jit
     def tile_pairs(src, mat, scratch, out):
         # src (k * k, L), mat (t, k), scratch (t, k, L), out (t * t, L):
         # out[a * t + b] = sum_ij mat[a, i] mat[b, j] src[i * k + j] (mat on both tile axes)
         t, k = mat.shape
+        L = src.shape[1]
+        src_flat, scratch_flat, out_flat = src.ravel(), scratch.ravel(), out.ravel()
+        down, along = strided_offsets(k, k * L), strided_offsets(k, L)
         for a in range(t):
             for j in range(k):
-                combine_rows(scratch[a, j], mat[a], src, j, k)
+                combine_runs(scratch_flat, uintp((a * k + j) * L), mat[a], src_flat, uintp(j * L), down, uintp(L))
         for a in range(t):
             for b in range(t):
-                combine_rows(out[a * t + b], mat[b], scratch[a], 0, 1)
+                combine_runs(out_flat, uintp((a * t + b) * L), mat[b], scratch_flat, uintp(a * k * L), along, uintp(L))
 
     @jit
     def tiles_to_image(tiles, y, m, tiles_h, tiles_w, bias):
