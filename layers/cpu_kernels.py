@@ -4,9 +4,10 @@ Max pooling in array code needs one pass per kernel offset for the maximum, seve
 the argmax, and a scattered add for the gradient; a loop visits each input once. A
 convolution's data gradient sums its column matrix back onto the image in one loop instead of
 a small GEMM and a strided add per kernel offset. The SGD step reads and writes each parameter
-once instead of once per operation. Each kernel here has an array-code twin in its layer: the
-twin runs on cupy, where numba is missing, and under ``BREWNET_JIT=0``. ``enabled(xp)`` is the
-one place that chooses between them.
+once instead of once per operation. Each of these has an array-code twin in its layer: the
+twin runs on cupy, where numba is missing, and under ``BREWNET_JIT=0``. The Winograd tile
+transforms have none: where they cannot run, convolutions use im2col (layers/winograd.py).
+``enabled(xp)`` is the one place that chooses.
 
 Pooling kernels work on (planes, H, W) arrays, planes = num x channels, C-contiguous; callers
 split the planes (or elements) across brewnet's CPU threads (layers/parallel.py), and every
