@@ -8,26 +8,36 @@ Heavy modules load on first use, so ``import brewnet`` stays fast.
 """
 
 import importlib
+import os
 
-from netdef.caffe_pb2 import TEST, TRAIN
-from layers.backend import set_device, set_mode_cpu, set_mode_gpu, to_numpy
+# In a source checkout brewnet's subpackages (netdef/, layers/, solver/, zoo/) sit beside
+# this folder rather than in it; an installed brewnet (pip install ., or -e) has them
+# inside. Looking beside it too lets the checkout run as it is (python -m pytest, a
+# git worktree) whatever brewnet is installed.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(__path__[0], "netdef")) and \
+        os.path.isfile(os.path.join(_checkout, "netdef", "caffe.proto")):
+    __path__.append(_checkout)
+
+from brewnet.layers.kernels.backend import set_device, set_mode_cpu, set_mode_gpu, to_numpy  # noqa: E402
+from brewnet.netdef.caffe_pb2 import TEST, TRAIN  # noqa: E402
 
 __version__ = "0.1.0"
 
 # public name -> "module:attribute", resolved lazily
 _LAZY = {
     "Net": "brewnet.api:Net",
-    "Layer": "layers.base:Layer",
-    "Blob": "layers.blob:Blob",
-    "DefinitionError": "netdef.errors:DefinitionError",
-    "get_solver": "solver:get_solver",
-    "SGDSolver": "solver:SGDSolver",
-    "NesterovSolver": "solver:NesterovSolver",
-    "AdaGradSolver": "solver:AdaGradSolver",
-    "RMSPropSolver": "solver:RMSPropSolver",
-    "AdaDeltaSolver": "solver:AdaDeltaSolver",
-    "AdamSolver": "solver:AdamSolver",
-    "set_random_seed": "layers.net:set_random_seed",
+    "Layer": "brewnet.layers.base:Layer",
+    "Blob": "brewnet.layers.blob:Blob",
+    "DefinitionError": "brewnet.netdef.errors:DefinitionError",
+    "get_solver": "brewnet.solver:get_solver",
+    "SGDSolver": "brewnet.solver:SGDSolver",
+    "NesterovSolver": "brewnet.solver:NesterovSolver",
+    "AdaGradSolver": "brewnet.solver:AdaGradSolver",
+    "RMSPropSolver": "brewnet.solver:RMSPropSolver",
+    "AdaDeltaSolver": "brewnet.solver:AdaDeltaSolver",
+    "AdamSolver": "brewnet.solver:AdamSolver",
+    "set_random_seed": "brewnet.layers.net:set_random_seed",
 }
 
 __all__ = ["TEST", "TRAIN", "set_mode_cpu", "set_mode_gpu", "set_device", "to_numpy", *_LAZY]

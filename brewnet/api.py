@@ -15,14 +15,13 @@ import os
 
 import numpy
 
-from layers.net import Net as _CoreNet
-from netdef import caffe_pb2
-from netdef.errors import DefinitionError
+from brewnet.layers.net import Net as _CoreNet
+from brewnet.netdef import caffe_pb2
 
 
 def _resolve(spec, what):
     """Turn ``zoo:NAME`` into a path (the zoo's deploy prototxt or verified weights)."""
-    import zoo
+    from brewnet import zoo
 
     return zoo.resolve_model(spec) if what == "model" else zoo.resolve_weights(spec)
 
@@ -52,7 +51,7 @@ class Net:
 
     def __init__(self, model, *args, weights=None, phase=None, level=None, stages=None, xp=None,
                  dtype=numpy.float32):
-        import netdef
+        from brewnet import netdef
 
         weights, phase = _parse_args(args, weights, phase)
         if isinstance(model, caffe_pb2.NetParameter):
@@ -134,7 +133,7 @@ class Net:
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not {what} of net '{self.name}' "
                              f"({what}: {', '.join(allowed) or 'none'})")
-        from layers.backend import to_numpy
+        from brewnet.layers.kernels.backend import to_numpy
 
         xp, dtype = self._net.xp, self._net.dtype
         for name, value in arrays.items():
@@ -174,7 +173,7 @@ class Net:
     def forward_all(self, blobs=None, **kwargs):
         """Forward arrays of any length in batches of the net's batch size;
         returns {name: stacked numpy array}."""
-        from layers.backend import to_numpy
+        from brewnet.layers.kernels.backend import to_numpy
 
         if not kwargs:
             return {k: to_numpy(v).copy() for k, v in self.forward(blobs=blobs).items()}

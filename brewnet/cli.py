@@ -15,9 +15,9 @@ from . import commands as _commands_pkg
 
 
 def _user_error_types():
-    from layers.backend import DeviceError
-    from layers.registry import UnknownLayerTypeError
-    from netdef.errors import DefinitionError
+    from brewnet.layers.kernels.backend import DeviceError
+    from brewnet.layers.registry import UnknownLayerTypeError
+    from brewnet.netdef.errors import DefinitionError
 
     return (DefinitionError, DeviceError, UnknownLayerTypeError, FileNotFoundError, IsADirectoryError,
             PermissionError)

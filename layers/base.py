@@ -8,7 +8,12 @@ iteration), while bottom diffs are *written* (overwritten), as in Caffe.
 
 import numpy
 
-from .blob import Blob
+from brewnet.layers.blob import Blob
+from brewnet.netdef.errors import DefinitionError
+
+
+class LayerError(DefinitionError):
+    """A layer's parameters or inputs that it cannot work with; the message names the layer."""
 
 
 class Layer:
@@ -32,7 +37,7 @@ class Layer:
         return True
 
     def __init__(self, param, xp=numpy, phase=None, rng=None, dtype=numpy.float32):
-        from netdef import caffe_pb2
+        from brewnet.netdef import caffe_pb2
 
         self.param = param  # caffe_pb2.LayerParameter
         self.name = param.name
@@ -46,6 +51,10 @@ class Layer:
         self.param_propagate_down = []
 
     # -- helpers for subclasses -------------------------------------------
+    def error(self, message):
+        """The one error a layer raises for a user's mistake: ``raise self.error("...")``."""
+        return LayerError(f"layer {self.name!r} ({self.type}): {message}")
+
     def make_blob(self, shape):
         return Blob(shape, xp=self.xp, dtype=self.dtype, name=f"{self.name}/param{len(self.blobs)}")
 
@@ -55,18 +64,18 @@ class Layer:
 
     @property
     def train(self):
-        from netdef import caffe_pb2
+        from brewnet.netdef import caffe_pb2
 
         return self.phase == caffe_pb2.TRAIN
 
     def check_blob_counts(self, n_bottom, n_top):
         def check(n, exact, lo, hi, what):
             if exact is not None and n != exact:
-                raise ValueError(f"layer {self.name!r} ({self.type}) takes {exact} {what} blob(s), got {n}")
+                raise self.error(f"takes {exact} {what} blob(s), got {n}")
             if lo is not None and n < lo:
-                raise ValueError(f"layer {self.name!r} ({self.type}) takes at least {lo} {what} blob(s), got {n}")
+                raise self.error(f"takes at least {lo} {what} blob(s), got {n}")
             if hi is not None and n > hi:
-                raise ValueError(f"layer {self.name!r} ({self.type}) takes at most {hi} {what} blob(s), got {n}")
+                raise self.error(f"takes at most {hi} {what} blob(s), got {n}")
 
         check(n_bottom, self.exact_bottoms, self.min_bottoms, self.max_bottoms, "bottom")
         check(n_top, self.exact_tops, self.min_tops, self.max_tops, "top")
@@ -109,6 +118,6 @@ def set_rng_state(rng, state, name="?"):
     try:
         rng.bit_generator.state = state
     except (TypeError, ValueError, KeyError) as exc:
-        from netdef import DefinitionError
+        from brewnet.netdef import DefinitionError
 
         raise DefinitionError(f"layer {name!r}: cannot restore its random generator state ({exc})") from None

@@ -2,7 +2,7 @@
 
 import numpy
 
-from . import backend
+from brewnet.layers.kernels import backend
 
 
 class Blob:

@@ -20,7 +20,7 @@ def _fans(shape):
 
 
 def _variance_n(param, shape):
-    from netdef import caffe_pb2
+    from brewnet.netdef import caffe_pb2
 
     fan_in, fan_out = _fans(shape)
     norm = param.variance_norm

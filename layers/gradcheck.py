@@ -10,11 +10,11 @@ every bottom and parameter, compared to (L(x+h) - L(x-h)) / 2h per element.
 """
 
 import numpy
-
-from layers.blob import Blob
-from layers.registry import get_layer_class
-from netdef import caffe_pb2
 from google.protobuf import text_format
+
+from brewnet.layers.blob import Blob
+from brewnet.layers.registry import get_layer_class
+from brewnet.netdef import caffe_pb2
 
 
 def make_layer(prototxt, phase=caffe_pb2.TEST, dtype=numpy.float64, seed=0, xp=numpy):

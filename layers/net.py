@@ -19,12 +19,12 @@ import time
 
 import numpy
 
-from netdef import caffe_pb2
-from netdef.errors import DefinitionError
+from brewnet.netdef import caffe_pb2
+from brewnet.netdef.errors import DefinitionError
 
-from . import backend
-from .blob import Blob
-from .registry import get_layer_class
+from brewnet.layers.kernels import backend
+from brewnet.layers.blob import Blob
+from brewnet.layers.registry import get_layer_class
 
 logger = logging.getLogger("brewnet")
 
@@ -174,7 +174,7 @@ class Net:
 
     def __init__(self, net_param, phase=None, level=None, stages=None, xp=None, dtype=numpy.float32,
                  rng=None, source=None):
-        import netdef
+        from brewnet import netdef
 
         if isinstance(net_param, (str, os.PathLike)):
             source = source or str(net_param)
@@ -215,7 +215,7 @@ class Net:
         return DefinitionError(message, path=self.source)
 
     def _init_layers(self):
-        import netdef
+        from brewnet import netdef
 
         self.layers = []
         self.layer_names = []
@@ -619,7 +619,7 @@ class Net:
         """Copy parameters from a weights file (binary or HDF5) or NetParameter,
         matching layers by name. Source layers absent here are ignored (listed
         in ``ignored_source_layers``)."""
-        import netdef
+        from brewnet import netdef
 
         path = None
         if isinstance(weights, (str, os.PathLike)):
@@ -680,7 +680,7 @@ class Net:
         self._net_params = [replaced.get(id(b), b) for b in self._net_params]
 
     def to_proto(self, write_diff=False):
-        import netdef
+        from brewnet import netdef
 
         out = caffe_pb2.NetParameter()
         out.name = self.name
@@ -695,7 +695,7 @@ class Net:
 
     def save(self, path, write_diff=False):
         """Write the weights as a .caffemodel (or HDF5 when path ends in .h5)."""
-        import netdef
+        from brewnet import netdef
 
         netdef.write_weights(self.to_proto(write_diff=write_diff), str(path))
 

@@ -35,7 +35,7 @@ def v1_type_name(enum_name):
 def _ensure_loaded():
     # importing the families registers their classes; plugins come from entry points
     global _plugins_loaded
-    from . import all_layers  # noqa: F401
+    from brewnet.layers import families as all_layers  # noqa: F401
 
     if not _plugins_loaded:
         _plugins_loaded = True

@@ -1,8 +1,8 @@
 """netdef: Caffe's file formats (schema, reading, writing, upgrading). No compute."""
 
-from . import caffe_pb2
-from .errors import DefinitionError
-from .io import (
+from brewnet.netdef import caffe_pb2
+from brewnet.netdef.errors import DefinitionError
+from brewnet.netdef.io import (
     array_to_blob,
     atomic_write,
     blob_shape,
@@ -27,8 +27,8 @@ from .io import (
     write_text,
     write_weights,
 )
-from .state import filter_net, layer_included, make_net_state, state_meets_rule
-from .upgrade import apply_default_snapshot_prefix, net_needs_upgrade, upgrade_net, upgrade_solver
+from brewnet.netdef.state import filter_net, layer_included, make_net_state, state_meets_rule
+from brewnet.netdef.upgrade import apply_default_snapshot_prefix, net_needs_upgrade, upgrade_net, upgrade_solver
 
 __all__ = [
     "caffe_pb2", "DefinitionError",

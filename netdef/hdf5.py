@@ -9,9 +9,9 @@ h5py is imported on first use so `import netdef` stays light.
 
 import numpy
 
-from . import caffe_pb2
-from .errors import DefinitionError
-from .io import array_to_blob, atomic_write, blob_shape, blob_to_array
+from brewnet.netdef import caffe_pb2
+from brewnet.netdef.errors import DefinitionError
+from brewnet.netdef.io import array_to_blob, atomic_write, blob_shape, blob_to_array
 
 
 def _h5py():
@@ -104,7 +104,7 @@ def _has_diffs(net):
 def write_weights_hdf5(net, path):
     """Write ``net``'s layers and blobs in Net::ToHDF5's layout; a ``diff`` group when blobs carry diffs."""
     if len(net.layers):  # V1 messages: write the upgraded form
-        from .upgrade import upgrade_net
+        from brewnet.netdef.upgrade import upgrade_net
 
         upgraded = caffe_pb2.NetParameter()
         upgraded.CopyFrom(net)

@@ -15,8 +15,8 @@ import numpy
 from google.protobuf import message as _pb_message
 from google.protobuf import text_format
 
-from . import caffe_pb2
-from .errors import DefinitionError
+from brewnet.netdef import caffe_pb2
+from brewnet.netdef.errors import DefinitionError
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -235,7 +235,7 @@ def read_binary(path, message, kind=None):
 
 def parse_net(text, path="<string>"):
     """A NetParameter from prototxt text, upgraded to the current format."""
-    from .upgrade import upgrade_net
+    from brewnet.netdef.upgrade import upgrade_net
 
     net = parse_text(text, caffe_pb2.NetParameter(), path)
     upgrade_net(net, path)
@@ -249,7 +249,7 @@ def read_net(path):
 
 def parse_solver(text, path="<string>"):
     """A SolverParameter from prototxt text, upgraded (solver_type -> type)."""
-    from .upgrade import upgrade_solver
+    from brewnet.netdef.upgrade import upgrade_solver
 
     solver = parse_text(text, caffe_pb2.SolverParameter(), path)
     upgrade_solver(solver, path)
@@ -283,7 +283,7 @@ def read_net_or_solver(path):
 
 def read_binary_net(path):
     """A binary NetParameter (.caffemodel), upgraded; V1 and V2 files alike."""
-    from .upgrade import upgrade_net
+    from brewnet.netdef.upgrade import upgrade_net
 
     net = read_binary(path, caffe_pb2.NetParameter(), "a .caffemodel")
     upgrade_net(net, path)
@@ -293,7 +293,7 @@ def read_binary_net(path):
 def read_weights(path):
     """Trained weights: binary .caffemodel (upgraded) or HDF5 .caffemodel.h5."""
     if is_hdf5(path):
-        from .hdf5 import read_weights_hdf5
+        from brewnet.netdef.hdf5 import read_weights_hdf5
 
         return read_weights_hdf5(path)
     return read_binary_net(path)
@@ -302,7 +302,7 @@ def read_weights(path):
 def write_weights(net_param, path):
     """Write weights: HDF5 (Caffe's Net::ToHDF5 layout) when ``path`` ends in .h5, else binary."""
     if os.fspath(path).endswith(".h5"):
-        from .hdf5 import write_weights_hdf5
+        from brewnet.netdef.hdf5 import write_weights_hdf5
 
         write_weights_hdf5(net_param, path)
     else:
@@ -397,7 +397,7 @@ def write_blobproto(array, path):
 def read_solverstate(path):
     """A SolverState from a binary .solverstate or Caffe's HDF5 .solverstate.h5."""
     if is_hdf5(path):
-        from .hdf5 import read_solverstate_hdf5
+        from brewnet.netdef.hdf5 import read_solverstate_hdf5
 
         return read_solverstate_hdf5(path)
     return read_binary(path, caffe_pb2.SolverState(), "a .solverstate")
@@ -406,7 +406,7 @@ def read_solverstate(path):
 def write_solverstate(state, path):
     """Write a SolverState: Caffe's HDF5 layout when ``path`` ends in .h5, else binary."""
     if os.fspath(path).endswith(".h5"):
-        from .hdf5 import write_solverstate_hdf5
+        from brewnet.netdef.hdf5 import write_solverstate_hdf5
 
         write_solverstate_hdf5(state, path)
     else:

@@ -2,8 +2,8 @@
 
 import logging
 
-from . import caffe_pb2
-from .errors import DefinitionError
+from brewnet.netdef import caffe_pb2
+from brewnet.netdef.errors import DefinitionError
 
 log = logging.getLogger("brewnet")
 

@@ -8,8 +8,8 @@ warning on the "brewnet" logger naming the file. Messages are changed in place.
 import logging
 import os
 
-from . import caffe_pb2
-from .errors import DefinitionError
+from brewnet.netdef import caffe_pb2
+from brewnet.netdef.errors import DefinitionError
 
 log = logging.getLogger("brewnet")
 
@@ -289,7 +289,7 @@ def v1_type_string(enum_value):
         raise DefinitionError(f"unknown V1 layer type number {enum_value}") from None
     name = V1_TYPE_NAMES.get(enum_name)
     if name is None:  # only reachable if the schema grows; ask the registry then
-        from layers.registry import v1_type_name
+        from brewnet.layers.registry import v1_type_name
 
         name = v1_type_name(enum_name)
     if name is None:

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from netdef import DefinitionError
+from brewnet.netdef import DefinitionError
 
 
 def one_line_errors(func):

@@ -63,7 +63,7 @@ def _maxrss_mib():
 def train_net_param(spec, batch):
     """A TRAIN NetParameter: the deploy net made trainable (deploy_to_train); or the
     train_test net as is (LMDB data)."""
-    import netdef
+    from brewnet import netdef
 
     if "train" in spec:
         return netdef.read_net(str(ROOT / spec["train"]))
@@ -73,7 +73,7 @@ def train_net_param(spec, batch):
 def deploy_to_train(param, batch, where):
     """The deploy NetParameter ``param`` (read from ``where``) as a TRAIN net, in place: a
     (data, label) Input of ``batch`` and SoftmaxWithLoss in place of the final Softmax."""
-    from netdef import caffe_pb2
+    from brewnet.netdef import caffe_pb2
 
     inp = param.layer[0]
     if inp.type != "Input":
@@ -136,7 +136,7 @@ def _timed_loop(step, warmup, min_iters, min_seconds):
 
 def sgd_solver_param(net_param):
     """brewnet's SGD SolverParameter with the settings in SGD, running until stopped, silent."""
-    from netdef import caffe_pb2
+    from brewnet.netdef import caffe_pb2
 
     sp = caffe_pb2.SolverParameter()
     sp.net_param.CopyFrom(net_param)
@@ -166,8 +166,8 @@ def worker_brewnet(job):
     import numpy
 
     os.chdir(ROOT)  # the LMDB source path is relative to the repository
-    import layers.all_layers  # noqa: F401  (the baseline includes the framework's code)
-    import solver as solver_pkg
+    import brewnet.layers.families  # noqa: F401  (the baseline includes the framework's code)
+    from brewnet import solver as solver_pkg
 
     rss0 = _maxrss_mib()
 
@@ -192,7 +192,7 @@ def torch_model(net_param, who="benchmark"):
     import torch
     from torch import nn
 
-    from netdef import caffe_pb2
+    from brewnet.netdef import caffe_pb2
 
     P = caffe_pb2.PoolingParameter
     mods, channels, flat = [], None, None

@@ -18,9 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import info, one_line_errors, progress  # noqa: E402
 
-import netdef  # noqa: E402
-from layers import db  # noqa: E402
-from netdef import caffe_pb2  # noqa: E402
+from brewnet import netdef  # noqa: E402
+from brewnet.layers.dataio import db  # noqa: E402
+from brewnet.netdef import caffe_pb2  # noqa: E402
 
 CHUNK = 1024
 

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import backend_option, info, one_line_errors, overwrite_option, progress  # noqa: E402
 
-from layers import db  # noqa: E402
-from netdef import caffe_pb2  # noqa: E402
+from brewnet.layers.dataio import db  # noqa: E402
+from brewnet.netdef import caffe_pb2  # noqa: E402
 
 RECORD = 1 + 3 * 32 * 32
 TRAIN = [f"data_batch_{i}" for i in range(1, 6)]

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import backend_option, info, one_line_errors, overwrite_option, progress, warn  # noqa: E402
 
-from layers import db  # noqa: E402
+from brewnet.layers.dataio import db, images  # noqa: E402
 
 
 def _match_ext(name, encoding):
@@ -28,14 +28,14 @@ def _match_ext(name, encoding):
 
 def image_datum(path, name, label, height, width, color, encoding):
     """Caffe's ReadImageToDatum: a Datum and the decoded shape, or None when unreadable."""
-    img = db.read_image(path, height, width, color)
+    img = images.read_image(path, height, width, color)
     if img is None:
         return None, None
     if encoding:
         if (img.shape[2] == 3) == color and not height and not width and _match_ext(name, encoding):
             with open(path, "rb") as f:  # the file's own bytes
                 return db.encoded_datum(f.read(), label), img.shape
-        return db.encoded_datum(db.encode_image(img, encoding), label), img.shape
+        return db.encoded_datum(images.encode_image(img, encoding), label), img.shape
     return db.array_to_datum(img.transpose(2, 0, 1), label), img.shape
 
 

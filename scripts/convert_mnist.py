@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import backend_option, info, one_line_errors, overwrite_option, progress  # noqa: E402
 
-from layers import db  # noqa: E402
-from netdef import caffe_pb2  # noqa: E402
+from brewnet.layers.dataio import db  # noqa: E402
+from brewnet.netdef import caffe_pb2  # noqa: E402
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

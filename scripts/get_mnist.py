@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import info, one_line_errors, warn  # noqa: E402
 
-import netdef  # noqa: E402
-from layers import db  # noqa: E402
+from brewnet import netdef  # noqa: E402
+from brewnet.layers.dataio import db  # noqa: E402
 
 MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",

@@ -79,7 +79,7 @@ def caffenet_text(batch):
 
 def train_net_param(net, batch):
     """The deploy net as a TRAIN net: Input (data, label) of ``batch`` and SoftmaxWithLoss."""
-    import netdef
+    from brewnet import netdef
 
     path = ROOT / NETS[net]["deploy"]
     if path.is_file():
@@ -104,8 +104,8 @@ def _timed(step, sync, warmup, seconds, min_iters):
 
 
 def bench_brewnet(cupy, net, batch, seconds):
-    import solver as solver_pkg
-    from layers import backend
+    from brewnet import solver as solver_pkg
+    from brewnet.layers.kernels import backend
 
     backend.set_mode_gpu()
     s = solver_pkg.get_solver(sgd_solver_param(train_net_param(net, batch)), xp=cupy)

@@ -7,9 +7,24 @@ with pycaffe's Python names.
     solver.net, solver.test_nets, solver.iter, solver.param
 """
 
-from .solver import (ACTIONS, NONE, SNAPSHOT, SOLVER_TYPES, STOP, AdaDeltaSolver, AdaGradSolver, AdamSolver,
-                     NesterovSolver, RMSPropSolver, SGDSolver, SignalHandler, Solver, TrainingDivergedError,
-                     get_solver, read_solver_param)
+from brewnet.solver.solver import (
+           ACTIONS,
+           NONE,
+           SNAPSHOT,
+           SOLVER_TYPES,
+           STOP,
+           AdaDeltaSolver,
+           AdaGradSolver,
+           AdamSolver,
+           NesterovSolver,
+           RMSPropSolver,
+           SGDSolver,
+           SignalHandler,
+           Solver,
+           TrainingDivergedError,
+           get_solver,
+           read_solver_param,
+)
 
 __all__ = ["ACTIONS", "NONE", "SNAPSHOT", "SOLVER_TYPES", "STOP", "AdaDeltaSolver", "AdaGradSolver", "AdamSolver",
            "NesterovSolver", "RMSPropSolver", "SGDSolver", "SignalHandler", "Solver", "TrainingDivergedError",

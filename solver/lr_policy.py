@@ -16,7 +16,7 @@ resumed run continues from the saved value exactly as Caffe does.
 import logging
 import math
 
-from netdef.errors import DefinitionError
+from brewnet.netdef.errors import DefinitionError
 
 log = logging.getLogger("brewnet.solver")
 

@@ -19,10 +19,10 @@ import os
 
 import numpy
 
-import netdef
-from layers.backend import to_numpy
-from netdef import caffe_pb2
-from netdef.errors import DefinitionError
+from brewnet import netdef
+from brewnet.layers.kernels.backend import to_numpy
+from brewnet.netdef import caffe_pb2
+from brewnet.netdef.errors import DefinitionError
 
 
 def filenames(param, iteration):

@@ -16,15 +16,15 @@ import threading
 import time
 
 import numpy
-import netdef
-import netdef.upgrade
-from layers import backend
-from netdef import caffe_pb2
-from netdef.errors import DefinitionError
 
-from . import lr_policy, updates
-from . import snapshot as snapshots
-from .log import fmt
+import brewnet.netdef.upgrade  # noqa: F401  (netdef.upgrade below)
+from brewnet import netdef
+from brewnet.layers.kernels import backend
+from brewnet.netdef import caffe_pb2
+from brewnet.netdef.errors import DefinitionError
+from brewnet.solver import lr_policy, updates
+from brewnet.solver import snapshot as snapshots
+from brewnet.solver.log import fmt
 
 log = logging.getLogger("brewnet.solver")
 
@@ -128,7 +128,7 @@ class Solver:
         self.sanity_check()
         self._check_snapshot_prefix()
         if param.random_seed >= 0:
-            from layers.net import set_random_seed
+            from brewnet.layers.net import set_random_seed
 
             set_random_seed(param.random_seed)
         self.net = self._init_train_net()
@@ -196,7 +196,7 @@ class Solver:
         return copy
 
     def _build_net(self, net_param, phase, extra_state, source):
-        from layers.net import Net
+        from brewnet.layers.net import Net
 
         state = caffe_pb2.NetState()
         state.phase = phase
@@ -401,7 +401,7 @@ class Solver:
                      fmt(p.clip_gradients), fmt(scale))
         count = len(params)
         lrs, decays = self.net.params_lr, self.net.params_weight_decay
-        from layers.net import Net
+        from brewnet.layers.net import Net
 
         # plain SGD with L2 on host arrays: regularize, rule and update in one cache-blocked sweep
         # per parameter instead of eight passes over memory (parameters never alias: unique owners)
@@ -586,7 +586,7 @@ def describe_copy(net, weights):
 
 
 def _resolve_weights(name):
-    import zoo
+    from brewnet import zoo
 
     if zoo.is_zoo_spec(name):
         return zoo.resolve_weights(name)

@@ -9,8 +9,8 @@ normalize (iter_size), regularize (weight decay), then the rule's update.
 
 import math
 
-from layers import cpu_kernels, parallel
-from layers.blas import axpy
+from brewnet.layers.kernels import cpu_kernels, parallel
+from brewnet.layers.kernels.blas import axpy
 
 REGULARIZATION_TYPES = ("L2", "L1")
 

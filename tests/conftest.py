@@ -69,7 +69,7 @@ def mnist_dir(tmp_path_factory):
 def cpu_impl(request):
     """Runs a test twice: with the compiled CPU kernels (numba) and with their
     array-code twins (what cupy and numba-less installs run)."""
-    from layers import cpu_kernels
+    from brewnet.layers.kernels import cpu_kernels
 
     if request.param == "array":
         with cpu_kernels.disabled():

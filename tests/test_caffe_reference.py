@@ -10,9 +10,9 @@ import pathlib
 import numpy
 import pytest
 
-from layers.backend import to_numpy
-from layers.net import Net
-from netdef import caffe_pb2, read_net
+from brewnet.layers.kernels.backend import to_numpy
+from brewnet.layers.net import Net
+from brewnet.netdef import caffe_pb2, read_net
 
 RTOL, ATOL = 1e-4, 1e-5
 

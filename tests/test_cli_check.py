@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 from google.protobuf import text_format
 
-import netdef
+from brewnet import netdef
 from brewnet.cli import main
-from netdef import caffe_pb2
+from brewnet.netdef import caffe_pb2
 
 TYPO = """name: "typo"
 layer {
@@ -26,7 +26,7 @@ def _run(*args):
 
 
 def _needs_types(*types):
-    from layers.registry import known_types
+    from brewnet.layers.registry import known_types
 
     missing = set(types) - set(known_types())
     if missing:

@@ -73,7 +73,7 @@ def test_gpu_mode_without_cupy_names_the_extra(tmp_path):
 
     import brewnet
     from brewnet.cli import main
-    from layers import backend
+    from brewnet.layers.kernels import backend
 
     with pytest.raises(backend.DeviceError, match=r"pip install 'brewnet\[gpu\]'"):
         brewnet.set_mode_gpu()

@@ -7,7 +7,7 @@ import numpy
 import pytest
 
 import brewnet
-from layers import db
+from brewnet.layers.dataio import db
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TRAIN_IMAGES, TEST_IMAGES = 6400, 1000

@@ -10,10 +10,10 @@ import re
 import numpy
 import pytest
 
-from layers.backend import to_numpy
-from layers.net import Net
-from layers.registry import UnknownLayerTypeError
-from netdef import DefinitionError, parse_net, read_net, read_weights
+from brewnet.layers.kernels.backend import to_numpy
+from brewnet.layers.net import Net
+from brewnet.layers.registry import UnknownLayerTypeError
+from brewnet.netdef import DefinitionError, parse_net, read_net, read_weights
 
 MODELS = "real-models"
 

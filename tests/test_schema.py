@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from netdef import caffe_pb2
+from brewnet.netdef import caffe_pb2
 
 NETDEF = pathlib.Path(__file__).resolve().parent.parent / "netdef"
 

@@ -1,8 +1,19 @@
 """zoo: the local model zoo (Caffe's model-zoo folders), fetching and resolving zoo:NAME."""
 
-from .fetch import download, import_folder
-from .registry import (ZooError, ZooModel, cache_dir, find_model, is_zoo_spec, list_models, read_front_matter,
-                       resolve_model, resolve_weights, search_path, sha1_of)
+from brewnet.zoo.fetch import download, import_folder
+from brewnet.zoo.registry import (
+           ZooError,
+           ZooModel,
+           cache_dir,
+           find_model,
+           is_zoo_spec,
+           list_models,
+           read_front_matter,
+           resolve_model,
+           resolve_weights,
+           search_path,
+           sha1_of,
+)
 
 __all__ = ["ZooError", "ZooModel", "cache_dir", "download", "find_model", "import_folder", "is_zoo_spec",
            "list_models", "read_front_matter", "resolve_model", "resolve_weights", "search_path", "sha1_of"]

@@ -8,7 +8,7 @@ import urllib.request
 
 import click
 
-from .registry import ZooError, sha1_of
+from brewnet.zoo.registry import ZooError, sha1_of
 
 CHUNK = 1 << 16
 

@@ -13,7 +13,7 @@ import pathlib
 
 import yaml
 
-from netdef.errors import DefinitionError
+from brewnet.netdef.errors import DefinitionError
 
 BUNDLED = pathlib.Path(__file__).resolve().parent / "models"
 REQUIRED_FIELDS = ("name", "caffemodel", "caffemodel_url", "sha1", "license")

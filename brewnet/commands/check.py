@@ -4,9 +4,9 @@ import contextlib
 
 import click
 
-import netdef
-from netdef import caffe_pb2
-from netdef.errors import DefinitionError
+from brewnet import netdef
+from brewnet.netdef import caffe_pb2
+from brewnet.netdef.errors import DefinitionError
 
 
 @contextlib.contextmanager
@@ -54,7 +54,7 @@ def _count_problem(cls, n_bottom, n_top):
 
 def _check_layer_type(layer, path):
     """The layer's class from the registry; an unknown type is a DefinitionError."""
-    from layers.registry import UnknownLayerTypeError, get_layer_class
+    from brewnet.layers.registry import UnknownLayerTypeError, get_layer_class
 
     try:
         return get_layer_class(layer.type, layer.name)

@@ -13,7 +13,7 @@ import pathlib
 import click
 import numpy
 
-from netdef.errors import DefinitionError
+from brewnet.netdef.errors import DefinitionError
 
 
 def load_image(path, gray):
@@ -46,7 +46,7 @@ def center_crop(image, height, width):
 
 
 def load_mean(path, channels, height, width):
-    import netdef
+    from brewnet import netdef
 
     path = str(path)
     mean = numpy.load(path) if path.endswith(".npy") else netdef.read_blobproto(path)
@@ -98,7 +98,7 @@ def classify(model, weights, mean_file, mean_value, labels_file, raw_scale, inpu
              top_k, as_json, gpu, images):
     """Print the top-k labels with probabilities for each image."""
     import brewnet
-    import zoo
+    from brewnet import zoo
 
     meta = {}
     if zoo.is_zoo_spec(model):

@@ -4,7 +4,7 @@ import time
 
 import click
 
-from netdef import caffe_pb2
+from brewnet.netdef import caffe_pb2
 
 
 def _batch_size(net):
@@ -28,17 +28,16 @@ def _batch_size(net):
 @click.option("--gpu", default=None, type=int, help="Run on this GPU (needs cupy).")
 def time_cmd(model, iterations, phase, level, stage, weights, gpu):
     """Average per-layer forward/backward time over ITERATIONS passes."""
-    from layers import backend
-    from layers.net import Net
+    from brewnet.layers.kernels import backend
+    from brewnet.layers.net import Net
 
     if gpu is not None:
         backend.set_mode_gpu()
         backend.set_device(gpu)
     else:
         backend.set_mode_cpu()
+    from brewnet import netdef
     from brewnet.api import _resolve
-
-    import netdef
 
     source = str(_resolve(model, "model"))
     net_param = netdef.read_net(source)

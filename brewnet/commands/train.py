@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from netdef.errors import DefinitionError
+from brewnet.netdef.errors import DefinitionError
 
 log = logging.getLogger("brewnet.train")
 
@@ -22,7 +22,7 @@ def _stages(values):
 
 def _gpu_ids(flag):
     """Device ids from --gpu: one id, a comma list, or 'all'."""
-    from layers import backend
+    from brewnet.layers.kernels import backend
 
     if flag == "all":
         cupy = backend.get_array_module("gpu")  # DeviceError when there is no GPU
@@ -38,7 +38,7 @@ def _gpu_ids(flag):
 
 def _use_gpu(flag):
     """Switch to GPU mode on the device --gpu names (fails with DeviceError when impossible)."""
-    from layers import backend
+    from brewnet.layers.kernels import backend
 
     ids = _gpu_ids(flag)
     if len(ids) > 1:
@@ -54,8 +54,8 @@ def select_device(gpu_flag, solver_param=None):
     """Caffe's rule: --gpu wins; otherwise a solver file that says solver_mode: GPU
     (explicitly) trains on its device_id; otherwise CPU. Unlike Caffe, a GPU asked
     for only by the file falls back to CPU with a warning when none is usable."""
-    from layers import backend
-    from netdef import caffe_pb2
+    from brewnet.layers.kernels import backend
+    from brewnet.netdef import caffe_pb2
 
     if gpu_flag:
         _use_gpu(gpu_flag)
@@ -105,8 +105,8 @@ def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sig
     """
     import numpy
 
-    from solver import SignalHandler, TrainingDivergedError, get_solver, read_solver_param
-    from solver.log import Progress, setup_logging
+    from brewnet.solver import SignalHandler, TrainingDivergedError, get_solver, read_solver_param
+    from brewnet.solver.log import Progress, setup_logging
 
     handler = setup_logging(stream=sys.stderr)
     if weights and snapshot:
@@ -157,18 +157,18 @@ def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sig
 def test(model, weights, iterations, gpu, stages, level):
     """Score a trained net over N batches (like `caffe test`): per-batch outputs,
     then each output averaged."""
-    from layers.backend import to_numpy
-    from layers.net import Net
-    from netdef import caffe_pb2
-    from solver.log import fmt, setup_logging
-    from solver.solver import _resolve_weights
+    from brewnet.layers.kernels.backend import to_numpy
+    from brewnet.layers.net import Net
+    from brewnet.netdef import caffe_pb2
+    from brewnet.solver.log import fmt, setup_logging
+    from brewnet.solver.solver import _resolve_weights
 
     setup_logging(stream=sys.stderr)
     if iterations < 1:
         raise DefinitionError(f"--iterations must be at least 1, got {iterations}")
     select_device(gpu)
     if model.startswith("zoo:"):
-        import zoo
+        from brewnet import zoo
 
         model = zoo.resolve_model(model)
     if not os.path.isfile(model):

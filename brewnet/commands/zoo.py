@@ -4,7 +4,7 @@ import pathlib
 
 import click
 
-import zoo as zoo_lib
+from brewnet import zoo as zoo_lib
 
 
 @click.group("zoo")
@@ -88,7 +88,7 @@ def path_cmd(name, weights):
 
 def _check_model_folder(folder):
     """A folder is importable when its readme, prototxts and (present) weights all check out."""
-    import netdef
+    from brewnet import netdef
 
     meta = zoo_lib.read_front_matter(folder / "readme.md")
     protos = sorted(folder.glob("*.prototxt"))

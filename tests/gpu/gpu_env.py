@@ -24,7 +24,7 @@ def require_gpu():
 @pytest.fixture
 def gpu_mode():
     """brewnet in GPU mode on device 0 for one test, CPU mode afterwards."""
-    from layers import backend
+    from brewnet.layers.kernels import backend
 
     backend.set_mode_gpu()
     backend.set_device(0)

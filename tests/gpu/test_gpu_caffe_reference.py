@@ -3,7 +3,6 @@ and tolerances (tests/test_caffe_reference.py, imported by path): only the
 Net it builds is forced onto cupy."""
 
 import pytest
-
 from gpu_env import gpu_mode, load_test_module, require_gpu  # noqa: F401 (gpu_mode is a fixture)
 
 cupy = require_gpu()

@@ -5,11 +5,11 @@ set_mode_gpu/set_device, the Python API's cupy arrays, `brewnet train/test/time
 import numpy
 import pytest
 from click.testing import CliRunner
+from gpu_env import gpu_mode, require_gpu  # noqa: F401 (gpu_mode is a fixture)
 
 import brewnet
 from brewnet.cli import main
-from gpu_env import gpu_mode, require_gpu  # noqa: F401 (gpu_mode is a fixture)
-from layers import backend
+from brewnet.layers.kernels import backend
 
 cupy = require_gpu()
 pytestmark = pytest.mark.gpu
@@ -104,7 +104,7 @@ def test_cli_train_on_gpu_then_resume_and_test_on_cpu(tiny, fmt):
 
 def test_solver_mode_gpu_in_the_file_selects_the_gpu(tiny):
     from brewnet.commands.train import select_device
-    from solver import read_solver_param
+    from brewnet.solver import read_solver_param
 
     param = read_solver_param(str(_solver_file(tiny, mode="solver_mode: GPU\ndevice_id: 0\n")))
     select_device(None, param)

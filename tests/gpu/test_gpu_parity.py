@@ -3,7 +3,6 @@ same tops and gradients (cases and reasons for skips in gpu_parity.py)."""
 
 import numpy
 import pytest
-
 from gpu_env import require_gpu
 from gpu_parity import CASES, run_case
 

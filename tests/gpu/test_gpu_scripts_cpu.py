@@ -3,7 +3,6 @@ clear line without a GPU, the check script parses, LMDB stays a lazy import
 (the GPU machine has no lmdb), and configs/lenet_hdf5 trains from the data
 scripts/gpu_lenet_hdf5.py writes."""
 
-import os
 import pathlib
 import re
 import subprocess
@@ -46,8 +45,8 @@ def test_lmdb_is_imported_lazily():
 
 
 def test_lenet_hdf5_config_trains_from_the_prepared_data(tmp_path, monkeypatch):
-    from layers.net import Net
-    from netdef import caffe_pb2
+    from brewnet.layers.net import Net
+    from brewnet.netdef import caffe_pb2
 
     out = tmp_path / "data" / "lenet_hdf5"
     subprocess.run([sys.executable, str(ROOT / "scripts/gpu_lenet_hdf5.py"), "--mnist", str(tmp_path / "none"),

@@ -4,7 +4,6 @@ from Caffe's own snapshot (the same checks as tests/solver, with cupy nets)."""
 
 import numpy
 import pytest
-
 from gpu_env import gpu_mode, load_test_module, require_gpu  # noqa: F401 (gpu_mode is a fixture)
 
 cupy = require_gpu()
@@ -16,7 +15,7 @@ solvers_dir = cpu_tests.solvers_dir
 
 
 def _solver(case, prefix):
-    import solver
+    from brewnet import solver
 
     s = solver.get_solver(f"{case}/solver.prototxt", xp=cupy)
     assert isinstance(s.net.learnable_params[0].data, cupy.ndarray)
@@ -37,7 +36,7 @@ def test_resume_from_caffe_snapshot_on_gpu(solvers_dir, gpu_mode, case):  # noqa
 @pytest.mark.parametrize("first,second", [("gpu", "cpu"), ("cpu", "gpu")])
 def test_snapshot_moves_between_devices(solvers_dir, first, second):
     """Train 6 steps on one device, snapshot, resume on the other: Caffe's final weights."""
-    import solver
+    from brewnet import solver
 
     case = "adam"
     trajectory = numpy.load(f"{case}/trajectory.npz")

@@ -4,15 +4,15 @@ uses it, and every registered layer type has a case or a stated reason."""
 
 import numpy
 import pytest
-
-import layers
 from gpu_parity import CASES, SKIPPED, Case, run_case
+
+from brewnet import layers
 
 
 def test_every_registered_layer_type_has_a_case_or_a_reason():
     covered = {c.type for c in CASES}
     # built-in types only: other tests register plugin types of their own
-    builtin = {t for t in layers.known_types() if layers.get_layer_class(t).__module__.startswith("layers.")}
+    builtin = {t for t in layers.known_types() if layers.get_layer_class(t).__module__.startswith("brewnet.layers.")}
     missing = sorted(builtin - covered - set(SKIPPED))
     assert not missing, f"layer types without a CPU/GPU parity case: {missing}"
     assert not covered & set(SKIPPED)

@@ -4,9 +4,9 @@ import numpy
 import pytest
 from google.protobuf import text_format
 
-from layers.blob import Blob
-from layers.fillers import FillerError, fill
-from netdef import caffe_pb2
+from brewnet.layers.blob import Blob
+from brewnet.layers.fillers import FillerError, fill
+from brewnet.netdef import caffe_pb2
 
 
 def filled(text, shape, seed=0, dtype=numpy.float64):

@@ -2,7 +2,7 @@
 
 import pytest
 
-import netdef
+from brewnet import netdef
 
 
 def test_unknown_param_block_of_a_fork_layer_is_explained(tmp_path):

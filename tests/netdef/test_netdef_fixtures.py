@@ -4,8 +4,8 @@ and the solver states Caffe wrote."""
 import numpy
 import pytest
 
-import netdef
-from netdef import caffe_pb2
+from brewnet import netdef
+from brewnet.netdef import caffe_pb2
 
 
 def _prototxts(root):

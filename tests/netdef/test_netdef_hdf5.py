@@ -6,8 +6,8 @@ import h5py
 import numpy
 import pytest
 
-import netdef
-from netdef import DefinitionError, caffe_pb2
+from brewnet import netdef
+from brewnet.netdef import DefinitionError, caffe_pb2
 
 
 def _net(with_diff=False):

@@ -5,8 +5,8 @@ import os
 import numpy
 import pytest
 
-import netdef
-from netdef import DefinitionError, caffe_pb2
+from brewnet import netdef
+from brewnet.netdef import DefinitionError, caffe_pb2
 
 NET_WITH_TYPO = """name: "typo"
 layer {

@@ -3,8 +3,8 @@
 import pytest
 from google.protobuf import text_format
 
-import netdef
-from netdef import DefinitionError, caffe_pb2
+from brewnet import netdef
+from brewnet.netdef import DefinitionError, caffe_pb2
 
 
 def _rule(text):

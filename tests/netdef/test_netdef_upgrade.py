@@ -5,9 +5,9 @@ import logging
 import pytest
 from google.protobuf import text_format
 
-import netdef
-from netdef import DefinitionError, caffe_pb2
-from netdef import upgrade as up
+from brewnet import netdef
+from brewnet.netdef import DefinitionError, caffe_pb2
+from brewnet.netdef import upgrade as up
 
 
 def _net(text):
@@ -144,7 +144,7 @@ def test_v1_type_table_covers_every_enum_value():
 
 
 def test_v1_type_table_agrees_with_registered_layers():
-    from layers.registry import v1_type_name
+    from brewnet.layers.registry import v1_type_name
 
     registered = {name: v1_type_name(name) for name in up.V1_TYPE_NAMES}
     registered = {name: kind for name, kind in registered.items() if kind is not None}
@@ -154,7 +154,7 @@ def test_v1_type_table_agrees_with_registered_layers():
 
 
 def test_every_v1_type_is_a_registered_layer_type():
-    from layers.registry import known_types
+    from brewnet.layers.registry import known_types
 
     missing = {kind for kind in up.V1_TYPE_NAMES.values() if kind} - set(known_types())
     assert not missing, f"V1 layer types with no registered layer: {sorted(missing)}"

@@ -64,6 +64,6 @@ def _restore_logging():
     logger.handlers[:] = handlers
     logger.setLevel(level)
     logger.propagate = propagate
-    from layers import backend
+    from brewnet.layers.kernels import backend
 
     backend.set_mode_cpu()

@@ -12,11 +12,10 @@ import numpy
 import pytest
 from google.protobuf import text_format
 
-import netdef
-import solver
-from layers import db
-from layers.net import Net
-from netdef import caffe_pb2
+from brewnet import netdef, solver
+from brewnet.layers.dataio import db
+from brewnet.layers.net import Net
+from brewnet.netdef import caffe_pb2
 
 RECORDS, BATCH = 50, 8  # 50 records in batches of 8: epochs never end on a snapshot
 

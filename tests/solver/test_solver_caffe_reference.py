@@ -9,9 +9,8 @@ import shutil
 import numpy
 import pytest
 
-import netdef
-import solver
-from layers.backend import to_numpy
+from brewnet import netdef, solver
+from brewnet.layers.kernels.backend import to_numpy
 
 CASES = ["sgd_fixed", "sgd_momentum_step_l2", "sgd_l1_inv", "sgd_multistep_clip", "sgd_iter_size_exp", "sgd_poly",
          "sgd_sigmoid", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "legacy_enum_adagrad", "multipliers"]

@@ -166,7 +166,7 @@ class FakeTerminal:
 def test_progress_line_on_terminals_stays_below_log_lines():
     import logging
 
-    from solver.log import GlogHandler, Progress
+    from brewnet.solver.log import GlogHandler, Progress
 
     term = FakeTerminal()
     progress = Progress(term, min_interval=0)

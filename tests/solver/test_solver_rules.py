@@ -5,9 +5,9 @@ import math
 import numpy
 import pytest
 
-from netdef import caffe_pb2
-from netdef.errors import DefinitionError
-from solver import lr_policy, updates
+from brewnet.netdef import caffe_pb2
+from brewnet.netdef.errors import DefinitionError
+from brewnet.solver import lr_policy, updates
 
 
 def make_param(**fields):

@@ -7,10 +7,9 @@ import signal
 import numpy
 import pytest
 
-import netdef
-import solver
-from netdef.errors import DefinitionError
-from solver import SignalHandler, TrainingDivergedError
+from brewnet import netdef, solver
+from brewnet.netdef.errors import DefinitionError
+from brewnet.solver import SignalHandler, TrainingDivergedError
 
 BASE = 'base_lr: 0.1 lr_policy: "fixed" max_iter: 8 display: 0 snapshot: 4 snapshot_prefix: "snaps/tiny"'
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 import brewnet
 from brewnet.cli import main
-from layers import db
+from brewnet.layers.dataio import db
 
 DIGITS = 30
 

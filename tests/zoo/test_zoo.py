@@ -2,13 +2,12 @@
 
 import hashlib
 import http.server
-import os
 import threading
 
 import pytest
 from click.testing import CliRunner
 
-import zoo
+from brewnet import zoo
 from brewnet.cli import main
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB of "weights"

@@ -1,0 +1,392 @@
+"""Neuron layers: elementwise activations with Caffe's formulas.
+
+Each layer maps bottom[0] to a top of the same shape and may run in place
+(top is the bottom Blob). Backwards that need the input keep a copy of it
+when computed in place, so the gradient is right even though the input was
+overwritten (Caffe does this for PReLU only).
+"""
+
+import numpy
+
+from brewnet.layers.base import Layer
+from brewnet.layers.fillers import fill
+from brewnet.layers.kernels import parallel
+from brewnet.layers.registry import register
+from brewnet.netdef import caffe_pb2
+
+
+class _Neuron(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+    # backward reads the input x (not only the output): keep a copy when in place
+    needs_input = False
+
+    def setup(self, bottom, top):
+        self._saved_input = None
+        self.configure()
+
+    def configure(self):
+        """Read this layer's parameters (called once by setup)."""
+
+    def const(self, value):
+        # dtype-matched scalar: arithmetic never promotes float32 data to float64
+        return self.dtype.type(value)
+
+    def reshape(self, bottom, top):
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        if self.needs_input and top[0] is bottom[0]:
+            saved = self._saved_input
+            if saved is None or saved.shape != x.shape:
+                self._saved_input = x.copy()
+            else:
+                saved[...] = x
+        top[0].data[...] = self.compute(x)
+
+    def input_data(self, bottom, top):
+        """The forward input, also after an in-place forward overwrote it."""
+        if self.needs_input and top[0] is bottom[0]:
+            return self._saved_input
+        return bottom[0].data
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        x = self.input_data(bottom, top)
+        bottom[0].diff[...] = top[0].diff * self.derivative(x, top[0].data)
+
+    def compute(self, x):
+        raise NotImplementedError
+
+    def derivative(self, x, y):
+        """dy/dx elementwise, given the input x and the output y."""
+        raise NotImplementedError
+
+
+@register("ReLU", v1="RELU")
+class ReLU(_Neuron):
+    def configure(self):
+        self.slope = self.const(self.param.relu_param.negative_slope)
+
+    def forward(self, bottom, top):
+        if self.slope != 0:
+            return super().forward(bottom, top)
+        # the plain ReLU straight into the top, no temporaries, across the CPU threads
+        x, y = bottom[0].data.reshape(-1), top[0].data.reshape(-1)
+        parallel.elementwise(lambda a, b: self.xp.maximum(x[a:b], 0, out=y[a:b]), x.size, self.xp)
+
+    def backward(self, top, propagate_down, bottom):
+        if self.slope != 0 or not propagate_down[0]:
+            return super().backward(top, propagate_down, bottom)
+        # in place, the input is the output: their signs agree
+        x = self.input_data(bottom, top).reshape(-1)
+        dy, dx = top[0].diff.reshape(-1), bottom[0].diff.reshape(-1)
+        parallel.elementwise(lambda a, b: self.xp.multiply(dy[a:b], x[a:b] > 0, out=dx[a:b]), x.size, self.xp)
+
+    def compute(self, x):
+        y = self.xp.maximum(x, 0)
+        if self.slope != 0:
+            y += self.slope * self.xp.minimum(x, 0)
+        return y
+
+    def derivative(self, x, y):
+        # in place x is already y, whose sign is x's for a non-negative slope (Caffe relies on this too)
+        positive = x > 0
+        if self.slope == 0:
+            return positive.astype(self.dtype)
+        return self.xp.where(positive, self.const(1), self.slope)
+
+
+@register("PReLU")
+class PReLU(_Neuron):
+    needs_input = True  # Caffe keeps bottom_memory_ for in-place use too
+
+    def setup(self, bottom, top):
+        super().setup(bottom, top)
+        if bottom[0].num_axes < 2:
+            raise self.error(
+                f"bottom must have at least 2 axes, got {bottom[0].shape}"
+            )
+        p = self.param.prelu_param
+        self.shared = p.channel_shared
+        channels = bottom[0].shape[1]
+        if not self.blobs:
+            self.blobs.append(self.make_blob(() if self.shared else (channels,)))
+            if p.HasField("filler"):
+                filler = p.filler
+            else:
+                filler = caffe_pb2.FillerParameter(type="constant", value=0.25)
+            fill(self.blobs[0], filler, self.rng)
+        want = 1 if self.shared else channels
+        if self.blobs[0].count != want:
+            raise self.error(
+                f"slope blob has {self.blobs[0].count} values, "
+                f"expected {want} ({'channel_shared' if self.shared else 'one per channel'})"
+            )
+
+    def _slope(self, ndim):
+        # broadcastable slope: a scalar, or one value per channel on axis 1
+        slope = self.blobs[0].data
+        if self.shared:
+            return slope.reshape(())
+        return slope.reshape((-1,) + (1,) * (ndim - 2))
+
+    def compute(self, x):
+        return self.xp.maximum(x, 0) + self._slope(x.ndim) * self.xp.minimum(x, 0)
+
+    def backward(self, top, propagate_down, bottom):
+        x = self.input_data(bottom, top)
+        dy = top[0].diff
+        nonpositive = x <= 0
+        if self.param_needs_grad(0):
+            contrib = dy * x * nonpositive
+            if self.shared:
+                grad = contrib.sum()
+            else:
+                axes = (0,) + tuple(range(2, x.ndim))
+                grad = contrib.sum(axis=axes)
+            self.blobs[0].diff[...] += grad.reshape(self.blobs[0].shape)
+        if propagate_down[0]:
+            factor = self.xp.where(nonpositive, self._slope(x.ndim), self.const(1))
+            bottom[0].diff[...] = dy * factor
+
+
+@register("ELU")
+class ELU(_Neuron):
+    def configure(self):
+        self.alpha = self.const(self.param.elu_param.alpha)
+
+    def compute(self, x):
+        xp = self.xp
+        return xp.maximum(x, 0) + self.alpha * xp.expm1(xp.minimum(x, 0))
+
+    def derivative(self, x, y):
+        # for x <= 0: alpha * exp(x) = y + alpha
+        return self.xp.where(x > 0, self.const(1), y + self.alpha)
+
+
+def _sigmoid(xp, x, half):
+    # tanh form: no overflow for large |x|
+    return half * xp.tanh(half * x) + half
+
+
+@register("Sigmoid", v1="SIGMOID")
+class Sigmoid(_Neuron):
+    def compute(self, x):
+        return _sigmoid(self.xp, x, self.const(0.5))
+
+    def derivative(self, x, y):
+        return y * (1 - y)
+
+
+@register("TanH", v1="TANH")
+class TanH(_Neuron):
+    def compute(self, x):
+        return self.xp.tanh(x)
+
+    def derivative(self, x, y):
+        return 1 - y * y
+
+
+@register("AbsVal", v1="ABSVAL")
+class AbsVal(_Neuron):
+    def setup(self, bottom, top):
+        if top[0] is bottom[0]:
+            raise self.error("does not allow in-place computation")
+        super().setup(bottom, top)
+
+    def compute(self, x):
+        return self.xp.abs(x)
+
+    def derivative(self, x, y):
+        return self.xp.sign(x)
+
+
+@register("Power", v1="POWER")
+class Power(_Neuron):
+    """y = (shift + scale * x) ** power."""
+
+    needs_input = True
+
+    def configure(self):
+        p = self.param.power_param
+        self.power = self.const(p.power)
+        self.scale = self.const(p.scale)
+        self.shift = self.const(p.shift)
+        self.diff_scale = self.const(self.power * self.scale)
+
+    def compute(self, x):
+        if self.diff_scale == 0:
+            value = 1 if self.power == 0 else self.shift ** self.power
+            return self.xp.full(x.shape, value, dtype=self.dtype)
+        y = x * self.scale if self.scale != 1 else x
+        if self.shift != 0:
+            y = y + self.shift
+        if self.power != 1:
+            y = y ** self.power
+        return y
+
+    def derivative(self, x, y):
+        if self.diff_scale == 0 or self.power == 1:
+            return self.xp.full(x.shape, self.diff_scale, dtype=self.dtype)
+        base = self.scale * x + self.shift
+        if self.power == 2:
+            return self.diff_scale * base
+        return self.diff_scale * base ** (self.power - 1)
+
+
+def _log_of_base(layer, base, allow_one):
+    # base -1 means e; otherwise a positive finite number (Log also needs log(base) != 0)
+    if base == -1:
+        return 1.0
+    if not (base > 0 and numpy.isfinite(base)) or (base == 1 and not allow_one):
+        need = "positive and finite" if allow_one else "positive, finite and not 1"
+        raise layer.error(f"base must be {need} (or -1 for e), got {base}")
+    return float(numpy.log(numpy.float32(base)))
+
+
+@register("Exp", v1="EXP")
+class Exp(_Neuron):
+    """y = base ** (shift + scale * x)."""
+
+    def configure(self):
+        p = self.param.exp_param
+        log_base = _log_of_base(self, p.base, allow_one=True)
+        self.inner_scale = self.const(log_base * p.scale)
+        if p.shift == 0:
+            outer = 1.0
+        else:
+            outer = numpy.exp(p.shift) if p.base == -1 else numpy.float64(p.base) ** p.shift
+        self.outer_scale = self.const(outer)
+
+    def compute(self, x):
+        y = self.xp.exp(self.inner_scale * x)
+        if self.outer_scale != 1:
+            y *= self.outer_scale
+        return y
+
+    def derivative(self, x, y):
+        return self.inner_scale * y
+
+
+@register("Log")
+class Log(_Neuron):
+    """y = log_base(shift + scale * x)."""
+
+    needs_input = True
+
+    def configure(self):
+        p = self.param.log_param
+        log_base = _log_of_base(self, p.base, allow_one=False)
+        self.base_scale = self.const(1.0 / log_base)
+        self.scale = self.const(p.scale)
+        self.shift = self.const(p.shift)
+        self.backward_scale = self.const(p.scale / log_base)
+
+    def compute(self, x):
+        inner = self.scale * x + self.shift
+        return self.xp.log(inner) * self.base_scale
+
+    def derivative(self, x, y):
+        return self.backward_scale / (self.scale * x + self.shift)
+
+
+@register("BNLL", v1="BNLL")
+class BNLL(_Neuron):
+    """y = log(1 + exp(x)), computed without overflow."""
+
+    needs_input = True
+    _CLAMP = 50.0  # Caffe caps x at 50 in the derivative
+
+    def compute(self, x):
+        xp = self.xp
+        return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+    def derivative(self, x, y):
+        e = self.xp.exp(self.xp.minimum(x, self.const(self._CLAMP)))
+        return e / (e + 1)
+
+
+@register("Threshold", v1="THRESHOLD")
+class Threshold(_Neuron):
+    def configure(self):
+        self.threshold = self.const(self.param.threshold_param.threshold)
+
+    def compute(self, x):
+        return (x > self.threshold).astype(self.dtype)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            raise NotImplementedError(f"layer {self.name!r} (Threshold) has no backward (as in Caffe)")
+
+
+@register("Clip")
+class Clip(_Neuron):
+    needs_input = True
+
+    def configure(self):
+        p = self.param.clip_param
+        if not (p.HasField("min") and p.HasField("max")):
+            raise self.error("clip_param needs both min and max")
+        self.lo = self.const(p.min)
+        self.hi = self.const(p.max)
+
+    def compute(self, x):
+        return self.xp.maximum(self.lo, self.xp.minimum(x, self.hi))
+
+    def derivative(self, x, y):
+        return ((x >= self.lo) & (x <= self.hi)).astype(self.dtype)
+
+
+@register("Swish")
+class Swish(_Neuron):
+    """y = x * sigmoid(beta * x)."""
+
+    def configure(self):
+        self.beta = self.const(self.param.swish_param.beta)
+        self._sig = None
+
+    def compute(self, x):
+        # keep sigmoid(beta x) for backward (x itself may be overwritten in place)
+        self._sig = _sigmoid(self.xp, self.beta * x, self.const(0.5))
+        return x * self._sig
+
+    def derivative(self, x, y):
+        by = self.beta * y
+        return by + self._sig * (1 - by)
+
+
+@register("Dropout", v1="DROPOUT")
+class Dropout(_Neuron):
+    """TRAIN: keep each element with probability 1 - ratio, scale kept ones by 1/(1 - ratio).
+
+    TEST: identity. The mask is drawn on the host from self.rng.
+    """
+
+    rng_in_forward = True  # the masks: saved with snapshots for exact resume
+
+    def configure(self):
+        ratio = self.param.dropout_param.dropout_ratio
+        if not 0 <= ratio < 1:
+            raise self.error(f"dropout_ratio must be in [0, 1), got {ratio}")
+        self.ratio = numpy.float32(ratio)
+        self.scale = self.const(1.0 / (1.0 - self.ratio))
+        self._mask = None
+
+    def compute(self, x):
+        if not self.train:
+            return x
+        keep = self.rng.random(x.shape, dtype=numpy.float32) >= self.ratio
+        # the scaled mask: scale where kept, 0 where dropped
+        self._mask = self.xp.asarray(keep.astype(self.dtype) * self.scale)
+        return x * self._mask
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        if self.train:
+            bottom[0].diff[...] = top[0].diff * self._mask
+        elif bottom[0] is not top[0]:
+            bottom[0].diff[...] = top[0].diff
