@@ -19,11 +19,22 @@ from brewnet.layers.net import Net as _CoreNet
 from brewnet.netdef import caffe_pb2
 
 
-def _resolve(spec, what):
-    """Turn ``zoo:NAME`` into a path (the zoo's deploy prototxt or verified weights)."""
+def resolve_model(spec):
+    """A net definition's path: ``zoo:NAME`` is the zoo model's deploy prototxt."""
     from brewnet import zoo
 
-    return zoo.resolve_model(spec) if what == "model" else zoo.resolve_weights(spec)
+    return zoo.resolve_model(spec)
+
+
+def resolve_weights(spec):
+    """A weights file's path: ``zoo:NAME`` is the zoo model's verified weights."""
+    from brewnet import zoo
+
+    if zoo.is_zoo_spec(spec):
+        return zoo.resolve_weights(spec)
+    from brewnet.solver.solver import local_weights_file
+
+    return local_weights_file(spec)
 
 
 def _parse_args(args, weights, phase):
@@ -57,7 +68,7 @@ class Net:
         if isinstance(model, caffe_pb2.NetParameter):
             param, source = model, None
         else:
-            source = str(_resolve(os.fspath(model) if isinstance(model, os.PathLike) else model, "model"))
+            source = str(resolve_model(os.fspath(model) if isinstance(model, os.PathLike) else model))
             param = netdef.read_net(source)
         self._net = _CoreNet(param, phase=phase, level=level, stages=stages, xp=xp, dtype=dtype, source=source)
         if weights is not None:
@@ -214,7 +225,7 @@ class Net:
 
     # -- weights -----------------------------------------------------------------------
     def copy_from(self, weights):
-        return self._net.copy_trained_layers_from(str(_resolve(os.fspath(weights), "weights")))
+        return self._net.copy_trained_layers_from(str(resolve_weights(os.fspath(weights))))
 
     def share_with(self, other):
         self._net.share_trained_layers_with(getattr(other, "_net", other))
@@ -224,3 +235,33 @@ class Net:
 
     def __repr__(self):
         return f"<brewnet.Net '{self.name}' {len(self.layers)} layers, inputs {self.inputs}, outputs {self.outputs}>"
+
+
+# -- solvers -----------------------------------------------------------------------
+
+def _front_door_solver(core_class):
+    """brewnet.solver's class whose weights lists may also name zoo models."""
+    return type(core_class.__name__, (core_class,), {
+        "__module__": __name__, "__doc__": core_class.__doc__, "resolve_weights": staticmethod(resolve_weights)})
+
+
+def _solver_types():
+    from brewnet import solver
+
+    return {name: _front_door_solver(cls) for name, cls in solver.SOLVER_TYPES.items()}
+
+
+SOLVER_TYPES = _solver_types()
+SGDSolver = SOLVER_TYPES["SGD"]
+NesterovSolver = SOLVER_TYPES["Nesterov"]
+AdaGradSolver = SOLVER_TYPES["AdaGrad"]
+RMSPropSolver = SOLVER_TYPES["RMSProp"]
+AdaDeltaSolver = SOLVER_TYPES["AdaDelta"]
+AdamSolver = SOLVER_TYPES["Adam"]
+
+
+def get_solver(path_or_param, **kwargs):
+    """The solver the file's ``type`` names (default SGD), as caffe.get_solver."""
+    from brewnet import solver
+
+    return solver.get_solver(path_or_param, solver_types=SOLVER_TYPES, **kwargs)

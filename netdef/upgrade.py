@@ -288,10 +288,6 @@ def v1_type_string(enum_value):
     except ValueError:
         raise DefinitionError(f"unknown V1 layer type number {enum_value}") from None
     name = V1_TYPE_NAMES.get(enum_name)
-    if name is None:  # only reachable if the schema grows; ask the registry then
-        from brewnet.layers.registry import v1_type_name
-
-        name = v1_type_name(enum_name)
     if name is None:
         raise DefinitionError(f"V1 layer type {enum_name} has no current equivalent")
     return name

@@ -102,6 +102,15 @@ class SignalHandler:
         return False
 
 
+def local_weights_file(name):
+    """One entry of a weights list as a file path. Where weights may come from
+    beyond files is not the solver's business: brewnet's front door (brewnet.api)
+    gives its solvers a resolver that knows the zoo's ``zoo:NAME`` too."""
+    if not os.path.isfile(name):
+        raise DefinitionError("weights file not found", name)
+    return name
+
+
 # -- the solver ------------------------------------------------------------------
 
 class Solver:
@@ -111,6 +120,8 @@ class Solver:
     type = None
     history_parts = 1
     rule = None
+    # one entry of a weights list -> a file (brewnet.api's solvers resolve zoo:NAME too)
+    resolve_weights = staticmethod(local_weights_file)
 
     def __init__(self, param_or_path, source=None, xp=None, dtype=numpy.float32):
         if isinstance(param_or_path, caffe_pb2.SolverParameter):
@@ -266,7 +277,7 @@ class Solver:
         for name in (part.strip() for part in spec.split(",")):
             if not name:
                 continue
-            path = _resolve_weights(name)
+            path = self.resolve_weights(name)
             log.info("Finetuning from %s", name)
             weights = netdef.read_weights(path)  # read once, copied into every net
             for net in [self.net, *self.test_nets]:
@@ -585,16 +596,6 @@ def describe_copy(net, weights):
                         if len(layer.blobs) and layer.name not in set(net.layer_names)]}
 
 
-def _resolve_weights(name):
-    from brewnet import zoo
-
-    if zoo.is_zoo_spec(name):
-        return zoo.resolve_weights(name)
-    if not os.path.isfile(name):
-        raise DefinitionError("weights file not found", name)
-    return name
-
-
 # -- the solver types ------------------------------------------------------------
 
 class SGDSolver(Solver):
@@ -644,15 +645,16 @@ SOLVER_TYPES = {cls.type: cls for cls in (SGDSolver, NesterovSolver, AdaGradSolv
                                           AdaDeltaSolver, AdamSolver)}
 
 
-def get_solver(path_or_param, **kwargs):
-    """The solver the ``type`` field names (default SGD), like caffe.get_solver."""
+def get_solver(path_or_param, solver_types=None, **kwargs):
+    """The solver the ``type`` field names (default SGD), like caffe.get_solver;
+    ``solver_types`` maps type names to the classes to build (SOLVER_TYPES)."""
     if isinstance(path_or_param, caffe_pb2.SolverParameter):
         param = upgrade_solver_param(_copy(path_or_param), kwargs.get("source"))
         source = kwargs.pop("source", None) or "<SolverParameter>"
     else:
         source = os.fspath(path_or_param)
         param = read_solver_param(source)
-    cls = SOLVER_TYPES.get(param.type)
+    cls = (solver_types or SOLVER_TYPES).get(param.type)
     if cls is None:
         raise DefinitionError(f"type: unknown solver type '{param.type}' (one of {', '.join(SOLVER_TYPES)})", source)
     return cls(param, source=source, **kwargs)

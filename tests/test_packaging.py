@@ -4,6 +4,7 @@ brewnet.netdef, brewnet.layers, ...) and the bundled zoo; and a user's own
 modules named like ours do not get in its way."""
 
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,9 +20,16 @@ MAPPED = {"brewnet": "brewnet", "netdef": "brewnet.netdef", "layers": "brewnet.l
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools leaves build/ behind, whose stale files a later build would ship
+    src = out / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in MAPPED:
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     # no build isolation: the build needs only the setuptools already installed (no network)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, cwd=out)
+                    str(src)], check=True, capture_output=True, cwd=out)
     (path,) = out.glob("brewnet-*.whl")
     with zipfile.ZipFile(path) as zf:
         return zf.namelist()

@@ -6,8 +6,6 @@ import shutil
 import urllib.error
 import urllib.request
 
-import click
-
 from brewnet.zoo.registry import ZooError, sha1_of
 
 CHUNK = 1 << 16
@@ -20,11 +18,12 @@ def _open(url, offset, timeout):
     return urllib.request.urlopen(request, timeout=timeout)
 
 
-def download(url, dest, sha1, timeout=30.0, progress=True):
+def download(url, dest, sha1, timeout=30.0, progress=None):
     """Fetch ``url`` to ``dest`` via ``dest.part``; a partial .part is resumed.
 
     The file only takes its final name once its sha1 matches; on a mismatch
-    the partial file is removed and ZooError raised.
+    the partial file is removed and ZooError raised. ``progress(done, total)``
+    is called as bytes arrive (total None when the server does not say).
     """
     dest = pathlib.Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -41,25 +40,19 @@ def download(url, dest, sha1, timeout=30.0, progress=True):
             offset = 0  # the server ignored the range: start again
         total = response.headers.get("Content-Length")
         total = int(total) + offset if total is not None else None
+        done = offset
         with open(part, "ab" if offset else "wb") as out:
-            bar = click.progressbar(length=total, label=f"fetching {dest.name}", file=None) if progress else None
-            try:
-                if bar:
-                    bar.__enter__()
-                    bar.update(offset)
-                while True:
-                    try:
-                        block = response.read(CHUNK)
-                    except OSError as exc:
-                        raise ZooError(f"download of {url} broke off: {exc} (run the fetch again to resume)") from None
-                    if not block:
-                        break
-                    out.write(block)
-                    if bar:
-                        bar.update(len(block))
-            finally:
-                if bar:
-                    bar.__exit__(None, None, None)
+            while True:
+                if progress:
+                    progress(done, total)
+                try:
+                    block = response.read(CHUNK)
+                except OSError as exc:
+                    raise ZooError(f"download of {url} broke off: {exc} (run the fetch again to resume)") from None
+                if not block:
+                    break
+                out.write(block)
+                done += len(block)
     got = sha1_of(part)
     if got != str(sha1).lower():
         part.unlink()

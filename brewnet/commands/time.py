@@ -37,9 +37,9 @@ def time_cmd(model, iterations, phase, level, stage, weights, gpu):
     else:
         backend.set_mode_cpu()
     from brewnet import netdef
-    from brewnet.api import _resolve
+    from brewnet.api import resolve_model, resolve_weights
 
-    source = str(_resolve(model, "model"))
+    source = str(resolve_model(model))
     net_param = netdef.read_net(source)
     phase_value = caffe_pb2.TRAIN if phase.lower() == "train" else caffe_pb2.TEST
     net = Net(net_param, phase=phase_value, level=level, stages=list(stage) or None, source=source)
@@ -48,7 +48,7 @@ def time_cmd(model, iterations, phase, level, stage, weights, gpu):
         net_param.force_backward = True
         net = Net(net_param, phase=phase_value, level=level, stages=list(stage) or None, source=source)
     if weights:
-        net.copy_trained_layers_from(str(_resolve(weights, "weights")))
+        net.copy_trained_layers_from(str(resolve_weights(weights)))
 
     # one untimed pass so allocations and lazy buffers are out of the way
     loss = net.forward()

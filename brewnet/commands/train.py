@@ -105,7 +105,8 @@ def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sig
     """
     import numpy
 
-    from brewnet.solver import SignalHandler, TrainingDivergedError, get_solver, read_solver_param
+    from brewnet.api import get_solver
+    from brewnet.solver import SignalHandler, TrainingDivergedError, read_solver_param
     from brewnet.solver.log import Progress, setup_logging
 
     handler = setup_logging(stream=sys.stderr)
@@ -157,24 +158,21 @@ def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sig
 def test(model, weights, iterations, gpu, stages, level):
     """Score a trained net over N batches (like `caffe test`): per-batch outputs,
     then each output averaged."""
+    from brewnet.api import resolve_model, resolve_weights
     from brewnet.layers.kernels.backend import to_numpy
     from brewnet.layers.net import Net
     from brewnet.netdef import caffe_pb2
     from brewnet.solver.log import fmt, setup_logging
-    from brewnet.solver.solver import _resolve_weights
 
     setup_logging(stream=sys.stderr)
     if iterations < 1:
         raise DefinitionError(f"--iterations must be at least 1, got {iterations}")
     select_device(gpu)
-    if model.startswith("zoo:"):
-        from brewnet import zoo
-
-        model = zoo.resolve_model(model)
+    model = resolve_model(model)
     if not os.path.isfile(model):
         raise DefinitionError("--model: net file not found", model)
     net = Net(model, phase=caffe_pb2.TEST, level=level, stages=_stages(stages), source=model)
-    net.copy_trained_layers_from(_resolve_weights(weights))
+    net.copy_trained_layers_from(resolve_weights(weights))
     log.info("Running for %d iterations.", iterations)
     totals = None
     loss = 0.0

@@ -46,6 +46,26 @@ def info_cmd(name):
         click.echo(f"sha1: {'verified' if model.sha1_ok(path) else 'MISMATCH'}")
 
 
+class _DownloadBar:
+    """click's progress bar (shown on a terminal) fed by zoo.download's progress(done, total)."""
+
+    def __init__(self, label):
+        self.label, self.bar, self.shown = label, None, 0
+
+    def __call__(self, done, total):
+        if total is None:  # the server gave no length: nothing to measure against
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label)
+            self.bar.__enter__()
+        self.bar.update(done - self.shown)
+        self.shown = done
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
 @zoo_group.command("fetch")
 @click.argument("name")
 @click.option("--url", help="Download from this http(s) or file URL instead of the readme's caffemodel_url.")
@@ -60,7 +80,11 @@ def fetch_cmd(name, url, timeout):
     url = url or str(model.meta["caffemodel_url"])
     if "://" not in url:  # a path relative to the model folder (bundled models use this)
         url = (model.folder / url).resolve().as_uri()
-    dest = zoo_lib.download(url, model.cached_weights, model.meta["sha1"], timeout=timeout)
+    bar = _DownloadBar(f"fetching {model.cached_weights.name}")
+    try:
+        dest = zoo_lib.download(url, model.cached_weights, model.meta["sha1"], timeout=timeout, progress=bar)
+    finally:
+        bar.close()
     click.echo(f"{model.key}: fetched {dest} (sha1 verified)")
 
 
