@@ -24,6 +24,23 @@ class ZooError(DefinitionError):
     """A zoo name, readme or weights file that cannot be used."""
 
 
+def file_inside(folder, name, field, source=None):
+    """``folder / name`` for a file name taken from a readme or a URL, refused unless it
+    stays inside ``folder``: relative, without '..', no backslash or NUL tricks."""
+    text = str(name)
+    parts = pathlib.PurePosixPath(text).parts
+    if not parts or text.startswith("/") or ".." in parts or "\\" in text or "\x00" in text or ":" in parts[0]:
+        raise ZooError(f"{field}: must name a file inside the model folder, got {text!r}", source)
+    return pathlib.Path(folder, *parts)
+
+
+def check_model_name(name):
+    """A zoo name is one folder name: nothing that reaches outside the zoo's roots."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        raise ZooError(f"invalid zoo model name {name!r}: a model is named by its folder (letters, digits, '_', '-')")
+    return name
+
+
 def cache_dir():
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return pathlib.Path(base) / "brewnet" / "zoo"
@@ -56,6 +73,12 @@ def read_front_matter(readme):
     for field in REQUIRED_FIELDS:
         if field not in meta or meta[field] in (None, ""):
             raise ZooError(f"front matter lacks the required field '{field}'", readme)
+    for field in ("caffemodel", "deploy"):
+        if field in meta:
+            file_inside(readme.parent, meta[field], field, readme)
+    size = meta.get("caffemodel_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise ZooError(f"caffemodel_size: must be a positive number of bytes, got {size!r}", readme)
     return meta
 
 
@@ -69,15 +92,15 @@ class ZooModel:
 
     @property
     def deploy(self):
-        return self.folder / self.meta.get("deploy", "deploy.prototxt")
+        return file_inside(self.folder, self.meta.get("deploy", "deploy.prototxt"), "deploy")
 
     @property
     def cached_weights(self):
-        return cache_dir() / self.key / self.meta["caffemodel"]
+        return file_inside(cache_dir() / check_model_name(self.key), self.meta["caffemodel"], "caffemodel")
 
     def weights_path(self):
         """The weights file if present (in the model folder or the cache), else None."""
-        for candidate in (self.folder / self.meta["caffemodel"], self.cached_weights):
+        for candidate in (file_inside(self.folder, self.meta["caffemodel"], "caffemodel"), self.cached_weights):
             if candidate.is_file():
                 return candidate
         return None
@@ -113,7 +136,7 @@ def list_models():
 
 
 def find_model(name):
-    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    name = check_model_name(name[len(PREFIX):] if name.startswith(PREFIX) else name)
     for root in search_path():
         folder = root / name
         if (folder / "readme.md").is_file():

@@ -46,6 +46,17 @@ def info_cmd(name):
         click.echo(f"sha1: {'verified' if model.sha1_ok(path) else 'MISMATCH'}")
 
 
+def _readme_url(model):
+    """The readme's caffemodel_url: http(s), or a file inside the model folder (bundled models)."""
+    url = str(model.meta["caffemodel_url"])
+    if url.startswith(("http://", "https://")):
+        return url
+    if "://" in url:
+        raise zoo_lib.ZooError(f"caffemodel_url: only http(s) URLs or a file inside the model folder, got {url!r}",
+                               model.folder / "readme.md")
+    return zoo_lib.file_inside(model.folder, url, "caffemodel_url", model.folder / "readme.md").resolve().as_uri()
+
+
 class _DownloadBar:
     """click's progress bar (shown on a terminal) fed by zoo.download's progress(done, total)."""
 
@@ -70,19 +81,20 @@ class _DownloadBar:
 @click.argument("name")
 @click.option("--url", help="Download from this http(s) or file URL instead of the readme's caffemodel_url.")
 @click.option("--timeout", default=30.0, show_default=True, help="Network timeout in seconds.")
-def fetch_cmd(name, url, timeout):
+@click.option("--deadline", default=zoo_lib.DEADLINE, show_default=True,
+              help="Seconds the whole download may take (a later fetch resumes it).")
+def fetch_cmd(name, url, timeout, deadline):
     """Download a model's weights into the zoo cache, verifying the sha1."""
     model = zoo_lib.find_model(name)
     present = model.weights_path()
     if present and model.sha1_ok(present):
         click.echo(f"{model.key}: weights already present and verified at {present}")
         return
-    url = url or str(model.meta["caffemodel_url"])
-    if "://" not in url:  # a path relative to the model folder (bundled models use this)
-        url = (model.folder / url).resolve().as_uri()
+    url = url or _readme_url(model)
     bar = _DownloadBar(f"fetching {model.cached_weights.name}")
     try:
-        dest = zoo_lib.download(url, model.cached_weights, model.meta["sha1"], timeout=timeout, progress=bar)
+        dest = zoo_lib.download(url, model.cached_weights, model.meta["sha1"], timeout=timeout, progress=bar,
+                                max_bytes=model.meta.get("caffemodel_size"), deadline=deadline)
     finally:
         bar.close()
     click.echo(f"{model.key}: fetched {dest} (sha1 verified)")

@@ -166,3 +166,127 @@ def test_zoo_add_imports_a_checked_folder(tmp_path, monkeypatch):
     assert zoo.resolve_weights("zoo:tiny").startswith(str(zoo.cache_dir()))
     # a second add of the same name is refused
     assert run("zoo", "add", str(src)).exit_code != 0
+
+
+# -- hostile readmes, names and servers (issue 14) --------------------------------------
+
+@pytest.mark.parametrize("caffemodel", ["../../../../victim.txt", "/tmp/victim.txt", "sub/../../victim.txt",
+                                        "..\\\\victim.txt", "C:/victim.txt"])
+def test_a_readme_path_that_leaves_its_folder_is_refused(zoo_env, server, tmp_path, caffemodel):
+    folder = write_model(zoo_env, url=f"{server}/tiny.caffemodel")
+    readme = folder / "readme.md"
+    readme.write_text(readme.read_text().replace("caffemodel: tiny.caffemodel", f"caffemodel: '{caffemodel}'"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    result = run("zoo", "fetch", "tiny")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "caffemodel: must name a file inside the model folder" in result.output
+    assert victim.read_text() == "precious" and RangeHandler.requests == []
+
+
+def test_a_zoo_name_that_climbs_out_is_refused(zoo_env):
+    write_model(zoo_env.parent, key="outside")
+    for name in ("../outside", "zoo:../outside", "/etc", ".."):
+        with pytest.raises(zoo.ZooError, match="invalid zoo model name"):
+            zoo.find_model(name)
+
+
+def test_a_readme_url_must_be_http_or_a_file_of_its_folder(zoo_env, tmp_path):
+    (tmp_path / "secret").write_bytes(PAYLOAD)
+    write_model(zoo_env, url=(tmp_path / "secret").as_uri())
+    result = run("zoo", "fetch", "tiny")
+    assert result.exit_code == 1 and "caffemodel_url: only http(s) URLs" in result.output
+    write_model(zoo_env, key="rel", url="../../secret")
+    result = run("zoo", "fetch", "rel")
+    assert result.exit_code == 1 and "caffemodel_url: must name a file inside the model folder" in result.output
+
+
+def test_zoo_add_refuses_symbolic_links(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("BREWNET_ZOO", raising=False)
+    src = write_model(tmp_path / "src")
+    (tmp_path / "private").write_text("not for the zoo")
+    (src / "notes.txt").symlink_to(tmp_path / "private")
+    result = run("zoo", "add", str(src))
+    assert result.exit_code == 1 and "symbolic links (notes.txt)" in result.output
+    assert not (zoo.cache_dir() / "tiny").exists()
+
+
+class ScriptedHandler(http.server.BaseHTTPRequestHandler):
+    """Serves PAYLOAD as a test scripts it: chunked, cut short, or with a bad length."""
+
+    mode = "chunked"
+
+    def do_GET(self):
+        self.send_response(200)
+        if self.mode == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(PAYLOAD), 1 << 16):
+                block = PAYLOAD[i:i + (1 << 16)]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+            self.wfile.write(b"0\r\n\r\n")
+        elif self.mode == "cut":
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[:300_000])  # then the connection closes
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", "abc")
+            self.end_headers()
+            self.wfile.write(PAYLOAD[:10])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedHandler)
+    ScriptedHandler.protocol_version = "HTTP/1.1"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_chunked_response_without_length_downloads(zoo_env, scripted):
+    ScriptedHandler.mode = "chunked"
+    write_model(zoo_env, url=f"{scripted}/tiny.caffemodel")
+    result = run("zoo", "fetch", "tiny")
+    assert result.exit_code == 0, result.output
+    assert open(zoo.resolve_weights("zoo:tiny"), "rb").read() == PAYLOAD
+
+
+def test_a_dropped_connection_keeps_the_part_file_to_resume(zoo_env, scripted, server):
+    ScriptedHandler.mode = "cut"
+    model = zoo.find_model(write_model(zoo_env, url=f"{scripted}/tiny.caffemodel").name)
+    result = run("zoo", "fetch", "tiny")
+    assert result.exit_code == 1 and "broke off after 300000 of" in result.output and "resume" in result.output
+    part = model.cached_weights.with_name(model.cached_weights.name + ".part")
+    assert part.read_bytes() == PAYLOAD[:300_000]
+    assert run("zoo", "fetch", "tiny", "--url", f"{server}/tiny.caffemodel").exit_code == 0
+    assert RangeHandler.requests == ["bytes=300000-"]
+    assert model.cached_weights.read_bytes() == PAYLOAD and not part.exists()
+
+
+def test_an_invalid_content_length_is_one_line(zoo_env, scripted):
+    ScriptedHandler.mode = "bad-length"
+    write_model(zoo_env, url=f"{scripted}/tiny.caffemodel")
+    result = run("zoo", "fetch", "tiny")
+    assert result.exit_code == 1 and "invalid Content-Length 'abc'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_downloads_are_capped_by_size_and_deadline(zoo_env, server, scripted, tmp_path):
+    write_model(zoo_env, url=f"{server}/tiny.caffemodel", extra="caffemodel_size: 1000\n")
+    result = run("zoo", "fetch", "tiny")
+    assert result.exit_code == 1 and "more than the 1000 allowed" in result.output
+    ScriptedHandler.mode = "chunked"  # no length announced: the cap applies as bytes arrive
+    with pytest.raises(zoo.ZooError, match="more than the 100000 bytes allowed"):
+        zoo.download(f"{scripted}/x", tmp_path / "x.caffemodel", SHA1, max_bytes=100_000)
+    assert not (tmp_path / "x.caffemodel.part").exists()
+    with pytest.raises(zoo.ZooError, match="took longer than 0 s"):
+        zoo.download(f"{server}/x", tmp_path / "y.caffemodel", SHA1, deadline=0)
+    assert (tmp_path / "y.caffemodel.part").exists()  # kept for the next try
