@@ -21,11 +21,12 @@ from brewnet.solver.solver import (
            SGDSolver,
            SignalHandler,
            Solver,
+           SnapshotError,
            TrainingDivergedError,
            get_solver,
            read_solver_param,
 )
 
 __all__ = ["ACTIONS", "NONE", "SNAPSHOT", "SOLVER_TYPES", "STOP", "AdaDeltaSolver", "AdaGradSolver", "AdamSolver",
-           "NesterovSolver", "RMSPropSolver", "SGDSolver", "SignalHandler", "Solver", "TrainingDivergedError",
+           "NesterovSolver", "RMSPropSolver", "SGDSolver", "SignalHandler", "SnapshotError", "Solver", "TrainingDivergedError",
            "get_solver", "read_solver_param"]

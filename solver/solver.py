@@ -8,6 +8,7 @@ The solver computes on the array module that is current when it is built
 ``brewnet train`` command applies solver_mode/device_id from the file.
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -30,6 +31,10 @@ log = logging.getLogger("brewnet.solver")
 
 NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
 ACTIONS = (STOP, SNAPSHOT, NONE)
+
+class SnapshotError(DefinitionError):
+    """Training finished, but its final state could not be saved."""
+
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the message is one line naming the
@@ -156,6 +161,8 @@ class Solver:
         self._loss_origin = 0  # iteration whose loss went into slot 0 of the window
         self._resume_window = None  # (losses, smoothed_loss, origin) from a resume file, for the next step()
         self.loss = None
+        self.snapshot_failure = None  # why the last snapshot the loop asked for failed, if it did
+        self.last_snapshot = None
         self._callbacks = []
         self.iteration_hooks = []  # called with the solver after each finished iteration
         log.info("Solver scaffolding done.")
@@ -192,6 +199,7 @@ class Solver:
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise DefinitionError(f"snapshot_prefix '{p.snapshot_prefix}': cannot write there; make sure the "
                                   f"folder {folder} exists and is writable", self.source)
+        snapshots.check_prefix_writable(p, self.source)
 
     # -- building nets --------------------------------------------------------
     def _read_net_file(self, path, field):
@@ -364,7 +372,7 @@ class Solver:
             self.apply_update()
             request = self.requested_action()
             if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
-                self.snapshot()
+                self._snapshot_or_carry_on()
             for hook in self.iteration_hooks:
                 hook(self)
             if request == STOP:
@@ -446,12 +454,22 @@ class Solver:
         log.info("Solving %s", self.net.name)
         log.info("Learning Rate Policy: %s", p.lr_policy)
         self.requested_early_exit = False
+        guard = snapshots.prefix_lock(p) if p.snapshot or p.snapshot_after_train else contextlib.nullcontext()
+        with guard:
+            self._solve(resume_file)
+
+    def _solve(self, resume_file):
+        p = self.param
         if resume_file:
             log.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file)
         self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
-            self.snapshot()
+            self._snapshot_or_carry_on()
+        if self.snapshot_failure:
+            raise SnapshotError(f"training ended but its last snapshot could not be written "
+                                f"({self.snapshot_failure}); the last one saved is "
+                                f"{self.last_snapshot or 'none'}")
         if self.requested_early_exit:
             log.info("Optimization stopped early.")
             return
@@ -483,7 +501,7 @@ class Solver:
             request = self.requested_action()
             while request != NONE:
                 if request == SNAPSHOT:
-                    self.snapshot()
+                    self._snapshot_or_carry_on()
                 elif request == STOP:
                     self.requested_early_exit = True
                 request = self.requested_action()
@@ -512,17 +530,32 @@ class Solver:
         return results
 
     # -- snapshots ------------------------------------------------------------
+    def _snapshot_or_carry_on(self):
+        """A snapshot the loop asked for: when it cannot be written (disk full, folder
+        gone), training goes on with its state in memory and the next snapshot tries again."""
+        try:
+            model_path, _ = self.snapshot()
+        except OSError as exc:
+            self.snapshot_failure = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            log.error("Snapshot at iteration %d failed (%s); training goes on and the next snapshot tries again",
+                      self.iter, self.snapshot_failure)
+            return
+        self.snapshot_failure, self.last_snapshot = None, model_path
+
     def snapshot(self):
         """Write PREFIX_iter_N.caffemodel and .solverstate (or .h5); returns both paths."""
         p = self.param
+        with snapshots.prefix_lock(p):
+            return self._write_snapshot(p)
+
+    def _write_snapshot(self, p):
         model_path, state_path = snapshots.filenames(p, self.iter)
         hdf5 = p.snapshot_format == caffe_pb2.SolverParameter.HDF5
         log.info("Snapshotting to %s %s", "HDF5 file" if hdf5 else "binary proto file", model_path)
         netdef.write_weights(self.net.to_proto(write_diff=p.snapshot_diff), model_path)
         state = snapshots.build_state(self.iter, model_path, self.current_step, self.history)
         log.info("Snapshotting solver state to %s %s", "HDF5 file" if hdf5 else "binary proto file", state_path)
-        netdef.write_solverstate(state, state_path)
-        snapshots.write_resume(state_path, self.resume_state())
+        snapshots.write_state_with_resume(state, state_path, self.resume_state())
         return model_path, state_path
 
     def resume_state(self):
@@ -571,19 +604,28 @@ class Solver:
         self._resume_window = None
         saved = snapshots.read_resume(state_file)
         sidecar = snapshots.resume_filename(state_file)
-        if saved is not None and saved.get("iter") != state.iter:
-            log.warning("%s is for iteration %s, the state for %d: not used", sidecar, saved.get("iter"), state.iter)
-            saved = None
+        inexact = "resuming inexactly: data layers start from the beginning, as in Caffe, and random draws " \
+                  "differ from the uninterrupted run"
         if saved is None:
-            log.info("No saved data positions or random states beside %s (a Caffe solver state?): data layers "
-                     "start from the beginning, as in Caffe", state_file)
+            log.warning("No %s beside %s (a Caffe solver state, or a run killed while snapshotting): %s",
+                        snapshots.RESUME_SUFFIX, state_file, inexact)
+            return
+        if saved.get("iter") != state.iter:
+            log.warning("%s is for iteration %s, the state for %d: %s", sidecar, saved.get("iter"), state.iter,
+                        inexact)
+            return
+        if not snapshots.resume_matches(state_file, saved):
+            log.warning("%s was written with another %s (another run, or a kill while snapshotting): %s", sidecar,
+                        os.path.basename(state_file), inexact)
             return
         log.info("Restoring data positions and random states from %s", sidecar)
         try:
             self.restore_resume_state(saved, sidecar)
-        except (KeyError, TypeError) as exc:
-            raise DefinitionError(f"malformed resume file ({exc}); delete it to resume as Caffe does", sidecar) \
-                from None
+        except DefinitionError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise DefinitionError(f"malformed resume file ({type(exc).__name__}: {exc}); delete it to resume as "
+                                  "Caffe does", sidecar) from None
 
 
 def describe_copy(net, weights):
