@@ -30,6 +30,22 @@ def _open(path):
         raise DefinitionError(f"not a readable HDF5 file ({exc})", path) from None
 
 
+# what h5py raises on a damaged file, depending on where the damage is
+_DAMAGE = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError, UnicodeDecodeError)
+
+
+def _read_hdf5(path, read):
+    """``read(open file)``, with a damaged file's low-level errors as one DefinitionError."""
+    try:
+        with _open(path) as handle:
+            return read(handle)
+    except DefinitionError:
+        raise
+    except _DAMAGE as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DefinitionError(f"damaged HDF5 file ({reason})", path) from None
+
+
 # -- weights -----------------------------------------------------------------------
 
 def _indexed_datasets(group):
@@ -66,16 +82,18 @@ def _blobs_from_group(group, diff_group=None):
 
 def read_weights_hdf5(path):
     """A NetParameter whose layers carry only a name and blobs (as Caffe reads them)."""
-    with _open(path) as handle:
-        if "data" not in handle:
+    def read(handle):
+        if "data" not in handle or not isinstance(handle["data"], _h5py().Group):
             raise DefinitionError("HDF5 file has no 'data' group; not a Caffe .caffemodel.h5", path)
         diff_root = handle.get("diff")
         net = caffe_pb2.NetParameter()
         for name, group in _layer_groups(handle["data"]):
-            diff_group = diff_root.get(name) if diff_root is not None else None
+            diff_group = diff_root.get(name) if isinstance(diff_root, _h5py().Group) else None
             layer = net.layer.add(name=name)
-            layer.blobs.extend(_blobs_from_group(group, diff_group))
-    return net
+            layer.blobs.extend(_blobs_from_group(group, diff_group if isinstance(diff_group, _h5py().Group) else None))
+        return net
+
+    return _read_hdf5(path, read)
 
 
 def _blob_dtype(blob):
@@ -135,15 +153,17 @@ def _read_string(handle, name):
 
 def read_solverstate_hdf5(path):
     """A SolverState from Caffe's .solverstate.h5 layout."""
-    with _open(path) as handle:
+    def read(handle):
         state = caffe_pb2.SolverState(iter=_read_int(handle, "iter", path))
         if "learned_net" in handle:
             state.learned_net = _read_string(handle, "learned_net")
         state.current_step = _read_int(handle, "current_step", path)
-        if "history" not in handle:
+        if "history" not in handle or not isinstance(handle["history"], _h5py().Group):
             raise DefinitionError("HDF5 solver state has no 'history' group", path)
         state.history.extend(_blobs_from_group(handle["history"]))
-    return state
+        return state
+
+    return _read_hdf5(path, read)
 
 
 def write_solverstate_hdf5(state, path):

@@ -176,8 +176,28 @@ def _strip_quoted_line(reason, line, text):
     return reason
 
 
+def printable(text):
+    """``text`` with control characters escaped, so a message never echoes raw terminal bytes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+_BAD_VALUE = re.compile(r"^(Couldn't parse|Expected (string|integer|double|bool|identifier)|Value out of range|"
+                        r"Invalid value|Integer out of range)")
+_FIELD_BEFORE = re.compile(r"([A-Za-z_]\w*)\s*:\s*$")
+
+
+def _field_at(text, line, column):
+    """The field whose value starts at (line, column): the name before its colon."""
+    lines = text.splitlines()
+    if not line or not 0 < line <= len(lines):
+        return None
+    match = _FIELD_BEFORE.search(lines[line - 1][:max((column or 1) - 1, 0)])
+    return match.group(1) if match else None
+
+
 def _reason_from_parse_error(exc, text):
-    """protobuf's ParseError text, without location or quoted line, unknown names explained."""
+    """protobuf's ParseError text, without location or quoted line, unknown names explained,
+    a bad value prefixed with its field ("num_output: Couldn't parse integer: ten")."""
     reason = _strip_quoted_line(_LOCATION.sub("", str(exc), count=1), exc.GetLine(), text)
     match = _NO_FIELD.match(reason)
     if match:
@@ -185,7 +205,8 @@ def _reason_from_parse_error(exc, text):
     match = _NO_ENUM_VALUE.match(reason)
     if match:
         return _unknown_enum_message(*match.groups())
-    return reason
+    field = _field_at(text, exc.GetLine(), exc.GetColumn()) if _BAD_VALUE.match(reason) else None
+    return printable(f"{field}: {reason}" if field else reason)
 
 
 def parse_text(text, message, path="<string>"):

@@ -43,6 +43,14 @@ def encoded_datum(data, label=0):
     return caffe_pb2.Datum(data=bytes(data), label=int(label), encoded=True)
 
 
+def parse_datum(record, where="a Datum record"):
+    """A Datum from a database record's bytes; damaged bytes are a one-line DefinitionError."""
+    try:
+        return caffe_pb2.Datum.FromString(record)
+    except Exception as exc:  # protobuf's DecodeError (and, with some backends, others)
+        raise DefinitionError(f"{where}: not a valid Datum ({type(exc).__name__})") from None
+
+
 def datum_to_array(datum, color=None):
     """(C, H, W) array of one Datum: uint8 for ``data``, float32 for ``float_data``.
 
@@ -50,15 +58,15 @@ def datum_to_array(datum, color=None):
     the file's own channels, as DecodeDatumToCVMatNative).
     """
     if datum.encoded:
-        return decode_image(datum.data, color).transpose(2, 0, 1)
+        return decode_image(datum.data, color, "an encoded Datum").transpose(2, 0, 1)
     shape = (datum.channels, datum.height, datum.width)
     size = shape[0] * shape[1] * shape[2]
     if datum.data:
         if len(datum.data) != size:
-            raise ValueError(f"Datum data holds {len(datum.data)} bytes, expected {size} for shape {shape}")
+            raise DefinitionError(f"Datum data holds {len(datum.data)} bytes, expected {size} for shape {shape}")
         return numpy.frombuffer(datum.data, dtype=numpy.uint8).reshape(shape)
     if len(datum.float_data) != size:
-        raise ValueError(f"Datum float_data holds {len(datum.float_data)} values, expected {size} for shape {shape}")
+        raise DefinitionError(f"Datum float_data holds {len(datum.float_data)} values, expected {size} for shape {shape}")
     return numpy.asarray(datum.float_data, dtype=numpy.float32).reshape(shape)
 
 
@@ -69,16 +77,16 @@ def datums_to_batch(datums, color=None):
         shape = (first.channels, first.height, first.width)
         if any((d.channels, d.height, d.width) != shape for d in datums):
             bad = next(d for d in datums if (d.channels, d.height, d.width) != shape)
-            raise ValueError(f"datums of one batch differ in shape: {shape} and {(bad.channels, bad.height, bad.width)}")
+            raise DefinitionError(f"datums of one batch differ in shape: {shape} and {(bad.channels, bad.height, bad.width)}")
         flat = numpy.frombuffer(b"".join(d.data for d in datums), dtype=numpy.uint8)
         if flat.size != len(datums) * shape[0] * shape[1] * shape[2]:
-            raise ValueError(f"a Datum's data does not match its shape {shape}")
+            raise DefinitionError(f"a Datum's data does not match its shape {shape}")
         return flat.reshape((len(datums),) + shape)
     arrays = [datum_to_array(d, color) for d in datums]
     shape = arrays[0].shape
     for a in arrays[1:]:
         if a.shape != shape:
-            raise ValueError(f"datums of one batch differ in shape: {shape} and {a.shape}")
+            raise DefinitionError(f"datums of one batch differ in shape: {shape} and {a.shape}")
     dtype = numpy.float32 if any(a.dtype != numpy.uint8 for a in arrays) else numpy.uint8
     return numpy.stack([a.astype(dtype, copy=False) for a in arrays])
 
@@ -370,17 +378,22 @@ def read_mean_file(path, what=None):
     if not os.path.isfile(path):
         raise DefinitionError(f"{what}mean file {path} does not exist")
     if path.endswith(".npy"):
-        return numpy.load(path).astype(numpy.float32)
+        return read_npy(path, what)
     from brewnet import netdef
 
-    if hasattr(netdef, "read_blobproto"):
-        return numpy.asarray(netdef.read_blobproto(path), dtype=numpy.float32)
-    blob = caffe_pb2.BlobProto()
-    with open(path, "rb") as f:
-        blob.ParseFromString(f.read())
-    shape = tuple(blob.shape.dim) if blob.HasField("shape") else (blob.num, blob.channels, blob.height, blob.width)
-    data = blob.double_data if len(blob.double_data) else blob.data
-    return numpy.asarray(data, dtype=numpy.float32).reshape(shape)
+    return numpy.asarray(netdef.read_blobproto(path), dtype=numpy.float32)
+
+
+def read_npy(path, what=""):
+    """A numeric .npy array as float32; pickled objects are refused (loading one runs code)."""
+    try:
+        array = numpy.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        reason = "it holds pickled Python objects" if "pickle" in str(exc) else str(exc).splitlines()[0]
+        raise DefinitionError(f"{what}not a numeric .npy array ({reason})", path) from None
+    if not isinstance(array, numpy.ndarray) or array.dtype.kind not in "biuf":
+        raise DefinitionError(f"{what}not a numeric .npy array (dtype {getattr(array, 'dtype', '?')})", path)
+    return array.astype(numpy.float32)
 
 
 def mean_blobproto(mean):

@@ -1,27 +1,50 @@
 """Image files: decode (Pillow), encode, and Caffe's (OpenCV's) bilinear resize."""
 
 import io
+import os
 
 import numpy
 
 from brewnet.netdef import DefinitionError
 
 
+# Pillow's own guard against decompression bombs (about 89 M pixels, 268 MB as BGR), which
+# brewnet keeps as its documented limit: BREWNET_MAX_IMAGE_PIXELS moves it.
+MAX_IMAGE_PIXELS = int(os.environ.get("BREWNET_MAX_IMAGE_PIXELS", 89_478_485))
+
+
+class ImageTooLargeError(DefinitionError):
+    """An image with more pixels than brewnet decodes (MAX_IMAGE_PIXELS)."""
+
+
 def _pil():
     from PIL import Image, ImageOps
 
+    # our limit is the one that counts: Pillow would refuse at twice its own and warn below that
+    Image.MAX_IMAGE_PIXELS = None
     return Image, ImageOps
 
 
-def decode_image(data, color=True):
+def decode_image(data, color=True, where="an encoded image"):
     """Decode image file bytes; color True: 3-channel BGR, False: gray, None: as stored
     (gray stays 1 channel, alpha gives BGRA), as cv::imdecode with COLOR/GRAYSCALE/UNCHANGED."""
-    return _to_array(io.BytesIO(bytes(data)), color)
+    try:
+        return _to_array(io.BytesIO(bytes(data)), color, where)
+    except ImageTooLargeError:
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for damaged or unknown data
+        raise DefinitionError(f"{where}: cannot be decoded as an image ({type(exc).__name__})") from None
 
 
-def _to_array(source, color):
+def _to_array(source, color, where=None):
     Image, ImageOps = _pil()
     with Image.open(source) as img:
+        pixels = img.size[0] * img.size[1]
+        if pixels > MAX_IMAGE_PIXELS:  # checked on the header, before anything is decoded
+            name = where or source
+            raise ImageTooLargeError(f"{name}: image of {img.size[0]}x{img.size[1]} = {pixels / 1e6:.0f} M pixels is "
+                                     f"over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} M (resize it first, or set "
+                                     "BREWNET_MAX_IMAGE_PIXELS)")
         if color is False and img.format == "JPEG":
             img.draft("L", img.size)  # libjpeg's own gray output, as OpenCV asks for it
         img.load()
@@ -43,9 +66,12 @@ def _to_array(source, color):
 
 
 def read_image(path, height=0, width=0, color=True):
-    """cv::imread (+ cv::resize when height and width are > 0); None when unreadable."""
+    """cv::imread (+ cv::resize when height and width are > 0); None when unreadable.
+    An image over MAX_IMAGE_PIXELS raises ImageTooLargeError (a one-line DefinitionError)."""
     try:
         img = _to_array(path, color)
+    except ImageTooLargeError:
+        raise
     except (OSError, ValueError, SyntaxError):
         return None
     if height > 0 and width > 0:
