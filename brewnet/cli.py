@@ -3,6 +3,11 @@ and exposes ``COMMANDS`` (a list of click commands); they are found here.
 
 Mistakes in the user's files or flags end with one line on stderr and a
 non-zero exit; tracebacks are for brewnet's own bugs only.
+
+Names are spelled as in Caffe or as click does: a command or a long flag may use
+'_' or '-' (convert_imageset / convert-imageset, --resize_height / --resize-height),
+and a top-level command's long flags also take gflags' single dash and boolean
+values (-resize_height 256, -backend=lmdb, -shuffle, --shuffle=false).
 """
 
 import importlib
@@ -19,11 +24,81 @@ def _user_error_types():
     from brewnet.layers.registry import UnknownLayerTypeError
     from brewnet.netdef.errors import DefinitionError
 
-    return (DefinitionError, DeviceError, UnknownLayerTypeError, FileNotFoundError, IsADirectoryError,
-            PermissionError)
+    return (DefinitionError, DeviceError, UnknownLayerTypeError, FileNotFoundError, FileExistsError,
+            IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def normalize_name(token):
+    """The one spelling of a command or flag name: Caffe's '_' for click's '-'."""
+    return token.replace("-", "_")
+
+
+_GFLAGS_TRUE = {"true", "t", "yes", "y", "1"}
+_GFLAGS_FALSE = {"false", "f", "no", "n", "0"}
+
+
+def _gflags_token(arg, longs, shorts, ctx):
+    """The click spelling of one argument, as a list of 0 or 1 tokens."""
+    if len(arg) < 3 or not arg.startswith("-") or arg in shorts:
+        return [arg]
+    dashes = 2 if arg.startswith("--") else 1
+    name, eq, value = arg[dashes:].partition("=")
+    option = longs.get(normalize_name(name))
+    if option is None:
+        return [arg]
+    if not (eq and option.is_bool_flag):
+        return [arg] if dashes == 2 else [f"-{arg}"]
+    # gflags gives booleans a value: --shuffle=true, -shuffle=false (--no-x=true for a --x/--no-x flag)
+    value = value.lower()
+    if value not in _GFLAGS_TRUE | _GFLAGS_FALSE:
+        return [arg]  # click says what is wrong
+    negative = any(normalize_name(opt) == normalize_name(f"--{name}") for opt in option.secondary_opts)
+    if (value in _GFLAGS_TRUE) != negative:
+        return [option.opts[0]]
+    if option.secondary_opts:
+        return [option.secondary_opts[0]]
+    return [] if not option.get_default(ctx) else [arg]
+
+
+def gflags_args(command, ctx, args):
+    """``args`` for ``command`` with Caffe's gflags spellings of its long options in
+    click's: -name VALUE, -name=VALUE and -flag become --name..., and a boolean flag
+    given a value (--flag=true, -flag=false) becomes the flag or nothing. Tokens that
+    are no long option of the command (values, paths, short options) and everything
+    after "--" are left alone."""
+    longs, shorts = {}, set()
+    for param in command.get_params(ctx):
+        if isinstance(param, click.Option):
+            for opt in param.opts + param.secondary_opts:
+                if opt.startswith("--"):
+                    longs[normalize_name(opt[2:])] = param
+                else:
+                    shorts.add(opt)
+    out = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + list(args[i:])
+        out.extend(_gflags_token(arg, longs, shorts, ctx))
+    return out
 
 
 class BrewnetGroup(click.Group):
+    """brewnet's command group: Caffe's spellings of command and flag names (see the
+    module docstring) and one-line errors for the user's mistakes."""
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            wanted = normalize_name(cmd_name)
+            command = next((c for name, c in self.commands.items() if normalize_name(name) == wanted), None)
+        return command
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not isinstance(command, click.Group):
+            rest = gflags_args(command, ctx, rest)
+        return name, command, rest
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -35,10 +110,15 @@ class BrewnetGroup(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=BrewnetGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=BrewnetGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                                  "token_normalize_func": normalize_name})
 @click.version_option(package_name="brewnet")
 def main():
-    """brewnet: train Caffe nets from prototxt files, on numpy or cupy."""
+    """brewnet: train Caffe nets from prototxt files, on numpy or cupy.
+
+    Commands and flags take Caffe's spellings as well as click's: convert_imageset
+    or convert-imageset; --resize_height, --resize-height or -resize_height.
+    """
 
 
 def _register_commands():

