@@ -47,9 +47,10 @@ def center_crop(image, height, width):
 
 def load_mean(path, channels, height, width):
     from brewnet import netdef
+    from brewnet.layers.dataio.db import read_npy
 
     path = str(path)
-    mean = numpy.load(path) if path.endswith(".npy") else netdef.read_blobproto(path)
+    mean = read_npy(path) if path.endswith(".npy") else netdef.read_blobproto(path)
     mean = numpy.asarray(mean, dtype=numpy.float32).reshape(-1, *numpy.shape(mean)[-2:])
     if mean.shape[0] != channels:
         raise DefinitionError(f"mean has {mean.shape[0]} channels, the net takes {channels}", path)

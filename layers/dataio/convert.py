@@ -62,6 +62,15 @@ def image_datum(path, name, label, height, width, color, encoding):
     return db.array_to_datum(img.transpose(2, 0, 1), label), img.shape
 
 
+def image_path(root_folder, name):
+    """Caffe's root_folder + name, as written; where that file does not exist but the two
+    joined as folder and file do (a root given without its trailing slash), the latter."""
+    caffe_path = root_folder + name
+    if root_folder and not os.path.exists(caffe_path) and os.path.exists(os.path.join(root_folder, name)):
+        return os.path.join(root_folder, name)
+    return caffe_path
+
+
 def _shape_text(shape):
     return f"{shape[1]}x{shape[0]}x{shape[2]}"
 
@@ -74,9 +83,10 @@ def convert_imageset(root_folder, list_file, db_path, *, gray=False, shuffle=Fal
     index in the, possibly shuffled, list), raw Datums of channels x height x width
     uint8 in BGR order, or encoded Datums with ``encoded``/``encode_type``.
 
-    Each path is appended to ``root_folder`` as written (keep its trailing slash).
-    Unreadable images are skipped with a warning. Returns (records written, the
-    skipped paths).
+    Each path is appended to ``root_folder`` as Caffe does (a root without its trailing
+    slash is joined as a folder). Unreadable images are skipped with a warning; when
+    none could be read, no database is written. Returns (records written, the skipped
+    paths).
     """
     report = report or _SILENT
     root_folder, list_file, db_path = os.fspath(root_folder), os.fspath(list_file), os.fspath(db_path)
@@ -98,7 +108,7 @@ def convert_imageset(root_folder, list_file, db_path, *, gray=False, shuffle=Fal
                         raise DefinitionError(f"cannot guess the encoding of {name!r}: give --encode_type",
                                               list_file)
                     encoding = name.rsplit(".", 1)[-1].lower()
-                path = root_folder + name
+                path = image_path(root_folder, name)
                 datum, shape = image_datum(path, name, label, height, width, color, encoding)
                 if datum is None:
                     report.warn(f"could not open or decode image {path}: skipped")
@@ -112,6 +122,9 @@ def convert_imageset(root_folder, list_file, db_path, *, gray=False, shuffle=Fal
                                               f"{_shape_text(first)} (--check_size)")
                 out.put(f"{line_id:08d}_{name}", datum.SerializeToString())
         written = out.count
+        if not written and lines:  # raising here discards the unfinished database
+            raise DefinitionError(f"none of the {len(lines)} images could be read (the first: "
+                                  f"{image_path(root_folder, lines[0][0])}); no database written", list_file)
     report.info(f"Processed {written} files" +
                 (f"; {len(skipped)} unreadable image(s) skipped." if skipped else "."))
     return written, skipped
@@ -254,7 +267,8 @@ def compute_image_mean(input_db, output_file=None, *, backend="lmdb", report=Non
     try:
         with report.progress(reader.items(), length=len(reader), label="averaging") as items:
             for key, value in items:
-                array = db.datum_to_array(caffe_pb2.Datum.FromString(value), color=None)
+                where = f"{input_db}: record {key.decode(errors='replace')!r}"
+                array = db.datum_to_array(db.parse_datum(value, where), color=None)
                 if shape is None:
                     shape = array.shape
                     total = numpy.zeros(array.size, dtype=numpy.float32)

@@ -349,10 +349,16 @@ def read_list_file(path, what=None):
     """[(name, label)] from an image list: the label follows the last space."""
     what = f"{what}: " if what else ""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise DefinitionError(f"{what}cannot read list file {path}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DefinitionError(f"{what}the list file is not UTF-8 text (byte 0x{data[exc.start]:02x})", path=path,
+                              line=line) from None
     lines = []
     for number, line in enumerate(text.split("\n"), 1):
         line = line.rstrip("\r")
@@ -366,6 +372,9 @@ def read_list_file(path, what=None):
         if not sep or not name or value is None:
             raise DefinitionError(f"{what}expected 'PATH LABEL' (an integer label after the last space), "
                                   f"got {line!r}", path=path, line=number)
+        if not -2**31 <= value < 2**31:  # a Datum's label is an int32
+            raise DefinitionError(f"{what}label {value} does not fit a Datum's 32-bit label", path=path,
+                                  line=number)
         lines.append((name, value))
     if not lines:
         raise DefinitionError(f"{what}list file {path} is empty")

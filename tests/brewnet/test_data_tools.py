@@ -284,3 +284,51 @@ def test_scripts_are_wrappers_of_the_commands(mnist_idx):
                          capture_output=True, text=True, env=env)
     assert out.returncode == 1 and out.stderr.startswith("brewnet: error: ") and out.stderr.count("\n") == 1
     assert "already exists" in out.stderr
+
+
+# -- damaged or hostile inputs: one line, nothing half-written (issue 14) ------------------
+
+def test_a_root_without_its_trailing_slash_still_finds_the_images(imageset):
+    folder, root, _ = imageset
+    result = run("convert_imageset", str(root), folder / "list.txt", folder / "out_lmdb")
+    assert result.exit_code == 0, result.output
+    assert len(records(folder / "out_lmdb")) == 3 and "skipped" not in result.output
+
+
+def test_nothing_converted_is_an_error_and_leaves_no_database(imageset):
+    folder, root, _ = imageset
+    (folder / "list.txt").write_text("nope0.png 0\nnope1.png 1\n")
+    line = error_line(run("convert_imageset", f"{root}/", folder / "list.txt", folder / "out_lmdb"))
+    assert "none of the 2 images could be read" in line and "no database written" in line
+    assert not (folder / "out_lmdb").exists()
+
+
+def test_list_files_with_bad_bytes_or_huge_labels_are_one_line(imageset):
+    folder, root, _ = imageset
+    (folder / "list.txt").write_bytes(b"im0.png 0\nim\xff1.png 1\n")
+    assert "list.txt:2: the list file is not UTF-8 text (byte 0xff)" in error_line(
+        run("convert_imageset", f"{root}/", folder / "list.txt", folder / "a_lmdb"))
+    (folder / "list.txt").write_text("im0.png 0\nim1.png 4294967296\n")
+    assert "list.txt:2: label 4294967296 does not fit a Datum's 32-bit label" in error_line(
+        run("convert_imageset", f"{root}/", folder / "list.txt", folder / "b_lmdb"))
+    assert not (folder / "a_lmdb").exists() and not (folder / "b_lmdb").exists()
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(imageset, monkeypatch):
+    from brewnet.layers.dataio import images
+
+    folder, root, _ = imageset
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 20)  # the 4x6 test images have 24
+    line = error_line(run("convert_imageset", "--resize_height", 2, "--resize_width", 2, f"{root}/",
+                          folder / "list.txt", folder / "out_lmdb"))
+    assert "image of 6x4 = 0 M pixels is over the limit" in line and "BREWNET_MAX_IMAGE_PIXELS" in line
+    assert not (folder / "out_lmdb").exists()
+
+
+def test_compute_image_mean_of_a_damaged_record_is_one_line(tmp_path):
+    with db.DBWriter(str(tmp_path / "in_lmdb")) as out:
+        out.put("00000000", db.array_to_datum(numpy.zeros((1, 2, 2), numpy.uint8)).SerializeToString())
+        out.put("00000001", b"\xff\xff\xff\xff garbage")
+    line = error_line(run("compute_image_mean", tmp_path / "in_lmdb", tmp_path / "mean.binaryproto"))
+    assert "record '00000001': not a valid Datum" in line
+    assert not (tmp_path / "mean.binaryproto").exists()

@@ -37,9 +37,25 @@ def test_unknown_top_level_field_and_enum_value():
 def test_other_syntax_errors_drop_the_quoted_line():
     with pytest.raises(DefinitionError) as info:
         netdef.parse_net('layer { name: conv1 }', "x.prototxt")
-    assert str(info.value) == "x.prototxt:1:15: Expected string but found: 'conv1'"
+    assert str(info.value) == "x.prototxt:1:15: name: Expected string but found: 'conv1'"
     with pytest.raises(DefinitionError, match=r'^x:1:7: Expected "}"'):
         netdef.parse_net('layer {\n', "x")
+
+
+def test_a_bad_value_names_its_field():
+    text = 'layer {\n  name: "c"\n  type: "Convolution"\n  convolution_param {\n    num_output: ten\n  }\n}\n'
+    with pytest.raises(DefinitionError) as info:
+        netdef.parse_net(text, "n.prototxt")
+    assert str(info.value) == "n.prototxt:5:17: num_output: Couldn't parse integer: ten"
+    with pytest.raises(DefinitionError, match=r"^s:1:10: base_lr: Couldn't parse float: abc$"):
+        netdef.parse_solver("base_lr: abc", "s")
+
+
+def test_parse_errors_never_echo_control_characters():
+    with pytest.raises(DefinitionError) as info:
+        netdef.parse_solver('type: "x" base_lr: \x1b[2J', "s")
+    message = str(info.value)
+    assert "\x1b" not in message and "\\x1b" in message and message.isprintable()
 
 
 def test_read_net_missing_file(tmp_path):

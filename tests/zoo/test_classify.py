@@ -3,6 +3,7 @@
 import json
 
 import numpy
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -47,3 +48,19 @@ def test_classify_bad_image_is_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["classify", "--model", "zoo:lenet_mnist", str(bad)])
     assert result.exit_code != 0
     assert "not_an_image.png: cannot read the image" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("content", ["pickled", "malformed"])
+def test_classify_mean_npy_that_is_not_numbers_is_one_line(tmp_path, monkeypatch, content):
+    monkeypatch.delenv("BREWNET_ZOO", raising=False)
+    digit = tmp_path / "digit.png"
+    Image.fromarray(numpy.zeros((28, 28), numpy.uint8)).save(digit)
+    mean = tmp_path / "mean.npy"
+    if content == "pickled":
+        numpy.save(mean, numpy.array([{"run": "code"}], dtype=object), allow_pickle=True)
+    else:
+        mean.write_bytes(b"\x93NUMPY\x01\x00garbage")
+    result = CliRunner().invoke(main, ["classify", "--model", "zoo:lenet_mnist", "--mean", str(mean),
+                                       str(digit)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "mean.npy: not a numeric .npy array" in result.output
