@@ -1,8 +1,52 @@
 """Blob: a named array pair (data and diff) like Caffe's Blob."""
 
+import os
+
 import numpy
 
 from brewnet.layers.kernels import backend
+from brewnet.netdef.errors import DefinitionError
+
+_CHECK_ABOVE = 256 << 20  # smaller arrays are allocated without asking the system first
+
+
+class BlobTooLargeError(DefinitionError):
+    """A blob that would need more memory than the machine (or GPU) has."""
+
+
+def available_host_memory():
+    """Bytes the host can still give (MemAvailable), or its physical memory where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(nbytes):
+    return f"{nbytes / (1 << 30):.1f} GiB" if nbytes >= 1 << 30 else f"{nbytes / (1 << 20):.0f} MiB"
+
+
+def zeros(xp, shape, dtype, name=None, empty=False):
+    """A new array for a blob; one too large for the machine is a one-line error giving the
+    figure, before the system is asked for it (an input dim of 2147483647, say)."""
+    nbytes = int(numpy.prod(shape, dtype=numpy.float64)) * numpy.dtype(dtype).itemsize
+    what = f"blob {name!r} of shape {tuple(shape)}" if name else f"a blob of shape {tuple(shape)}"
+    if nbytes > _CHECK_ABOVE and xp is numpy:
+        free = available_host_memory()
+        if free is not None and nbytes > free:
+            raise BlobTooLargeError(f"{what} needs {_gib(nbytes)}, more than the {_gib(free)} of memory available")
+    try:
+        return xp.empty(shape, dtype=dtype) if empty else xp.zeros(shape, dtype=dtype)
+    except (MemoryError, ValueError) as exc:  # cupy's OutOfMemoryError is a MemoryError; ValueError: too big
+        raise BlobTooLargeError(f"{what} needs {_gib(nbytes)}, which could not be allocated "
+                                f"({type(exc).__name__})") from None
 
 
 class Blob:
@@ -17,7 +61,7 @@ class Blob:
         self.dtype = numpy.dtype(dtype)
         self.name = name
         shape = tuple(int(d) for d in shape)
-        self.data = self.xp.zeros(shape, dtype=self.dtype)
+        self.data = zeros(self.xp, shape, self.dtype, name)
         self._diff = None
         self._diff_zero_pending = False
 
@@ -25,7 +69,7 @@ class Blob:
     @property
     def diff(self):
         if self._diff is None or self._diff.shape != self.data.shape:
-            self._diff = self.xp.zeros(self.data.shape, dtype=self.dtype)
+            self._diff = zeros(self.xp, self.data.shape, self.dtype, self.name)
         elif self._diff_zero_pending:
             self._diff.fill(0)
         self._diff_zero_pending = False
@@ -50,7 +94,7 @@ class Blob:
         instead of adding to; the caller must then write every element."""
         unallocated = self._diff is None or self._diff.shape != self.data.shape
         if unallocated:
-            self._diff = self.xp.empty(self.data.shape, dtype=self.dtype)
+            self._diff = zeros(self.xp, self.data.shape, self.dtype, self.name, empty=True)
         zero = unallocated or self._diff_zero_pending
         self._diff_zero_pending = False
         return self._diff, zero
@@ -110,7 +154,7 @@ class Blob:
             if self._diff is not None:
                 self._diff = self._diff.reshape(shape)
         else:
-            self.data = self.xp.zeros(shape, dtype=self.dtype)
+            self.data = zeros(self.xp, shape, self.dtype, self.name)
             self._diff = None
             self._diff_zero_pending = False
 

@@ -7,9 +7,11 @@ the same initial weights on CPU and GPU.
 
 import numpy
 
+from brewnet.netdef.errors import DefinitionError
 
-class FillerError(ValueError):
-    pass
+
+class FillerError(DefinitionError):
+    """A filler that cannot fill the blob it is given (unknown type, bad field)."""
 
 
 def _fans(shape):

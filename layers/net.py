@@ -651,7 +651,16 @@ class Net:
                         f"rename the layer.", path=path)
                 array = netdef.blob_to_array(proto, dtype=self.dtype).reshape(blob.shape)
                 blob.data[...] = self.xp.asarray(array, dtype=self.dtype)
+        copied = len(weights.layer) - len(self.ignored_source_layers)
+        if not copied and any(layer.blobs for layer in self.layers):
+            logger.warning("No layer of %s has a name of this net's layers: nothing was copied (is it a weights "
+                           "file for this net, not a mean .binaryproto or a solver state?)", path or "the weights")
         return self.ignored_source_layers
+
+    def nonfinite_params(self):
+        """Names of the layers whose parameters hold a NaN or inf."""
+        return [name for name, layer in zip(self.layer_names, self.layers)
+                if any(blob.count and not bool(self.xp.isfinite(blob.data).all()) for blob in layer.blobs)]
 
     copy_from = copy_trained_layers_from
 

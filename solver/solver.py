@@ -177,7 +177,28 @@ class Solver:
         if p.regularization_type not in updates.REGULARIZATION_TYPES:
             raise DefinitionError(f"unknown regularization_type '{p.regularization_type}' (one of L2, L1)",
                                   self.source)
+        for field, ok, expected in self._field_rules():
+            value = getattr(p, field)
+            if not (math.isfinite(value) and ok(value)):
+                raise DefinitionError(f"{field} must be {expected}, got {fmt(value)}", self.source)
+        for i, n in enumerate(p.test_iter):
+            if n < 0:
+                raise DefinitionError(f"test_iter #{i} must be >= 0, got {n}", self.source)
         lr_policy.check_policy(p, self.source)
+
+    def _field_rules(self):
+        """(field, check, what it must be): values that would give NaN, a math error or a run
+        that cannot end (Caffe CHECKs some of them, others it computes with)."""
+        rules = [("max_iter", lambda v: v >= 0, ">= 0"), ("base_lr", lambda v: v >= 0, ">= 0"),
+                 ("weight_decay", lambda v: v >= 0, ">= 0"), ("display", lambda v: v >= 0, ">= 0"),
+                 ("test_interval", lambda v: v >= 0, ">= 0"), ("momentum", lambda v: 0 <= v < 1, "in [0, 1)")]
+        if self.type in ("AdaGrad", "RMSProp", "AdaDelta", "Adam"):
+            rules.append(("delta", lambda v: v > 0, "> 0 (it keeps the update's division away from zero)"))
+        if self.type == "RMSProp":
+            rules.append(("rms_decay", lambda v: 0 <= v < 1, "in [0, 1)"))
+        if self.type == "Adam":
+            rules.append(("momentum2", lambda v: 0 <= v < 1, "in [0, 1)"))
+        return rules
 
     def sanity_check(self):
         """Per-type restrictions (Caffe's constructor_sanity_check)."""
@@ -511,6 +532,7 @@ class Solver:
             if p.test_compute_loss:
                 loss += batch_loss
             values = [backend.to_numpy(net.blobs[name].data).astype(numpy.float64).ravel() for name in net.outputs]
+            self._check_test_outputs(net, test_net_id, values)
             totals = values if totals is None else [t + v for t, v in zip(totals, values)]
         if self.requested_early_exit:
             log.info("Test interrupted.")
@@ -528,6 +550,18 @@ class Solver:
                 log.info("    Test net output #%d: %s = %s%s", index, name, fmt(mean), note)
                 index += 1
         return results
+
+    def _check_test_outputs(self, net, test_net_id, values):
+        """A NaN or inf in a test output ends the run: averaging it would only print 'nan'."""
+        bad = [name for name, vals in zip(net.outputs, values) if not numpy.isfinite(vals).all()]
+        if not bad:
+            return
+        first = net.first_nonfinite() if hasattr(net, "first_nonfinite") else None
+        where = f"; the first non-finite output is layer '{first[0]}' (top '{first[1]}')" if first else ""
+        broken = self.net.nonfinite_params() if hasattr(self.net, "nonfinite_params") else []
+        cause = f"the weights of {', '.join(broken)} are not finite" if broken else "NaN or inf in the test data?"
+        raise TrainingDivergedError(f"test net #{test_net_id} output {bad[0]} is not finite at iteration "
+                                    f"{self.iter} ({cause}){where}")
 
     # -- snapshots ------------------------------------------------------------
     def _snapshot_or_carry_on(self):

@@ -158,6 +158,8 @@ def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sig
 def test(model, weights, iterations, gpu, stages, level):
     """Score a trained net over N batches (like `caffe test`): per-batch outputs,
     then each output averaged."""
+    import numpy
+
     from brewnet.api import resolve_model, resolve_weights
     from brewnet.layers.kernels.backend import to_numpy
     from brewnet.layers.net import Net
@@ -172,7 +174,11 @@ def test(model, weights, iterations, gpu, stages, level):
     if not os.path.isfile(model):
         raise DefinitionError("--model: net file not found", model)
     net = Net(model, phase=caffe_pb2.TEST, level=level, stages=_stages(stages), source=model)
-    net.copy_trained_layers_from(resolve_weights(weights))
+    weights = resolve_weights(weights)
+    net.copy_trained_layers_from(weights)
+    broken = net.nonfinite_params()
+    if broken:  # a score from them means nothing (NaN weights can even give accuracy 1)
+        raise DefinitionError(f"the weights of layer(s) {', '.join(broken)} hold NaN or inf values", weights)
     log.info("Running for %d iterations.", iterations)
     totals = None
     loss = 0.0
@@ -182,6 +188,12 @@ def test(model, weights, iterations, gpu, stages, level):
         for name, vals in zip(net.outputs, values):
             for v in vals:
                 log.info("Batch %d, %s = %s", i, name, fmt(v))
+        bad = [name for name, vals in zip(net.outputs, values) if not numpy.isfinite(vals).all()]
+        if bad:
+            first = net.first_nonfinite()
+            where = f"; the first non-finite output is layer '{first[0]}' (top '{first[1]}')" if first else ""
+            raise DefinitionError(f"batch {i}: output {bad[0]} is not finite (NaN or inf in the test data?){where}",
+                                  model)
         totals = values if totals is None else [t + v for t, v in zip(totals, values)]
     log.info("Loss: %s", fmt(loss / iterations))
     for name, total in zip(net.outputs, totals or []):

@@ -51,6 +51,14 @@ def parse_datum(record, where="a Datum record"):
         raise DefinitionError(f"{where}: not a valid Datum ({type(exc).__name__})") from None
 
 
+def datum_shape(datum):
+    """(channels, height, width) of a raw Datum; negative sizes (a damaged record) refused."""
+    shape = (datum.channels, datum.height, datum.width)
+    if min(shape) < 0:
+        raise DefinitionError(f"a Datum with a negative size {shape}")
+    return shape
+
+
 def datum_to_array(datum, color=None):
     """(C, H, W) array of one Datum: uint8 for ``data``, float32 for ``float_data``.
 
@@ -59,7 +67,7 @@ def datum_to_array(datum, color=None):
     """
     if datum.encoded:
         return decode_image(datum.data, color, "an encoded Datum").transpose(2, 0, 1)
-    shape = (datum.channels, datum.height, datum.width)
+    shape = datum_shape(datum)
     size = shape[0] * shape[1] * shape[2]
     if datum.data:
         if len(datum.data) != size:
@@ -74,7 +82,7 @@ def datums_to_batch(datums, color=None):
     """Stack datums into one (N, C, H, W) array, with one join for raw uint8 data."""
     first = datums[0]
     if not first.encoded and first.data and all(not d.encoded and d.data for d in datums):
-        shape = (first.channels, first.height, first.width)
+        shape = datum_shape(first)
         if any((d.channels, d.height, d.width) != shape for d in datums):
             bad = next(d for d in datums if (d.channels, d.height, d.width) != shape)
             raise DefinitionError(f"datums of one batch differ in shape: {shape} and {(bad.channels, bad.height, bad.width)}")
@@ -233,6 +241,9 @@ class DBReader:
         else:
             import lmdb
 
+            if os.path.isdir(path) and not os.path.exists(os.path.join(path, "data.mdb")):
+                raise DefinitionError(f"{what}data source {path} is a folder but not an LMDB (no data.mdb in it); "
+                                      "make one with brewnet convert_imageset or convert_mnist")
             try:
                 self.env = _open_lmdb_readonly(path)
             except lmdb.Error as exc:
