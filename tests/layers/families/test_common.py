@@ -413,7 +413,8 @@ def _run_reference_case(case_dir, phase):
         # what the Net does: lr_mult 0 (BatchNorm sets it for itself) means no param gradient
         specs = layer.param.param
         layer.param_propagate_down = [i >= len(specs) or specs[i].lr_mult != 0 for i in range(len(layer.blobs))]
-        down = list(lp.propagate_down) or [True] * len(bottom)
+        # as the Net under force_backward: every bottom the layer allows (none for ArgMax)
+        down = list(lp.propagate_down) or [bool(layer.allow_force_backward(j)) for j in range(len(bottom))]
         steps.append((lp.name, layer, bottom, top, down))
 
     for _, layer, bottom, top, _ in steps:  # Caffe reshapes before every forward

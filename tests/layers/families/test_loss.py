@@ -306,7 +306,7 @@ def test_accuracy_axis_and_errors():
     with pytest.raises(DefinitionError, match="top_k"):
         run(layer_text("Accuracy", "accuracy_param { top_k: 6 }", tops=("acc",)), [X, LABELS])
     layer, bottom, top = run(layer_text("Accuracy", tops=("acc",)), [X, LABELS], propagate=[False, False])
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(DefinitionError, match=r"\(Accuracy\): has no gradient"):
         layer.backward(top, [True, False], bottom)
 
 

@@ -195,7 +195,7 @@ def test_dropout_test_phase_is_identity():
 def test_threshold_has_no_backward():
     layer, bottom, top = run("Threshold", "", X)
     layer.backward(top, [False], bottom)  # nothing asked, nothing done
-    with pytest.raises(NotImplementedError, match="Threshold"):
+    with pytest.raises(DefinitionError, match=r"layer 't' \(Threshold\): has no gradient"):
         layer.backward(top, [True], bottom)
 
 
