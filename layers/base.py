@@ -16,18 +16,40 @@ class LayerError(DefinitionError):
     """A layer's parameters or inputs that it cannot work with; the message names the layer."""
 
 
+def layer_where(name, type_name=None):
+    """How messages name a layer: ``layer 'conv1' (Convolution)``."""
+    return f"layer {name!r} ({type_name})" if type_name else f"layer {name!r}"
+
+
+def layer_error(name, type_name, message):
+    """The LayerError of layer ``name`` of type ``type_name``: for code that holds no
+    layer (loader threads, the Python layer's factory); layers use ``self.error``."""
+    return LayerError(f"{layer_where(name, type_name)}: {message}")
+
+
 class Layer:
     type = None  # set by @register
 
-    # blob-count contract; None means "no constraint"
+    # The blob-count contract, Caffe's ExactNumBottomBlobs ... EqualNumBottomTopBlobs:
+    # declared here, checked by the Net (check_blob_counts) before setup. None means
+    # "no constraint". Counts that depend on the layer's parameters (Pooling, RNN, LSTM)
+    # are set per instance in __init__; the class then holds the loosest bounds.
     exact_bottoms = None
     min_bottoms = None
     max_bottoms = None
     exact_tops = None
     min_tops = None
     max_tops = None
+    equal_bottom_top = False  # one top per bottom (Convolution)
+    # Caffe's AutoTopBlobs: the Net adds anonymous tops up to max(min_tops, exact_tops)
+    # when the prototxt names fewer (a loss layer written without a top)
+    auto_top_blobs = False
     # loss layers get loss_weight 1 on their first top unless the prototxt says otherwise
     is_loss = False
+    # False where Caffe's backward is NOT_IMPLEMENTED (Accuracy, ArgMax, Threshold) or there
+    # is nothing to differentiate (data sources): asking such a layer for a bottom gradient
+    # is an error. True layers override backward and have a gradient check in the tests.
+    has_backward = True
     # True (or a property that is True) where forward draws from self.rng: the
     # default resume_state then saves the generator, so a resumed run draws alike
     rng_in_forward = False
@@ -53,7 +75,12 @@ class Layer:
     # -- helpers for subclasses -------------------------------------------
     def error(self, message):
         """The one error a layer raises for a user's mistake: ``raise self.error("...")``."""
-        return LayerError(f"layer {self.name!r} ({self.type}): {message}")
+        return layer_error(self.name, self.type, message)
+
+    @property
+    def where(self):
+        """``layer 'name' (Type)``, the prefix of this layer's messages (for file readers' ``what``)."""
+        return layer_where(self.name, self.type)
 
     def make_blob(self, shape):
         return Blob(shape, xp=self.xp, dtype=self.dtype, name=f"{self.name}/param{len(self.blobs)}")
@@ -68,17 +95,25 @@ class Layer:
 
         return self.phase == caffe_pb2.TRAIN
 
-    def check_blob_counts(self, n_bottom, n_top):
-        def check(n, exact, lo, hi, what):
+    def blob_count_problem(self, n_bottom, n_top):
+        """What is wrong with these blob counts under the declared contract, or None."""
+        for n, exact, lo, hi, what in ((n_bottom, self.exact_bottoms, self.min_bottoms, self.max_bottoms, "bottom"),
+                                       (n_top, self.exact_tops, self.min_tops, self.max_tops, "top")):
             if exact is not None and n != exact:
-                raise self.error(f"takes {exact} {what} blob(s), got {n}")
+                return f"takes {exact} {what} blob(s), got {n}"
             if lo is not None and n < lo:
-                raise self.error(f"takes at least {lo} {what} blob(s), got {n}")
+                return f"takes at least {lo} {what} blob(s), got {n}"
             if hi is not None and n > hi:
-                raise self.error(f"takes at most {hi} {what} blob(s), got {n}")
+                return f"takes at most {hi} {what} blob(s), got {n}"
+        if self.equal_bottom_top and n_bottom != n_top:
+            return f"produces one top blob per bottom blob, got {n_bottom} bottom(s) and {n_top} top(s)"
+        return None
 
-        check(n_bottom, self.exact_bottoms, self.min_bottoms, self.max_bottoms, "bottom")
-        check(n_top, self.exact_tops, self.min_tops, self.max_tops, "top")
+    def check_blob_counts(self, n_bottom, n_top):
+        """Caffe's CheckBlobCounts; the Net calls it once, after adding automatic tops."""
+        problem = self.blob_count_problem(n_bottom, n_top)
+        if problem:
+            raise self.error(problem)
 
     # -- the contract --------------------------------------------------------
     def setup(self, bottom, top):
@@ -93,7 +128,13 @@ class Layer:
 
     def backward(self, top, propagate_down, bottom):
         """Write bottom diffs where propagate_down[i]; accumulate param diffs."""
-        raise NotImplementedError(f"{type(self).__name__}.backward")
+        if self.has_backward:
+            raise NotImplementedError(f"{type(self).__name__}.backward")
+        asked = [i for i, down in enumerate(propagate_down) if down]
+        if asked:
+            # Caffe aborts here (NOT_IMPLEMENTED); the net routes a loss gradient through this layer
+            raise self.error(f"has no gradient (as in Caffe), but the net asks one for bottom(s) {asked}; "
+                             "keep it off the path to a loss")
 
     # -- exact resume (brewnet's addition; Caffe saves none of this) ------------
     def resume_state(self):
@@ -107,17 +148,15 @@ class Layer:
     def restore_resume_state(self, state):
         """Put back what ``resume_state`` returned (in a freshly built net)."""
         if self.rng_in_forward and state and "rng" in state:
-            set_rng_state(self.rng, state["rng"], self.name)
+            set_rng_state(self.rng, state["rng"], self.name, self.type)
 
     def __repr__(self):
         return f"<{self.type} layer {self.name!r}>"
 
 
-def set_rng_state(rng, state, name="?"):
+def set_rng_state(rng, state, name="?", type_name=None):
     """Restore a numpy Generator from ``rng.bit_generator.state`` (as saved in JSON)."""
     try:
         rng.bit_generator.state = state
     except (TypeError, ValueError, KeyError) as exc:
-        from brewnet.netdef import DefinitionError
-
-        raise DefinitionError(f"layer {name!r}: cannot restore its random generator state ({exc})") from None
+        raise layer_error(name, type_name, f"cannot restore its random generator state ({exc})") from None

@@ -13,6 +13,7 @@ reshaped view of the owner instead). Layers must therefore read
 """
 
 import collections
+import contextlib
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from brewnet.netdef import caffe_pb2
 from brewnet.netdef.errors import DefinitionError
 
 from brewnet.layers.kernels import backend
+from brewnet.layers.base import LayerError
 from brewnet.layers.blob import Blob
 from brewnet.layers.registry import get_layer_class
 
@@ -214,6 +216,22 @@ class Net:
     def _error(self, message):
         return DefinitionError(message, path=self.source)
 
+    @contextlib.contextmanager
+    def _layer_errors(self, where):
+        """Errors while a layer is made and set up name this net's file; a plain
+        ValueError (from a Blob, or a user's Python layer) also names the layer."""
+        try:
+            yield
+        except DefinitionError as exc:
+            if exc.path is not None or self.source is None:
+                raise
+            raise type(exc)(exc.reason, path=self.source) from None
+        except ValueError as exc:
+            message = str(exc)
+            if where.split(" (")[0] not in message:
+                message = f"{where}: {message}"
+            raise LayerError(message, path=self.source) from exc
+
     def _init_layers(self):
         from brewnet import netdef
 
@@ -247,8 +265,9 @@ class Net:
                                   f"(once per bottom), got {len(lp.propagate_down)}")
             stored = [netdef.blob_to_array(b, dtype=self.dtype) for b in lp.blobs]
             lp.ClearField("blobs")  # kept as Blobs on the layer; no second copy in the param
-            cls = get_layer_class(lp.type, lp.name)
-            layer = cls(lp, xp=self.xp, phase=lp.phase, rng=_child_rng(self.rng), dtype=self.dtype)
+            with self._layer_errors(where):
+                cls = get_layer_class(lp.type, lp.name)
+                layer = cls(lp, xp=self.xp, phase=lp.phase, rng=_child_rng(self.rng), dtype=self.dtype)
             if stored:
                 layer.blobs = [self._blob_from_array(a, f"{lp.name}/param{k}") for k, a in enumerate(stored)]
             self.layers.append(layer)
@@ -278,23 +297,18 @@ class Net:
                 self._append_top(layer_id, lp, j, name, name_to_id, available)
                 if lp.type == "Input":
                     self._input_ids.append(self.top_ids[layer_id][-1])
-            if getattr(layer, "auto_top_blobs", layer.is_loss):
+            if layer.auto_top_blobs:
+                # anonymous tops: not in name_to_id or available, so no later layer can read them
                 wanted = max(layer.min_tops or 0, layer.exact_tops or 0)
                 for j in range(n_top, wanted):
                     self._append_top(layer_id, lp, j, None, None, None)
 
             bottom, top = self.bottom_vecs[layer_id], self.top_vecs[layer_id]
-            try:
+            with self._layer_errors(where):
+                # the one place the blob-count contract is checked (Caffe's Layer::SetUp)
                 layer.check_blob_counts(len(bottom), len(top))
                 layer.setup(bottom, top)
                 layer.reshape(bottom, top)
-            except DefinitionError:
-                raise
-            except ValueError as exc:
-                message = str(exc)
-                if f"'{lp.name}'" not in message:
-                    message = f"{where}: {message}"
-                raise self._error(message) from exc
             self._set_loss_weights(layer_id, layer, lp, top, where)
             logger.info("%s: %s -> %s", lp.name,
                         ", ".join(lp.bottom) or "(no bottom)",

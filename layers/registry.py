@@ -2,13 +2,15 @@
 
 import difflib
 
+from brewnet.netdef.errors import DefinitionError
+
 _LAYERS = {}
 _V1_NAMES = {}
 _plugins_loaded = False
 
 
-class UnknownLayerTypeError(ValueError):
-    pass
+class UnknownLayerTypeError(DefinitionError):
+    """A type string no layer is registered under: a mistake in a net definition."""
 
 
 def register(type_name, v1=None):

@@ -102,4 +102,4 @@ def test_ssd_permute_model_fails_clearly(model, first, fixtures):
     text = re.sub(r"permute_param\s*\{[^}]*\}", "", path.read_text())
     with pytest.raises(UnknownLayerTypeError) as info:
         Net(parse_net(text, path=str(path)), source=str(path))
-    assert str(info.value).startswith(f"layer '{first}': unknown layer type 'Permute'")
+    assert str(info.value).startswith(f"{path}: layer '{first}': unknown layer type 'Permute'")

@@ -9,13 +9,16 @@ both phases whenever ``mirror`` is set (as in Caffe).
 
 import numpy
 
+from brewnet.layers.base import layer_error, layer_where
 from brewnet.layers.dataio.db import read_mean_file
-from brewnet.netdef import DefinitionError, caffe_pb2
+from brewnet.netdef import caffe_pb2
 
 
 class DataTransformer:
-    def __init__(self, param, phase, rng, dtype=numpy.float32, name="?"):
+    def __init__(self, param, phase, rng, dtype=numpy.float32, name="?", type_name=None):
+        # the owning layer's name and type, for errors (the loader thread holds no layer)
         self.name = name
+        self.type_name = type_name
         self.dtype = numpy.dtype(dtype)
         self.phase = phase
         self.rng = rng
@@ -31,7 +34,7 @@ class DataTransformer:
         if param.HasField("mean_file"):
             if len(param.mean_value):
                 raise self.error("cannot specify mean_file and mean_value at the same time")
-            mean = read_mean_file(param.mean_file, f"layer {name!r}")
+            mean = read_mean_file(param.mean_file, layer_where(name, type_name))
             if mean.ndim == 4 and mean.shape[0] == 1:
                 mean = mean[0]
             if mean.ndim != 3:
@@ -41,7 +44,7 @@ class DataTransformer:
             self.mean_values = numpy.asarray(param.mean_value, dtype=self.dtype)
 
     def error(self, message):
-        return DefinitionError(f"layer {self.name!r}: {message}")
+        return layer_error(self.name, self.type_name, message)
 
     def output_shape(self, channels, height, width):
         """(C, H, W) after the transformation (Caffe's InferBlobShape)."""

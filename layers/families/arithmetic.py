@@ -39,7 +39,6 @@ class Eltwise(Layer):
     exact_tops = 1
 
     def setup(self, bottom, top):
-
         p = self.param.eltwise_param
         E = caffe_pb2.EltwiseParameter
         self.op = p.operation
@@ -114,7 +113,6 @@ class Reduction(Layer):
     exact_tops = 1
 
     def setup(self, bottom, top):
-
         R = caffe_pb2.ReductionParameter
         self.op = self.param.reduction_param.operation
         if self.op not in (R.SUM, R.ASUM, R.SUMSQ, R.MEAN):
@@ -159,9 +157,10 @@ class Reduction(Layer):
 class ArgMax(Layer):
     exact_bottoms = 1
     exact_tops = 1
+    has_backward = False  # piecewise constant: Caffe's backward is NOT_IMPLEMENTED
 
     def allow_force_backward(self, bottom_index):
-        return False  # piecewise constant: Caffe has no backward
+        return False  # so force_backward does not run into the missing gradient
 
     def setup(self, bottom, top):
         p = self.param.argmax_param
@@ -217,7 +216,3 @@ class ArgMax(Layer):
             out[:, :self.top_k] = idx.astype(dtype)
             if self.out_max_val:
                 out[:, self.top_k:] = val
-
-    def backward(self, top, propagate_down, bottom):
-        if propagate_down[0]:
-            bottom[0].diff[...] = 0

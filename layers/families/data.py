@@ -3,7 +3,7 @@ HDF5Data, HDF5Output, MemoryData and WindowData.
 
 Data, ImageData and WindowData build whole batches in a background thread
 (``prefetch`` batches ahead, like Caffe's BasePrefetchingDataLayer): decode all
-records of a batch into one array, transform it at once (layers/transformer.py),
+records of a batch into one array, transform it at once (layers/dataio/transformer.py),
 queue it. forward only copies a ready batch into the tops. The loader thread
 holds no reference to the layer, so a dropped layer stops its thread.
 
@@ -19,13 +19,13 @@ import weakref
 
 import numpy
 
-from brewnet.layers.base import Layer, set_rng_state
+from brewnet.layers.base import Layer, LayerError, layer_error, set_rng_state
 from brewnet.layers.dataio.db import DBReader, datums_to_batch, read_list_file, read_mean_file
 from brewnet.layers.dataio.images import read_image, resize_linear
 from brewnet.layers.dataio.prefetch import Prefetcher
 from brewnet.layers.dataio.transformer import DataTransformer
 from brewnet.layers.registry import register
-from brewnet.netdef import DefinitionError, caffe_pb2
+from brewnet.netdef import caffe_pb2
 
 
 def _child_rng(rng):
@@ -67,12 +67,14 @@ class _PrefetchingDataLayer(Layer):
     exact_bottoms = 0
     min_tops = 1
     max_tops = 2
+    has_backward = False  # no bottoms: nothing to differentiate
 
     def allow_force_backward(self, bottom_index):
         return False
 
     def _transformer(self):
-        return DataTransformer(self.param.transform_param, self.phase, _child_rng(self.rng), self.dtype, self.name)
+        return DataTransformer(self.param.transform_param, self.phase, _child_rng(self.rng), self.dtype, self.name,
+                               self.type)
 
     def _start(self, load, depth, capture, apply):
         def load_with_state():
@@ -94,6 +96,8 @@ class _PrefetchingDataLayer(Layer):
         self._prefetcher.join()  # no read-ahead may run while the loader is moved
         try:
             self._apply(state)
+        except LayerError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise self.error(f"cannot restore the saved data position ({exc})") from None
         self._delivered = state
@@ -111,9 +115,6 @@ class _PrefetchingDataLayer(Layer):
         if len(top) > 1:
             _copy_to_top(top[1], labels)
 
-    def backward(self, top, propagate_down, bottom):
-        pass
-
     def close(self):
         """Stop the prefetch thread (it also stops when the layer is dropped)."""
         if getattr(self, "_prefetcher", None) is not None:
@@ -130,14 +131,14 @@ class Data(_PrefetchingDataLayer):
         if p.batch_size <= 0:
             raise self.error("data_param.batch_size must be positive")
         backend = "lmdb" if p.backend == caffe_pb2.DataParameter.LMDB else "leveldb"
-        reader = DBReader(p.source, backend, what=f"layer {self.name!r} ({self.type})")
+        reader = DBReader(p.source, backend, what=self.where)
         position = [0]  # index of the reader's current record
         if p.rand_skip:
             skip = int(self.rng.integers(0, p.rand_skip))
             position[0] = _seek(reader, 0, skip)
         transform = self._transformer()
-        what = f"layer {self.name!r} ({self.type})"
-        first = _datum_batch([reader.value()], transform, what, p.source)
+        name, type_name = self.name, self.type  # the loader holds no reference to the layer
+        first = _datum_batch([reader.value()], transform, name, type_name, p.source)
         c, h, w = transform.output_shape(*first.shape[1:])
         batch_size = int(p.batch_size)
         self._shapes = ((batch_size, c, h, w), (batch_size,))
@@ -146,7 +147,7 @@ class Data(_PrefetchingDataLayer):
         def load():
             records = reader.take(batch_size)
             position[0] = (position[0] + batch_size) % len(reader)
-            data, labels = _datum_batch(records, transform, what, p.source, labels=True)
+            data, labels = _datum_batch(records, transform, name, type_name, p.source, labels=True)
             return transform(data), labels.astype(dtype)
 
         def capture():
@@ -156,19 +157,18 @@ class Data(_PrefetchingDataLayer):
             if state["records"] != len(reader):
                 raise ValueError(f"saved for a source of {state['records']} records, {p.source} has {len(reader)}")
             position[0] = _seek(reader, position[0], state["position"])
-            set_rng_state(transform.rng, state["transform_rng"], name)
+            set_rng_state(transform.rng, state["transform_rng"], name, type_name)
 
-        name = self.name
         self._start(load, p.prefetch, capture, apply)
 
 
-def _datum_batch(records, transform, what, source, labels=False):
+def _datum_batch(records, transform, name, type_name, source, labels=False):
     """Parse serialized Datums and stack them into one (N, C, H, W) array."""
     try:
         datums = [caffe_pb2.Datum.FromString(v) for v in records]
         data = datums_to_batch(datums, transform.color)
     except Exception as exc:  # protobuf DecodeError, bad sizes, undecodable images
-        raise DefinitionError(f"{what}: bad record in {source}: {exc}") from None
+        raise layer_error(name, type_name, f"bad record in {source}: {exc}") from None
     if labels:
         return data, numpy.array([d.label for d in datums])
     return data
@@ -189,7 +189,7 @@ class ImageData(_PrefetchingDataLayer):
             raise self.error("image_data_param.batch_size must be positive")
         if not p.source or not os.path.isfile(p.source):
             raise self.error(f"image list {p.source or '(source not set)'} does not exist")
-        lines = read_list_file(p.source, f"layer {self.name!r}")
+        lines = read_list_file(p.source, self.where)
         rng = _child_rng(self.rng)
         # rng only draws the permutations: its state before the current one regenerates it
         order_rng = _rng_state(rng)
@@ -200,13 +200,13 @@ class ImageData(_PrefetchingDataLayer):
             if position >= len(lines):
                 raise self.error(f"rand_skip {p.rand_skip}: not enough images ({len(lines)}) to skip {position}")
         root, size, color = p.root_folder, (int(p.new_height), int(p.new_width)), bool(p.is_color)
-        name = self.name
+        name, type_name = self.name, self.type  # the loader holds no reference to the layer
 
         def read(i):
             path = root + lines[i][0]
             img = read_image(path, size[0], size[1], color)
             if img is None:
-                raise DefinitionError(f"layer {name!r} (ImageData): could not load image {path}")
+                raise layer_error(name, type_name, f"could not load image {path}")
             return img
 
         transform = self._transformer()
@@ -230,9 +230,9 @@ class ImageData(_PrefetchingDataLayer):
             images = [read(i) for i in picks]
             for i, img in zip(picks, images):
                 if img.shape != images[0].shape:
-                    raise DefinitionError(f"layer {name!r} (ImageData): image {root + lines[i][0]} is "
-                                          f"{img.shape[1]}x{img.shape[0]}, the batch's first is "
-                                          f"{images[0].shape[1]}x{images[0].shape[0]} (set new_height/new_width)")
+                    raise layer_error(name, type_name, f"image {root + lines[i][0]} is "
+                                      f"{img.shape[1]}x{img.shape[0]}, the batch's first is "
+                                      f"{images[0].shape[1]}x{images[0].shape[0]} (set new_height/new_width)")
             batch = numpy.stack(images).transpose(0, 3, 1, 2)
             labels = numpy.array([lines[i][1] for i in picks], dtype=dtype)
             return transform(batch), labels
@@ -246,11 +246,11 @@ class ImageData(_PrefetchingDataLayer):
             if saved["images"] != len(lines) or not 0 <= saved["position"] < len(lines):
                 raise ValueError(f"saved for a list of {saved['images']} images, {p.source} has {len(lines)}")
             if p.shuffle:
-                set_rng_state(rng, saved["order_rng"], name)
+                set_rng_state(rng, saved["order_rng"], name, type_name)
                 state["order_rng"] = saved["order_rng"]
                 state["order"] = rng.permutation(len(lines))
             state["pos"] = int(saved["position"])
-            set_rng_state(transform.rng, saved["transform_rng"], name)
+            set_rng_state(transform.rng, saved["transform_rng"], name, type_name)
 
         self._start(load, self.param.data_param.prefetch, capture, apply)
 
@@ -279,7 +279,7 @@ class WindowData(_PrefetchingDataLayer):
         self._shapes = ((batch_size, channels, crop, crop), (batch_size,))
         mean = mean_values = None
         if t.HasField("mean_file"):
-            mean = read_mean_file(t.mean_file, f"layer {self.name!r}")
+            mean = read_mean_file(t.mean_file, self.where)
             mean = mean.reshape((-1,) + mean.shape[-2:])
         elif len(t.mean_value):
             mean_values = numpy.asarray(t.mean_value, dtype=numpy.float32)
@@ -289,14 +289,14 @@ class WindowData(_PrefetchingDataLayer):
         rng = _child_rng(self.rng)
         cache = {}
         num_fg = int(numpy.float32(batch_size) * numpy.float32(p.fg_fraction))
-        dtype, name = self.dtype, self.name
+        dtype, name, type_name = self.dtype, self.name, self.type  # the loader holds no reference to the layer
 
         def image(index):
             if index not in cache or not p.cache_images:
                 path = images[index][0]
                 img = read_image(path, color=True)
                 if img is None:
-                    raise DefinitionError(f"layer {name!r} (WindowData): could not open or find file {path}")
+                    raise layer_error(name, type_name, f"could not open or find file {path}")
                 cache[index] = img
             return cache[index]
 
@@ -327,7 +327,7 @@ class WindowData(_PrefetchingDataLayer):
             return {"rng": _rng_state(rng)}
 
         def apply(state):
-            set_rng_state(rng, state["rng"], name)
+            set_rng_state(rng, state["rng"], name, type_name)
 
         self._start(load, self.param.data_param.prefetch, capture, apply)
 
@@ -414,6 +414,7 @@ class HDF5Data(Layer):
 
     exact_bottoms = 0
     min_tops = 1
+    has_backward = False  # no bottoms: nothing to differentiate
 
     def allow_force_backward(self, bottom_index):
         return False
@@ -490,6 +491,8 @@ class HDF5Data(Layer):
                 self._load(index)
             if state["rows"] != self.rows or not 0 <= state["current_row"] < self.rows:
                 raise ValueError(f"saved for {state['rows']} rows in {self.files[index]}, it has {self.rows}")
+        except LayerError:
+            raise  # from _load: already names the layer
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise self.error(f"cannot restore the saved data position ({exc})") from None
         self.file_order = file_order
@@ -497,7 +500,7 @@ class HDF5Data(Layer):
         self.current_row = int(state["current_row"])
         if self.shuffle:
             self.row_order = numpy.asarray(state["row_order"], dtype=numpy.int64)
-            set_rng_state(self.rng, state["rng"], self.name)
+            set_rng_state(self.rng, state["rng"], self.name, self.type)
 
     def reshape(self, bottom, top):
         for t, a in zip(top, self.arrays):
@@ -530,9 +533,6 @@ class HDF5Data(Layer):
         for t, out in zip(top, pieces):
             _copy_to_top(t, numpy.concatenate(out) if len(out) > 1 else out[0])
 
-    def backward(self, top, propagate_down, bottom):
-        pass
-
 
 # ---------------------------------------------------------------------------
 @register("HDF5Output", v1="HDF5_OUTPUT")
@@ -542,6 +542,7 @@ class HDF5Output(Layer):
 
     exact_bottoms = 2
     exact_tops = 0
+    has_backward = False  # a sink: no gradient to give its bottoms
 
     def setup(self, bottom, top):
         import h5py
@@ -573,7 +574,7 @@ class HDF5Output(Layer):
                 f.create_dataset(key, data=to_numpy(blob.data).reshape(legacy(blob.shape)))
 
     def backward(self, top, propagate_down, bottom):
-        pass
+        pass  # Caffe returns without touching the bottoms, even under force_backward
 
 
 # ---------------------------------------------------------------------------
@@ -584,6 +585,7 @@ class MemoryData(Layer):
 
     exact_bottoms = 0
     exact_tops = 2
+    has_backward = False  # no bottoms: nothing to differentiate
 
     def allow_force_backward(self, bottom_index):
         return False
@@ -633,7 +635,7 @@ class MemoryData(Layer):
         data = numpy.asarray(data)
         if self._transform is None:
             self._transform = DataTransformer(self.param.transform_param, self.phase, _child_rng(self.rng),
-                                              self.dtype, self.name)
+                                              self.dtype, self.name, self.type)
         transformed = self._transform(data)
         labels = numpy.asarray(labels)
         self._check(transformed, labels, transformed.shape[0])
@@ -662,8 +664,8 @@ class MemoryData(Layer):
         if "transform_rng" in state:
             if self._transform is None:
                 self._transform = DataTransformer(self.param.transform_param, self.phase, _child_rng(self.rng),
-                                                  self.dtype, self.name)
-            set_rng_state(self._transform.rng, state["transform_rng"], self.name)
+                                                  self.dtype, self.name, self.type)
+            set_rng_state(self._transform.rng, state["transform_rng"], self.name, self.type)
 
     def forward(self, bottom, top):
         if self.data is None:
@@ -673,6 +675,3 @@ class MemoryData(Layer):
         top[0].data[...] = self.data[self.pos:self.pos + self.batch_size]
         top[1].data[...] = self.labels[self.pos:self.pos + self.batch_size].reshape(-1, 1, 1, 1)
         self.pos = (self.pos + self.batch_size) % self.n
-
-    def backward(self, top, propagate_down, bottom):
-        pass

@@ -41,9 +41,6 @@ class _Labeled(Layer):
         # dtype-matched scalar: arithmetic never promotes float32 data to float64
         return self.dtype.type(value)
 
-    def fail(self, message):
-        raise self.error(message)
-
     def read_labels(self, label_data, outer, inner, num_classes):
         """Integer labels (outer, inner) and the valid mask (None without ignore_label).
 
@@ -58,7 +55,7 @@ class _Labeled(Layer):
         bad = (labels < 0) | (labels >= num_classes)
         if bool(bad.any()):
             value = int(labels[bad].reshape(-1)[0])
-            self.fail(f"label value {value} is outside [0, {num_classes})")
+            raise self.error(f"label value {value} is outside [0, {num_classes})")
         return labels, valid
 
     def split_at_axis(self, bottom, axis):
@@ -68,7 +65,7 @@ class _Labeled(Layer):
         self.outer = x.count_range(0, self.axis)
         self.inner = x.count_range(self.axis + 1)
         if self.outer * self.inner != bottom[1].count:
-            self.fail(
+            raise self.error(
                 f"number of labels ({bottom[1].count}) must match the number of predictions "
                 f"({self.outer * self.inner}: data {x.shape} without axis {self.axis})"
             )
@@ -78,6 +75,7 @@ class _Loss(_Labeled):
     is_loss = True
     exact_bottoms = 2
     exact_tops = 1
+    auto_top_blobs = True  # Caffe's LossLayer: a loss written without a top still gets one
     # bottoms Caffe refuses to backpropagate to (LOG(FATAL) in its Backward)
     label_bottoms = (1,)
 
@@ -87,13 +85,13 @@ class _Loss(_Labeled):
     def reshape(self, bottom, top):
         a, b = bottom[0].shape, bottom[1].shape
         if a[:1] != b[:1]:
-            self.fail(f"data and label must have the same first dimension, got {a} and {b}")
+            raise self.error(f"data and label must have the same first dimension, got {a} and {b}")
         top[0].reshape(())
 
     def check_label_grad(self, propagate_down):
         for i in self.label_bottoms:
             if i < len(propagate_down) and propagate_down[i]:
-                self.fail(f"cannot backpropagate to label inputs (bottom {i})")
+                raise self.error(f"cannot backpropagate to label inputs (bottom {i})")
 
     # -- shared by the class-scoring losses -----------------------------------
     def read_ignore_label(self):
@@ -122,7 +120,7 @@ class _Loss(_Labeled):
         elif mode == _NORM.NONE:
             n = 1
         else:
-            self.fail(f"unknown normalization mode {mode}")
+            raise self.error(f"unknown normalization mode {mode}")
         return self.const(max(n, 1))
 
     def write_class_grad(self, grad, top, bottom):
@@ -193,7 +191,7 @@ class EuclideanLoss(_Loss):
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
         if bottom[0].count_range(1) != bottom[1].count_range(1):
-            self.fail(f"inputs must have the same dimension, got {bottom[0].shape} and {bottom[1].shape}")
+            raise self.error(f"inputs must have the same dimension, got {bottom[0].shape} and {bottom[1].shape}")
 
     def forward(self, bottom, top):
         a = bottom[0].data
@@ -220,7 +218,7 @@ class SigmoidCrossEntropyLoss(_Loss):
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
         if bottom[0].count != bottom[1].count:
-            self.fail(f"inputs must have the same count, got {bottom[0].shape} and {bottom[1].shape}")
+            raise self.error(f"inputs must have the same count, got {bottom[0].shape} and {bottom[1].shape}")
         self.outer = bottom[0].shape[0]
         self.inner = bottom[0].count_range(1)
 
@@ -259,7 +257,7 @@ class HingeLoss(_Loss):
     def setup(self, bottom, top):
         self.norm = self.param.hinge_loss_param.norm
         if self.norm not in (caffe_pb2.HingeLossParameter.L1, caffe_pb2.HingeLossParameter.L2):
-            self.fail(f"unknown norm {self.norm}")
+            raise self.error(f"unknown norm {self.norm}")
 
     def forward(self, bottom, top):
         xp = self.xp
@@ -304,13 +302,13 @@ class InfogainLoss(_Loss):
     def setup(self, bottom, top):
         self.read_ignore_label()
         if self.param.loss_param.HasField("normalize"):
-            self.fail('loss_param.normalize is deprecated here; use "normalization"')
+            raise self.error('loss_param.normalize is deprecated here; use "normalization"')
         self.normalization = self.param.loss_param.normalization
         self._infogain = None
         if len(bottom) < 3:
             ip = self.param.infogain_loss_param
             if not ip.HasField("source"):
-                self.fail("without a third bottom, infogain_loss_param.source must name the matrix file")
+                raise self.error("without a third bottom, infogain_loss_param.source must name the matrix file")
             self._infogain = self.xp.asarray(_read_blobproto(self, ip.source).astype(self.dtype))
 
     def reshape(self, bottom, top):
@@ -320,7 +318,7 @@ class InfogainLoss(_Loss):
         num_classes = x.shape[self.axis]
         h_count = bottom[2].count if len(bottom) > 2 else int(self._infogain.size)
         if h_count != num_classes * num_classes:
-            self.fail(f"the infogain matrix must have {num_classes}x{num_classes} values, got {h_count}")
+            raise self.error(f"the infogain matrix must have {num_classes}x{num_classes} values, got {h_count}")
         if len(top) > 1:
             top[1].reshape(x.shape)
 
@@ -364,7 +362,7 @@ def _read_blobproto(layer, path):
         with open(path, "rb") as f:
             blob.ParseFromString(f.read())
     except (OSError, DefinitionError) as exc:
-        layer.fail(f"cannot read the infogain matrix: {exc}")
+        raise layer.error(f"cannot read the infogain matrix: {exc}")
     values = blob.double_data if len(blob.double_data) else blob.data
     return numpy.asarray(values, dtype=numpy.float64)
 
@@ -376,7 +374,7 @@ class MultinomialLogisticLoss(_Loss):
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
         if bottom[1].count != bottom[1].shape[0]:
-            self.fail(f"label must hold one value per sample (shape (N,) or (N,1,1,1)), got {bottom[1].shape}")
+            raise self.error(f"label must hold one value per sample (shape (N,) or (N,1,1,1)), got {bottom[1].shape}")
 
     def forward(self, bottom, top):
         xp = self.xp
@@ -422,9 +420,9 @@ class ContrastiveLoss(_Loss):
         super().reshape(bottom, top)
         num = bottom[0].shape[0]
         if bottom[0].count != bottom[1].count or bottom[1].shape[0] != num:
-            self.fail(f"the two inputs must have the same shape (N, C), got {bottom[0].shape} and {bottom[1].shape}")
+            raise self.error(f"the two inputs must have the same shape (N, C), got {bottom[0].shape} and {bottom[1].shape}")
         if bottom[2].count != num:
-            self.fail(f"the similarity input must hold one value per pair, got {bottom[2].shape}")
+            raise self.error(f"the similarity input must hold one value per pair, got {bottom[2].shape}")
 
     def forward(self, bottom, top):
         xp = self.xp
@@ -466,6 +464,8 @@ class Accuracy(_Labeled):
     min_tops = 1
     max_tops = 2
 
+    has_backward = False  # Caffe's backward is NOT_IMPLEMENTED: it cannot be used as a loss
+
     def allow_force_backward(self, bottom_index):
         # no gradient exists (Caffe would abort); keep force_backward from asking for one
         return False
@@ -478,7 +478,7 @@ class Accuracy(_Labeled):
     def reshape(self, bottom, top):
         x = bottom[0]
         if bottom[1].count == 0 or self.top_k > x.count // bottom[1].count:
-            self.fail(f"top_k ({self.top_k}) must be at most the number of classes")
+            raise self.error(f"top_k ({self.top_k}) must be at most the number of classes")
         self.split_at_axis(bottom, self.param.accuracy_param.axis)
         top[0].reshape(())
         if len(top) > 1:
@@ -505,7 +505,3 @@ class Accuracy(_Labeled):
             per_class_hits = (onehot & correct[:, None, :]).sum(axis=(0, 2))
             # classes never seen get 0 (hits are 0 there too)
             top[1].data[...] = per_class_hits / xp.maximum(onehot.sum(axis=(0, 2)), 1)
-
-    def backward(self, top, propagate_down, bottom):
-        if any(propagate_down):
-            raise NotImplementedError(f"layer {self.name!r} (Accuracy) has no backward (as in Caffe)")

@@ -311,15 +311,14 @@ class BNLL(_Neuron):
 
 @register("Threshold", v1="THRESHOLD")
 class Threshold(_Neuron):
+    has_backward = False  # a step function: Caffe's backward is NOT_IMPLEMENTED
+    backward = Layer.backward  # not _Neuron's: the base refuses a gradient
+
     def configure(self):
         self.threshold = self.const(self.param.threshold_param.threshold)
 
     def compute(self, x):
         return (x > self.threshold).astype(self.dtype)
-
-    def backward(self, top, propagate_down, bottom):
-        if propagate_down[0]:
-            raise NotImplementedError(f"layer {self.name!r} (Threshold) has no backward (as in Caffe)")
 
 
 @register("Clip")

@@ -56,11 +56,15 @@ class Pooling(Layer):
     # STOCHASTIC draws from self.rng: its state is saved for exact resume (layers/base.py)
     rng_in_forward = property(lambda self: getattr(self, "method", None) == P.STOCHASTIC)
 
+    def __init__(self, param, *args, **kwargs):
+        super().__init__(param, *args, **kwargs)
+        # Caffe's MaxTopBlobs: only MAX pooling has the second (mask) top
+        if param.pooling_param.pool != P.MAX:
+            self.max_tops = 1
+
     def setup(self, bottom, top):
         pp = self.param.pooling_param
         self.method = pp.pool
-        if len(top) > 1 and self.method != P.MAX:
-            raise self.error("only MAX pooling has a second (mask) top")
         if bottom[0].num_axes != 4:
             raise self.error(f"input must have 4 axes (num, channels, height, width), got {bottom[0].shape}")
         self.global_pooling = pp.global_pooling

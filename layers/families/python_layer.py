@@ -17,17 +17,19 @@ import sys
 
 import numpy
 
-from brewnet.layers.base import Layer
+from brewnet.layers.base import Layer, layer_error
 from brewnet.layers.registry import register
-from brewnet.netdef.errors import DefinitionError
 
 
 def load_layer_class(param):
     """The class named by a LayerParameter's python_param, with a clear error."""
     pp = param.python_param
-    where = f"layer '{param.name}' (Python)"
+
+    def error(message):  # no layer exists yet: the factory names it
+        return layer_error(param.name, "Python", message)
+
     if not pp.module or not pp.layer:
-        raise DefinitionError(f"{where}: python_param needs both 'module' and 'layer'")
+        raise error("python_param needs both 'module' and 'layer'")
     # Caffe's python layers are found from the working directory as well
     cwd = os.getcwd()
     if cwd not in sys.path:
@@ -37,14 +39,12 @@ def load_layer_class(param):
     except ModuleNotFoundError as exc:
         if exc.name and not (pp.module == exc.name or pp.module.startswith(exc.name + ".")):
             raise  # a missing import *inside* the user's module: show it as is
-        raise DefinitionError(f"{where}: cannot import python_param module '{pp.module}' "
-                              f"(looked in {cwd} and PYTHONPATH)") from None
+        raise error(f"cannot import python_param module '{pp.module}' (looked in {cwd} and PYTHONPATH)") from None
     cls = getattr(module, pp.layer, None)
     if cls is None:
-        raise DefinitionError(f"{where}: module '{pp.module}' ({getattr(module, '__file__', '?')}) has no "
-                              f"class '{pp.layer}'")
+        raise error(f"module '{pp.module}' ({getattr(module, '__file__', '?')}) has no class '{pp.layer}'")
     if not (isinstance(cls, type) and issubclass(cls, Layer)):
-        raise DefinitionError(f"{where}: '{pp.module}.{pp.layer}' must be a class deriving from brewnet.Layer")
+        raise error(f"'{pp.module}.{pp.layer}' must be a class deriving from brewnet.Layer")
     return cls
 
 

@@ -83,7 +83,7 @@ class _Recurrent(Layer):
         self.num_output = int(rp.num_output)
         self.expose_hidden = bool(rp.expose_hidden)
         exposed = self.n_states if self.expose_hidden else 0
-        # per-instance blob counts (they depend on expose_hidden), as in Caffe
+        # per-instance blob counts (they depend on expose_hidden), as Caffe's MinBottomBlobs etc.
         self.min_bottoms = 2 + exposed
         self.max_bottoms = 3 + exposed
         self.exact_tops = 1 + exposed
@@ -103,12 +103,9 @@ class _Recurrent(Layer):
             return
         arrays = [numpy.asarray(a, dtype=self.dtype) for a in state["state"]]
         if len(arrays) != self.n_states or any(a.ndim != 2 or a.shape[1] != self.num_output for a in arrays):
-            self._fail(f"saved recurrent state has shapes {[a.shape for a in arrays]}, expected "
+            raise self.error(f"saved recurrent state has shapes {[a.shape for a in arrays]}, expected "
                        f"{self.n_states} of (N, {self.num_output})")
         self._state = tuple(self.xp.asarray(a) for a in arrays)
-
-    def _fail(self, message):
-        raise self.error(message)
 
     # -- shapes and parameters ----------------------------------------------
     def _param_shapes(self, input_dim, static_dim):
@@ -121,9 +118,9 @@ class _Recurrent(Layer):
 
     def setup(self, bottom, top):
         if self.num_output <= 0:
-            self._fail("recurrent_param.num_output must be positive")
+            raise self.error("recurrent_param.num_output must be positive")
         if bottom[0].num_axes < 2:
-            self._fail(f"bottom[0] must have at least 2 axes (T, N, ...), got shape {bottom[0].shape}")
+            raise self.error(f"bottom[0] must have at least 2 axes (T, N, ...), got shape {bottom[0].shape}")
         exposed = self.n_states if self.expose_hidden else 0
         self.static_input = len(bottom) > 2 + exposed
         self.i_static = 2 if self.static_input else None
@@ -140,32 +137,32 @@ class _Recurrent(Layer):
                 self.blobs.append(blob)
         else:
             if len(self.blobs) != len(shapes):
-                self._fail(f"expected {len(shapes)} parameter blobs, got {len(self.blobs)}")
+                raise self.error(f"expected {len(shapes)} parameter blobs, got {len(self.blobs)}")
             for k, ((_, shape), blob) in enumerate(zip(shapes, self.blobs)):
                 if blob.shape != shape:
-                    self._fail(f"parameter blob {k} has shape {blob.shape}, expected {shape}")
+                    raise self.error(f"parameter blob {k} has shape {blob.shape}, expected {shape}")
 
     def reshape(self, bottom, top):
         x, cont = bottom[0], bottom[1]
         if x.num_axes < 2:
-            self._fail(f"bottom[0] must have at least 2 axes (T, N, ...), got shape {x.shape}")
+            raise self.error(f"bottom[0] must have at least 2 axes (T, N, ...), got shape {x.shape}")
         T, N = x.shape[:2]
         if cont.shape != (T, N):
-            self._fail(f"cont (bottom[1]) must have shape (T, N) = {(T, N)}, got {cont.shape}")
+            raise self.error(f"cont (bottom[1]) must have shape (T, N) = {(T, N)}, got {cont.shape}")
         if x.count_range(2) != self.blobs[0].shape[1]:
-            self._fail(f"input has {x.count_range(2)} features per step, weights expect {self.blobs[0].shape[1]}")
+            raise self.error(f"input has {x.count_range(2)} features per step, weights expect {self.blobs[0].shape[1]}")
         if self.static_input:
             xs = bottom[2]
             if xs.num_axes < 1 or xs.shape[0] != N:
-                self._fail(f"x_static (bottom[2]) must have shape (N, ...) with N = {N}, got {xs.shape}")
+                raise self.error(f"x_static (bottom[2]) must have shape (N, ...) with N = {N}, got {xs.shape}")
             if xs.count_range(1) != self.blobs[2].shape[1]:
-                self._fail(f"x_static has {xs.count_range(1)} features, weights expect {self.blobs[2].shape[1]}")
+                raise self.error(f"x_static has {xs.count_range(1)} features, weights expect {self.blobs[2].shape[1]}")
         H = self.num_output
         if self.expose_hidden:
             for j in range(self.n_states):
                 b = bottom[self.i_hidden + j]
                 if b.shape != (1, N, H):
-                    self._fail(f"bottom[{self.i_hidden + j}] (initial state) must have shape {(1, N, H)}, got {b.shape}")
+                    raise self.error(f"bottom[{self.i_hidden + j}] (initial state) must have shape {(1, N, H)}, got {b.shape}")
         top[0].reshape(T, N, H)
         for j in range(1, len(top)):
             top[j].reshape(1, N, H)

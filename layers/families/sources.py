@@ -51,12 +51,13 @@ class Silence(Layer):
 class Input(Layer):
     exact_bottoms = 0
     min_tops = 1
+    has_backward = False  # no bottoms: nothing to differentiate
 
     def setup(self, bottom, top):
         shapes = self.param.input_param.shape
         if len(shapes) not in (0, 1, len(top)):
             raise self.error(f"input_param.shape must be given once, once per top ({len(top)}), "
-                                    f"or not at all; got {len(shapes)}")
+                             f"or not at all; got {len(shapes)}")
         for i, t in enumerate(top):
             if shapes:
                 t.reshape(tuple(shapes[0 if len(shapes) == 1 else i].dim))
@@ -67,17 +68,14 @@ class Input(Layer):
     def forward(self, bottom, top):
         pass
 
-    def backward(self, top, propagate_down, bottom):
-        pass
-
 
 @register("DummyData", v1="DUMMY_DATA")
 class DummyData(Layer):
     exact_bottoms = 0
     min_tops = 1
+    has_backward = False  # no bottoms: nothing to differentiate
 
     def setup(self, bottom, top):
-
         p = self.param.dummy_data_param
         n = len(top)
         if len(p.data_filler) not in (0, 1, n):
@@ -120,6 +118,3 @@ class DummyData(Layer):
             f = self._filler(i)
             if self.refill[f]:
                 fill(t, self.fillers[f], self.rng)
-
-    def backward(self, top, propagate_down, bottom):
-        pass

@@ -1,4 +1,5 @@
-"""Loss layers and Accuracy: gradients (float64), normalization, labels, and Caffe's own numbers."""
+"""Loss layers and Accuracy: normalization, labels, and Caffe's own numbers (their gradient
+checks are in tests/layers/gradient_cases.py)."""
 
 import importlib.util
 import pathlib
@@ -6,7 +7,7 @@ import pathlib
 import numpy
 import pytest
 
-from brewnet.layers.gradcheck import check_gradient, make_layer, setup_layer
+from brewnet.layers.gradcheck import make_layer, setup_layer
 from brewnet.netdef import DefinitionError, caffe_pb2
 
 
@@ -54,45 +55,6 @@ def run(text, arrays, n_tops=1, weight=1.0, propagate=None):
 def softmax(x, axis=1):
     e = numpy.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
-
-
-# -- gradient checks ----------------------------------------------------------
-W = [numpy.array(1.7)]
-
-
-@pytest.mark.parametrize(
-    "type_name, params, arrays, check",
-    [
-        ("SoftmaxWithLoss", "", [X, LABELS], [0]),
-        ("SoftmaxWithLoss", "loss_param { ignore_label: 2 normalization: VALID }", [X_SPATIAL, LABELS_SPATIAL], [0]),
-        ("SoftmaxWithLoss", "loss_param { normalization: FULL } softmax_param { axis: 2 }",
-         [X_SPATIAL.transpose(0, 2, 1, 3), LABELS_SPATIAL.reshape(2, 3, 2)], [0]),
-        ("EuclideanLoss", "", [X, RNG.standard_normal((4, 5, 1))], [0, 1]),
-        ("SigmoidCrossEntropyLoss", "", [X * 3, RNG.random((4, 5))], [0]),
-        ("SigmoidCrossEntropyLoss", "loss_param { ignore_label: -1 normalization: VALID }",
-         [X, numpy.where(RNG.random((4, 5)) < 0.3, -1.0, RNG.random((4, 5)))], [0]),
-        ("HingeLoss", "", [X, LABELS], [0]),
-        ("HingeLoss", "hinge_loss_param { norm: L2 }", [X, LABELS], [0]),
-        ("InfogainLoss", "", [X, LABELS, RNG.random((1, 1, 5, 5))], [0]),
-        ("InfogainLoss", "loss_param { ignore_label: 2 }", [X_SPATIAL, LABELS_SPATIAL, RNG.random((4, 4))], [0]),
-        ("MultinomialLogisticLoss", "", [softmax(X), LABELS], [0]),
-    ],
-)
-def test_gradient(type_name, params, arrays, check):
-    bottoms = ("x", "label", "H")[: len(arrays)]
-    layer = make_layer(layer_text(type_name, params, bottoms))
-    # hinge is non-smooth where a margin is exactly 0; X keeps clear of +-1
-    check_gradient(layer, arrays, check_bottoms=check, top_weights=W)
-
-
-@pytest.mark.parametrize("params", ["contrastive_loss_param { margin: 2.5 }",
-                                    "contrastive_loss_param { margin: 4 legacy_version: true }"])
-def test_contrastive_gradient(params):
-    a, b = RNG.standard_normal((6, 3)), RNG.standard_normal((6, 3, 1, 1))
-    sim = numpy.array([1, 0, 1, 0, 0, 0], dtype=float)
-    layer = make_layer(layer_text("ContrastiveLoss", params, ("a", "b", "sim")))
-    # Caffe's gradient divides by (distance + 1e-4), so it is exact only to ~1e-4
-    check_gradient(layer, [a, b, sim], check_bottoms=[0, 1], top_weights=W, rtol=1e-3)
 
 
 # -- SoftmaxWithLoss semantics --------------------------------------------------
@@ -306,7 +268,7 @@ def test_accuracy_axis_and_errors():
     with pytest.raises(DefinitionError, match="top_k"):
         run(layer_text("Accuracy", "accuracy_param { top_k: 6 }", tops=("acc",)), [X, LABELS])
     layer, bottom, top = run(layer_text("Accuracy", tops=("acc",)), [X, LABELS], propagate=[False, False])
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(DefinitionError, match=r"\(Accuracy\): has no gradient"):
         layer.backward(top, [True, False], bottom)
 
 

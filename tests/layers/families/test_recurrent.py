@@ -1,11 +1,12 @@
-"""RNN, LSTM and LSTMUnit: gradient checks, Caffe's state semantics, Caffe reference fixtures."""
+"""RNN, LSTM and LSTMUnit: Caffe's state semantics and Caffe reference fixtures (their
+gradient checks are in tests/layers/gradient_cases.py)."""
 
 import numpy
 import pytest
 from google.protobuf import text_format
 
 from brewnet.layers.blob import Blob
-from brewnet.layers.gradcheck import check_gradient, make_layer, setup_layer
+from brewnet.layers.gradcheck import make_layer, setup_layer
 from brewnet.layers.registry import get_layer_class
 from brewnet.netdef import caffe_pb2
 
@@ -31,32 +32,6 @@ def inputs(expose_hidden, static, n_states, seed=3, x_shape=(T, N, D)):
     if expose_hidden:
         arrays += [rng.uniform(-1, 1, (1, N, H)) for _ in range(n_states)]
     return arrays
-
-
-@pytest.mark.parametrize("kind,n_states", [("LSTM", 2), ("RNN", 1)])
-@pytest.mark.parametrize("expose_hidden", [False, True])
-@pytest.mark.parametrize("static", [False, True])
-def test_gradient(kind, n_states, expose_hidden, static):
-    layer = recurrent_layer(kind, expose_hidden)
-    arrays = inputs(expose_hidden, static, n_states)
-    n_tops = 1 + (n_states if expose_hidden else 0)
-    check_bottoms = [i for i in range(len(arrays)) if i != 1]
-    check_gradient(layer, arrays, n_tops=n_tops, check_bottoms=check_bottoms)
-
-
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
-def test_gradient_multi_axis_input(kind):
-    # x (T, N, 3, 2): the input projection flattens everything after axis 1
-    layer = recurrent_layer(kind)
-    arrays = inputs(False, False, 0, x_shape=(T, N, 3, 2))
-    check_gradient(layer, arrays, check_bottoms=[0])
-
-
-def test_lstm_unit_gradient():
-    layer = make_layer("name: 'u' type: 'LSTMUnit'")
-    rng = numpy.random.default_rng(5)
-    arrays = [rng.uniform(-1, 1, (1, N, H)), rng.uniform(-2, 2, (1, N, 4 * H)), numpy.array([[1.0, 0.0]])]
-    check_gradient(layer, arrays, n_tops=2, check_bottoms=[0, 1])
 
 
 def test_param_shapes_and_order():
