@@ -21,11 +21,12 @@ from . import commands as _commands_pkg
 
 def _user_error_types():
     from brewnet.layers.kernels.backend import DeviceError
-    from brewnet.layers.registry import UnknownLayerTypeError
     from brewnet.netdef.errors import DefinitionError
 
-    return (DefinitionError, DeviceError, UnknownLayerTypeError, FileNotFoundError, FileExistsError,
-            IsADirectoryError, NotADirectoryError, PermissionError)
+    # every error about a user's files is a DefinitionError (layers' LayerError, the zoo's
+    # ZooError, unknown layer types ...); DeviceError: no GPU where one was asked for
+    return (DefinitionError, DeviceError, FileNotFoundError, FileExistsError, IsADirectoryError,
+            NotADirectoryError, PermissionError)
 
 
 def normalize_name(token):

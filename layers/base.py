@@ -109,6 +109,13 @@ class Layer:
             return f"produces one top blob per bottom blob, got {n_bottom} bottom(s) and {n_top} top(s)"
         return None
 
+    def tops_with_auto(self, n_top):
+        """How many tops the layer ends up with: Caffe's AutoTopBlobs adds anonymous ones up to
+        the exact or minimum count."""
+        if not self.auto_top_blobs:
+            return n_top
+        return max(n_top, self.min_tops or 0, self.exact_tops or 0)
+
     def check_blob_counts(self, n_bottom, n_top):
         """Caffe's CheckBlobCounts; the Net calls it once, after adding automatic tops."""
         problem = self.blob_count_problem(n_bottom, n_top)

@@ -299,8 +299,7 @@ class Net:
                     self._input_ids.append(self.top_ids[layer_id][-1])
             if layer.auto_top_blobs:
                 # anonymous tops: not in name_to_id or available, so no later layer can read them
-                wanted = max(layer.min_tops or 0, layer.exact_tops or 0)
-                for j in range(n_top, wanted):
+                for j in range(n_top, layer.tops_with_auto(n_top)):
                     self._append_top(layer_id, lp, j, None, None, None)
 
             bottom, top = self.bottom_vecs[layer_id], self.top_vecs[layer_id]

@@ -116,7 +116,7 @@ def test_check_blob_counts(tmp_path):
     _needs_types("Input", "ReLU")
     path = _write(tmp_path, INPUT + 'layer { name: "r" type: "ReLU" bottom: "x" bottom: "x" top: "y" }\n')
     result = _run("check", path)
-    assert result.exit_code != 0 and "layer 'r' (ReLU) takes 1 bottom blob(s), got 2" in result.output
+    assert result.exit_code != 0 and "layer 'r' (ReLU): takes 1 bottom blob(s), got 2" in result.output
 
 
 def test_check_include_and_exclude_error_names_the_file(tmp_path):

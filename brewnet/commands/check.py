@@ -35,31 +35,24 @@ def _load_any(path):
 
 # -- graph checks --------------------------------------------------------------------------
 
-def _count_problem(cls, n_bottom, n_top):
-    """Why the layer class cannot take these blob counts, or None (Caffe's CheckBlobCounts)."""
-    for count, what in ((n_bottom, "bottom"), (n_top, "top")):
-        exact = getattr(cls, f"exact_{what}s", None)
-        low = getattr(cls, f"min_{what}s", None)
-        high = getattr(cls, f"max_{what}s", None)
-        if what == "top" and getattr(cls, "is_loss", False) and count < (exact or low or 0):
-            continue  # Caffe adds the missing loss tops itself
-        if exact is not None and count != exact:
-            return f"takes {exact} {what} blob(s), got {count}"
-        if low is not None and count < low:
-            return f"takes at least {low} {what} blob(s), got {count}"
-        if high is not None and count > high:
-            return f"takes at most {high} {what} blob(s), got {count}"
-    return None
+def _count_problem(cls, layer):
+    """Why the layer cannot take its blob counts, or None: the layer's own declared contract
+    (Caffe's CheckBlobCounts), automatic tops included. A Python layer's counts are its
+    module's business, and check does not import user code."""
+    if cls.type == "Python":
+        return None
+    instance = cls(layer)
+    return instance.blob_count_problem(len(layer.bottom), instance.tops_with_auto(len(layer.top)))
 
 
 def _check_layer_type(layer, path):
-    """The layer's class from the registry; an unknown type is a DefinitionError."""
-    from brewnet.layers.registry import UnknownLayerTypeError, get_layer_class
+    """The layer's class from the registry (an unknown type is a DefinitionError)."""
+    from brewnet.layers.registry import get_layer_class
 
     try:
         return get_layer_class(layer.type, layer.name)
-    except UnknownLayerTypeError as exc:
-        raise DefinitionError(str(exc), path) from None
+    except DefinitionError as exc:
+        raise DefinitionError(exc.reason, path) from None
 
 
 def _check_blobs(index, layer, produced, path):
@@ -81,9 +74,9 @@ def check_net(net, path):
     produced = {}
     for index, layer in enumerate(net.layer):
         cls = _check_layer_type(layer, path)
-        problem = _count_problem(cls, len(layer.bottom), len(layer.top))
+        problem = _count_problem(cls, layer)
         if problem:
-            raise DefinitionError(f"layer {layer.name!r} ({layer.type}) {problem}", path)
+            raise DefinitionError(f"layer {layer.name!r} ({layer.type}): {problem}", path)
         _check_blobs(index, layer, produced, path)
     return produced
 

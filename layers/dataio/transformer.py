@@ -9,16 +9,14 @@ both phases whenever ``mirror`` is set (as in Caffe).
 
 import numpy
 
-from brewnet.layers.base import layer_error, layer_where
 from brewnet.layers.dataio.db import read_mean_file
-from brewnet.netdef import caffe_pb2
+from brewnet.netdef import DefinitionError, caffe_pb2
 
 
 class DataTransformer:
-    def __init__(self, param, phase, rng, dtype=numpy.float32, name="?", type_name=None):
-        # the owning layer's name and type, for errors (the loader thread holds no layer)
-        self.name = name
-        self.type_name = type_name
+    def __init__(self, param, phase, rng, dtype=numpy.float32, where="data transformer"):
+        # how errors name the owner, e.g. "layer 'data' (Data)" (the loader thread holds no layer)
+        self.where = where
         self.dtype = numpy.dtype(dtype)
         self.phase = phase
         self.rng = rng
@@ -34,7 +32,7 @@ class DataTransformer:
         if param.HasField("mean_file"):
             if len(param.mean_value):
                 raise self.error("cannot specify mean_file and mean_value at the same time")
-            mean = read_mean_file(param.mean_file, layer_where(name, type_name))
+            mean = read_mean_file(param.mean_file, where)
             if mean.ndim == 4 and mean.shape[0] == 1:
                 mean = mean[0]
             if mean.ndim != 3:
@@ -44,7 +42,7 @@ class DataTransformer:
             self.mean_values = numpy.asarray(param.mean_value, dtype=self.dtype)
 
     def error(self, message):
-        return layer_error(self.name, self.type_name, message)
+        return DefinitionError(f"{self.where}: {message}")
 
     def output_shape(self, channels, height, width):
         """(C, H, W) after the transformation (Caffe's InferBlobShape)."""

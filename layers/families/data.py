@@ -73,8 +73,7 @@ class _PrefetchingDataLayer(Layer):
         return False
 
     def _transformer(self):
-        return DataTransformer(self.param.transform_param, self.phase, _child_rng(self.rng), self.dtype, self.name,
-                               self.type)
+        return DataTransformer(self.param.transform_param, self.phase, _child_rng(self.rng), self.dtype, self.where)
 
     def _start(self, load, depth, capture, apply):
         def load_with_state():
@@ -635,7 +634,7 @@ class MemoryData(Layer):
         data = numpy.asarray(data)
         if self._transform is None:
             self._transform = DataTransformer(self.param.transform_param, self.phase, _child_rng(self.rng),
-                                              self.dtype, self.name, self.type)
+                                              self.dtype, self.where)
         transformed = self._transform(data)
         labels = numpy.asarray(labels)
         self._check(transformed, labels, transformed.shape[0])
@@ -664,7 +663,7 @@ class MemoryData(Layer):
         if "transform_rng" in state:
             if self._transform is None:
                 self._transform = DataTransformer(self.param.transform_param, self.phase, _child_rng(self.rng),
-                                                  self.dtype, self.name, self.type)
+                                                  self.dtype, self.where)
             set_rng_state(self._transform.rng, state["transform_rng"], self.name, self.type)
 
     def forward(self, bottom, top):

@@ -15,7 +15,7 @@ TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
 def make(text, phase=TEST, dtype=numpy.float32, seed=0):
     param = text_format.Parse(text, caffe_pb2.TransformationParameter())
-    return DataTransformer(param, phase, numpy.random.default_rng(seed), dtype, "t")
+    return DataTransformer(param, phase, numpy.random.default_rng(seed), dtype, "layer 't'")
 
 
 def caffe_sample(x, h_off, w_off, size, mirror, scale, mean=None, mean_values=None):
