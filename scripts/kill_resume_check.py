@@ -8,7 +8,7 @@ right before each file of a snapshot takes its name: the weights, the state's te
 file, the resume sidecar, the state itself. Prints one line per kill and a summary; exits
 non-zero if a resume was silently inexact or failed.
 
-    python scripts/kill_resume_check.py                # 24 kills
+    python scripts/kill_resume_check.py                # 24 kills, half of them timed
     python scripts/kill_resume_check.py --kills 40 --seed 3 --keep /tmp/kills
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import h5py
 import numpy
 
-MAX_ITER, SNAPSHOT = 30, 5
+MAX_ITER, SNAPSHOT = 60, 5
 NET = """name: "killme"
 layer { name: "data" type: "HDF5Data" top: "data" top: "label"
         hdf5_data_param { source: "list.txt" batch_size: 6 shuffle: true } }
@@ -81,6 +81,13 @@ def train(folder, *extra, killed_at=None, env=None):
                             env=env)
 
 
+def wait_for_training(proc):
+    """Read the run's log until its first iteration starts (the rest is read at the end)."""
+    for line in proc.stderr:
+        if "Starting Optimization" in line:
+            return
+
+
 def final_weights(folder, fmt):
     suffix = ".caffemodel.h5" if fmt == "HDF5" else ".caffemodel"
     return (folder / "snaps" / f"run_iter_{MAX_ITER}{suffix}").read_bytes() if fmt != "HDF5" else \
@@ -121,17 +128,20 @@ def main():
     for fmt in ("BINARYPROTO", "HDF5"):
         folder = base / f"reference-{fmt}"
         make_run_folder(folder, fmt)
-        start = time.monotonic()
         proc = train(folder, env=env)
+        wait_for_training(proc)
+        start = time.monotonic()
         _, err = proc.communicate()
         if proc.returncode != 0:
             sys.exit(f"the uninterrupted {fmt} run failed:\n{err}")
-        durations[fmt] = time.monotonic() - start
+        durations[fmt] = time.monotonic() - start  # from its first iteration to its end
         reference[fmt] = final_weights(folder, fmt)
     snapshots = MAX_ITER // SNAPSHOT
+    # each of the four files of a snapshot at least once, then other snapshots at random
     plan = [("replace", n) for n in range(1, snapshots * REPLACES_PER_SNAPSHOT + 1)]
-    rng.shuffle(plan)
-    plan = plan[:max(args.kills // 2, 1)]
+    first, rest = plan[:REPLACES_PER_SNAPSHOT], plan[REPLACES_PER_SNAPSHOT:]
+    rng.shuffle(rest)
+    plan = (first + rest)[:max(args.kills // 2, REPLACES_PER_SNAPSHOT)]
     plan += [("random", None)] * (args.kills - len(plan))
     exact = warned = bad = 0
     for i, (how, n) in enumerate(plan):
@@ -145,11 +155,12 @@ def main():
                       f"{FILE_KINDS[(n - 1) % REPLACES_PER_SNAPSHOT]} took its name")
         else:
             proc = train(folder, env=env)
-            delay = rng.uniform(0.2, durations[fmt])
+            wait_for_training(proc)
+            delay = rng.uniform(0, durations[fmt])  # somewhere in its iterations and snapshots
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
-            moment = f"at {delay:.2f} s"
+            moment = f"{delay:.3f} s into training"
         if proc.returncode == 0:
             print(f"kill {i:2d} ({fmt}, {moment}): the run had already finished")
             exact += final_weights(folder, fmt) == reference[fmt]

@@ -107,3 +107,20 @@ def test_weights_that_match_no_layer_are_warned_about(folder, caplog):
     with caplog.at_level(logging.WARNING, logger="brewnet"):
         net.copy_trained_layers_from(str(folder / "mean.binaryproto"))
     assert "nothing was copied" in caplog.text
+
+
+def test_images_over_the_pixel_limit_are_one_line_in_classify_and_imagedata(folder, monkeypatch):
+    from PIL import Image
+
+    from brewnet.layers.dataio import images
+    from brewnet.layers.net import Net
+
+    Image.fromarray(numpy.zeros((40, 50, 3), numpy.uint8)).save(folder / "big.png")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.delenv("BREWNET_ZOO", raising=False)
+    one_line(run("classify", "--model", "zoo:lenet_mnist", "big.png"), "big.png: image of 50x40 = 0 M pixels")
+    (folder / "list.txt").write_text("big.png 0\n")
+    (folder / "net.prototxt").write_text('layer { name: "d" type: "ImageData" top: "x" top: "y" '
+                                         'image_data_param { source: "list.txt" batch_size: 1 } }')
+    with pytest.raises(netdef.DefinitionError, match="big.png: image of 50x40 .* over the limit"):
+        Net("net.prototxt", phase=netdef.caffe_pb2.TRAIN).forward()

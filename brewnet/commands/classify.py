@@ -17,10 +17,12 @@ from brewnet.netdef.errors import DefinitionError
 
 
 def load_image(path, gray):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from brewnet.layers.dataio.images import open_image
 
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img = img.convert("L" if gray else "RGB")
             array = numpy.asarray(img, dtype=numpy.float32) / 255.0
     except (OSError, UnidentifiedImageError) as exc:

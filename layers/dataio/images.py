@@ -1,5 +1,6 @@
 """Image files: decode (Pillow), encode, and Caffe's (OpenCV's) bilinear resize."""
 
+import contextlib
 import io
 import os
 
@@ -36,15 +37,24 @@ def decode_image(data, color=True, where="an encoded image"):
         raise DefinitionError(f"{where}: cannot be decoded as an image ({type(exc).__name__})") from None
 
 
-def _to_array(source, color, where=None):
-    Image, ImageOps = _pil()
+@contextlib.contextmanager
+def open_image(source, where=None):
+    """Pillow's Image.open, refusing an image over MAX_IMAGE_PIXELS from its header,
+    before anything is decoded."""
+    Image, _ = _pil()
     with Image.open(source) as img:
         pixels = img.size[0] * img.size[1]
-        if pixels > MAX_IMAGE_PIXELS:  # checked on the header, before anything is decoded
+        if pixels > MAX_IMAGE_PIXELS:
             name = where or source
             raise ImageTooLargeError(f"{name}: image of {img.size[0]}x{img.size[1]} = {pixels / 1e6:.0f} M pixels is "
                                      f"over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} M (resize it first, or set "
                                      "BREWNET_MAX_IMAGE_PIXELS)")
+        yield img
+
+
+def _to_array(source, color, where=None):
+    _, ImageOps = _pil()
+    with open_image(source, where) as img:
         if color is False and img.format == "JPEG":
             img.draft("L", img.size)  # libjpeg's own gray output, as OpenCV asks for it
         img.load()
