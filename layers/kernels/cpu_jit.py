@@ -1,0 +1,287 @@
+"""The numba kernels behind layers/kernels/cpu_kernels.py, defined at module level.
+
+Importing this module imports numba, so only ``cpu_kernels.kernels()`` imports it, the first
+time a kernel is needed; cpu_kernels.py tells what each kernel replaces and when it runs.
+
+Every kernel is a module-level function with ``cache=True``. numba keys its disk cache by
+this file (its modification time and size), the function's name, line and bytecode, the
+argument types and the CPU, so a later process loads the machine code instead of compiling it
+again, and the cache folder (NUMBA_CACHE_DIR if set, else __pycache__ beside this file, or a
+per-user folder where that is read-only) keeps one index and one object file per kernel and
+signature. Keep it so: a kernel that captures another
+jitted function in a closure (as those calling a helper did when the kernels were built inside
+a function) gets a key that changes from process to process, so every run compiles it again
+and adds a file to the cache. Closures over plain constants, and module globals naming jitted
+functions, cache well. The ``inline="always"`` helpers are inlined into their callers' numba
+IR and compiled with them, never on their own; they must stay in this file, since numba
+checks only the caller's file for changes.
+tests/layers/kernels/test_kernel_cache.py checks that a second process compiles nothing.
+"""
+
+import numpy
+from numba import njit, uintp
+
+# error_model numpy: x / 0 gives inf or NaN as in numpy and Caffe, instead of raising
+jit = njit(cache=True, nogil=True, error_model="numpy")
+
+
+@njit(cache=True, inline="always")
+def window(i, stride, pad, kernel, extent):
+    # output i's window along one axis (Caffe's rule): its (start, stop) clipped to the image,
+    # and its length clipped to image + padding only (the AVE divisor)
+    start = i * stride - pad
+    end = min(start + kernel, extent + pad)
+    return max(start, 0), min(end, extent), end - start
+
+
+# The pooling kernels work in two steps instead of window by window (where the clipping and
+# indexing cost several times the arithmetic): along each row, then down the rows for every
+# output column at once (unit stride, so LLVM vectorizes it). Average pooling sums down the
+# rows first, max pooling goes along the rows first (its row-major tie rule needs that).
+
+
+@jit
+def max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw):
+    # idx: flat h * W + w of the first maximum in row-major window order (Caffe's mask):
+    # the first maximum along each row of a window, then the first of those down the rows,
+    # both with Caffe's strict '>'. A NaN wins only where it comes first (Caffe never
+    # lets one win); checking every element for NaN would triple the cost.
+    planes, H, W = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    row_best = numpy.empty((H, ow), dtype=x.dtype)
+    row_at = numpy.empty((H, ow), dtype=numpy.int32)
+    one = uintp(1)
+    for p in range(planes):
+        for h in range(H):
+            xr = x[p, h]
+            for j in range(ow):
+                # (not window(): its extra min costs 10% in this, the hottest loop) unsigned
+                # indices: numba then skips its negative-index wraparound check
+                w0 = uintp(max(j * sw - pw, 0))
+                w1 = uintp(min(j * sw - pw + kw, W))
+                if w1 <= w0:  # a ceil-mode window past the image (kernel < stride)
+                    row_best[h, j] = -numpy.inf
+                    row_at[h, j] = -1
+                    continue
+                best = xr[w0]
+                at = w0
+                w = w0 + one
+                while w < w1:
+                    v = xr[w]
+                    take = v > best
+                    best = v if take else best
+                    at = w if take else at
+                    w += one
+                row_best[h, j] = best
+                row_at[h, j] = h * W + at
+        for i in range(oh):
+            h0, h1, _ = window(i, sh, ph, kh, H)
+            if h1 <= h0:  # empty window: -inf and Caffe's mask -1, which backward skips
+                for j in range(ow):
+                    y[p, i, j] = -numpy.inf
+                    idx[p, i, j] = -1
+                continue
+            for j in range(ow):
+                y[p, i, j] = row_best[h0, j]
+                idx[p, i, j] = row_at[h0, j]
+            for h in range(h0 + 1, h1):
+                for j in range(ow):
+                    take = row_best[h, j] > y[p, i, j]  # selects, not branches: they vectorize
+                    y[p, i, j] = row_best[h, j] if take else y[p, i, j]
+                    idx[p, i, j] = row_at[h, j] if take else idx[p, i, j]
+
+
+@jit
+def max_pool_backward(dy, idx, dx):
+    # dx: (planes, H * W), overwritten
+    planes, oh, ow = dy.shape
+    for p in range(planes):
+        row = dx[p]
+        row[:] = 0
+        for i in range(oh):
+            for j in range(ow):
+                if idx[p, i, j] >= 0:
+                    row[idx[p, i, j]] += dy[p, i, j]
+
+
+@jit
+def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw):
+    # divisor: the window clipped to image + padding, before clipping to the image (Caffe)
+    planes, H, W = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    col_sum = numpy.empty(W, dtype=x.dtype)
+    for p in range(planes):
+        for i in range(oh):
+            h0, h1, size_h = window(i, sh, ph, kh, H)
+            col_sum[:] = 0
+            for h in range(h0, h1):
+                for w in range(W):
+                    col_sum[w] += x[p, h, w]
+            for j in range(ow):
+                w0, w1, size_w = window(j, sw, pw, kw, W)
+                total = col_sum[0] * 0
+                for w in range(w0, w1):
+                    total += col_sum[w]
+                y[p, i, j] = total / (size_h * size_w)
+
+
+@jit
+def ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw):
+    # dx: (planes, H, W), overwritten
+    planes, H, W = dx.shape
+    oh, ow = dy.shape[1], dy.shape[2]
+    col_grad = numpy.empty(W, dtype=dx.dtype)
+    for p in range(planes):
+        dx[p] = 0
+        for i in range(oh):
+            h0, h1, size_h = window(i, sh, ph, kh, H)
+            col_grad[:] = 0
+            for j in range(ow):
+                w0, w1, size_w = window(j, sw, pw, kw, W)
+                g = dy[p, i, j] / (size_h * size_w)
+                for w in range(w0, w1):
+                    col_grad[w] += g
+            for h in range(h0, h1):
+                for w in range(W):
+                    dx[p, h, w] += col_grad[w]
+
+
+@jit
+def col2im_channels_last(dcol, acc, sh, sw, dh, dw):
+    # dcol (G, n, oh, ow, kh, kw, Cg): a convolution's column diff in layout A;
+    # acc (n, Hp, Wp, G * Cg), the padded image, receives every column back (+=)
+    groups, n, oh, ow, kh, kw, cg = dcol.shape
+    for s in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                for a in range(kh):
+                    for b in range(kw):
+                        row = acc[s, i * sh + a * dh, j * sw + b * dw]
+                        for g in range(groups):
+                            src = dcol[g, s, i, j, a, b]
+                            base = g * cg
+                            for c in range(cg):
+                                row[base + c] += src[c]
+
+
+@jit
+def sgd_l2_step(diff, data, history, decay, rate, momentum):
+    # Caffe's regularize (L2), SGD momentum rule and Net::Update, one sweep over memory:
+    # the same float32 operations in the same order (no fused multiply-add: bit-identical)
+    for i in range(diff.size):
+        g = diff[i] + decay * data[i]
+        v = momentum * history[i] + rate * g
+        history[i] = v
+        diff[i] = v
+        data[i] -= v
+
+
+# -- Winograd convolution (layers/kernels/winograd.py): linear transforms of image tiles. Every
+# inner loop runs over a contiguous run with unsigned indices: numba then drops its
+# negative-index check and LLVM vectorizes the loop (signed offsets measured 7x slower).
+
+
+@njit(cache=True, inline="always")
+def combine_runs(dst, at, coefs, src, frm, offsets, length):
+    # dst[at:at + length] = sum_i coefs[i] * src[frm + offsets[i]:... + length], on flat
+    # arrays with unsigned offsets; zeros if every coef is 0
+    first = True
+    for i in range(coefs.shape[0]):
+        coef = coefs[i]
+        if coef != 0:
+            start = frm + offsets[i]
+            if first:
+                for q in range(length):
+                    dst[at + q] = coef * src[start + q]
+                first = False
+            else:
+                for q in range(length):
+                    dst[at + q] += coef * src[start + q]
+    if first:
+        for q in range(length):
+            dst[at + q] = 0
+
+
+@njit(cache=True, inline="always")
+def strided_offsets(count, stride):
+    offsets = numpy.empty(count, dtype=numpy.uintp)
+    for i in range(count):
+        offsets[i] = uintp(i * stride)
+    return offsets
+
+
+@jit
+def tile_rows(src, mat, out, step):
+    # src (n, H, L), mat (ta, k), out (n, ta, tiles, L):
+    # out[s, a, r] = sum_i mat[a, i] * src[s, r * step + i], i.e. mat applied down each tile
+    n, H, L = src.shape
+    ta, tiles = out.shape[1], out.shape[2]
+    src_flat, out_flat = src.ravel(), out.ravel()
+    down = strided_offsets(mat.shape[1], L)
+    for s in range(n):
+        for a in range(ta):
+            for r in range(tiles):
+                combine_runs(out_flat, uintp(((s * ta + a) * tiles + r) * L), mat[a], src_flat,
+                             uintp((s * H + r * step) * L), down, uintp(L))
+
+
+@jit
+def tile_cols(rows, mat, out, step, tiles_w, channels):
+    # rows (n, ta, tiles_h, step * Q * C) from tile_rows, each row's columns stored by phase:
+    # column w = q * step + ph at (ph, q). mat (tb, k), out (ta * tb, T * C), tiles T = (s, r, t)
+    # row-major: out[a * tb + b, T, c] = sum_j mat[b, j] * (column t * step + j of row (s, a, r)).
+    # Column t * step + j is at (j % step, t + j // step): for all t at once one contiguous run,
+    # so the loops here run over tiles_w * C instead of C.
+    n, ta, tiles_h, width = rows.shape
+    tb, k = mat.shape
+    per_row = out.shape[1]
+    rows_flat, out_flat = rows.ravel(), out.ravel()
+    q_count = width // (step * channels)
+    across = numpy.empty(k, dtype=numpy.uintp)
+    for j in range(k):
+        across[j] = uintp(((j % step) * q_count + j // step) * channels)
+    run = uintp(tiles_w * channels)
+    for s in range(n):
+        for a in range(ta):
+            for r in range(tiles_h):
+                frm = uintp(((s * ta + a) * tiles_h + r) * width)
+                at = (s * tiles_h + r) * tiles_w * channels
+                for b in range(tb):
+                    combine_runs(out_flat, uintp((a * tb + b) * per_row + at), mat[b], rows_flat, frm, across, run)
+
+
+@jit
+def tile_pairs(src, mat, scratch, out):
+    # src (k * k, L), mat (t, k), scratch (t, k, L), out (t * t, L):
+    # out[a * t + b] = sum_ij mat[a, i] mat[b, j] src[i * k + j] (mat on both tile axes)
+    t, k = mat.shape
+    L = src.shape[1]
+    src_flat, scratch_flat, out_flat = src.ravel(), scratch.ravel(), out.ravel()
+    down, along = strided_offsets(k, k * L), strided_offsets(k, L)
+    for a in range(t):
+        for j in range(k):
+            combine_runs(scratch_flat, uintp((a * k + j) * L), mat[a], src_flat, uintp(j * L), down, uintp(L))
+    for a in range(t):
+        for b in range(t):
+            combine_runs(out_flat, uintp((a * t + b) * L), mat[b], scratch_flat, uintp(a * k * L), along, uintp(L))
+
+
+@jit
+def tiles_to_image(tiles, y, m, tiles_h, tiles_w, bias):
+    # tiles (m * m, T, M) of m x m outputs each -> y (n, M, H, W), cropped, + bias (M,)
+    n, channels, H, W = y.shape
+    count = tiles.shape[1]
+    src = tiles.ravel()
+    dst = y.ravel()
+    for s in range(n):
+        for ch in range(channels):
+            b = bias[ch]
+            plane = uintp((s * channels + ch) * H * W)
+            for h in range(H):
+                r = h // m
+                row = uintp(h * W)
+                first = uintp(((h - r * m) * m * count + (s * tiles_h + r) * tiles_w) * channels + ch)
+                for t in range(tiles_w):
+                    for u in range(min(m, W - t * m)):
+                        # output (h, t * m + u): tile element ((h % m) * m + u), tile T0 + t
+                        dst[plane + row + uintp(t * m + u)] = src[first + uintp((u * count + t) * channels)] + b
