@@ -272,10 +272,12 @@ class Convolution(_BaseConv):
                 self._backward_1x1(x, W, dy, dx, need_w)
                 continue
             wino, wino_data = self._wino
+            # this bottom's weight gradient, unless Winograd computes it (every bottom adds its own)
+            im2col_w = need_w
             if wino is not None:
                 if need_w:
                     self.blobs[0].add_to_diff(wino.weight_grad(x, dy))
-                    need_w = False
+                    im2col_w = False
                 if dx is None:
                     continue
                 if wino_data is not None:
@@ -300,8 +302,8 @@ class Convolution(_BaseConv):
 
             def job(j, worker, i=i, x=x, dy=dy, dx=dx):
                 a, z = chunks[j]
-                rows = eng.colside_rows(dy[a:z]) if need_w else None
-                if need_w:
+                rows = eng.colside_rows(dy[a:z]) if im2col_w else None
+                if im2col_w:
                     col = self._kept_columns(i, z - a) if len(chunks) == 1 else None
                     if col is None:
                         col = self._im2col(i, x[a:z], worker)
@@ -312,9 +314,9 @@ class Convolution(_BaseConv):
                 elif fused:
                     data_part(a, z, worker)
 
-            if need_w or teng is None or fused:
+            if im2col_w or teng is None or fused:
                 parallel.run(job, len(chunks), self.xp)
-            if need_w:
+            if im2col_w:
                 total = dW[0]
                 for g in dW[1:]:
                     total += g

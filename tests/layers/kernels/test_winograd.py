@@ -83,6 +83,27 @@ def test_winograd_matches_im2col(n, C, S, M, k, pad, group, dtype, rtol, monkeyp
         numpy.testing.assert_allclose(got, want, rtol=0, atol=rtol * numpy.abs(want).max())
 
 
+@pytest.mark.parametrize("pad", [2, 0])  # the unpadded one takes im2col's data gradient
+def test_winograd_weight_gradient_sums_over_bottoms(pad, monkeypatch):
+    """Two bottoms share the weights: each adds its own weight gradient, as on im2col's path."""
+    proto = _conv_prototxt(16, 5, pad)
+    x = [RNG.standard_normal((3, 16, 8, 8)) for _ in range(2)]
+    O = 8 + 2 * pad - 4
+    dy = [RNG.standard_normal((3, 16, O, O)) for _ in range(2)]
+    results = []
+    for winograd_on in (True, False):
+        monkeypatch.setattr(Convolution, "use_winograd", winograd_on)
+        layer = make_layer(proto)
+        bottom, top = setup_layer(layer, x, n_tops=2)
+        assert (layer._wino[0] is not None) == winograd_on
+        layer.forward(bottom, top)
+        for t, d in zip(top, dy):
+            t.diff[...] = d
+        layer.backward(top, [True, True], bottom)
+        results.append([p.diff.copy() for p in layer.blobs] + [b.diff.copy() for b in bottom])
+    for got, want in zip(*results):
+        numpy.testing.assert_allclose(got, want, rtol=0, atol=1e-11 * numpy.abs(want).max())
+
 def test_winograd_gradient_float64():
     layer = make_layer(_conv_prototxt(16, 3, 1))
     x = RNG.standard_normal((2, 16, 8, 7))
