@@ -1,8 +1,8 @@
 """Batched im2col / col2im and the GEMMs of (de)convolution, for any number of spatial axes.
 
-The whole batch (or a large chunk of it) becomes one column matrix per group,
-built from a strided window view of the padded input with a single copy, so a
-convolution is one GEMM per group instead of one per sample as in Caffe.
+A chunk of samples (the plan, layers/kernels/conv_plan.py, picks how many and on which thread)
+becomes one column matrix per group, built from a strided window view of the padded input
+with a single copy, so a convolution is one GEMM per group instead of one per sample as in Caffe.
 
 Two memory layouts of the column matrix, picked per layer for the longest
 contiguous copy runs (the copy costs about as much as the GEMM):
@@ -16,7 +16,7 @@ import itertools
 
 import numpy
 
-from brewnet.layers.kernels import cpu_kernels, parallel
+from brewnet.layers.kernels import cpu_kernels
 from brewnet.layers.kernels.scratch import WORKSPACE, Scratch
 
 
@@ -36,32 +36,20 @@ def _as_strided(xp, array, shape, strides):
 
 
 class ConvEngine:
-    """Geometry and kernels for one (de)convolution shape.
+    """Geometry and kernels for one (de)convolution shape, applied to a chunk of samples.
 
     The "image" side has C channels and spatial size S (a conv's input, a deconv's output);
     the "column" side has M channels and spatial size O (a conv's output, a deconv's input).
-    Weight shape is (M, C/G, *kernel) for both, as in Caffe.
+    Weight shape is (M, C/G, *kernel) for both, as in Caffe. ``worker`` arguments name the
+    calling thread (layers/kernels/parallel.py): each has its own scratch buffers.
     """
 
-    # bytes one column buffer may take; bigger batches are processed in chunks of samples
-    max_col_bytes = 256 << 20
-    # With few output channels per group the GEMMs do little arithmetic per column element and
-    # are bound by memory bandwidth: chunks this small let the im2col copy and the GEMM reading
-    # it meet in the CPU cache (CIFAR-10's convolutions run about twice as fast). Wider layers
-    # are compute-bound and lose more to smaller GEMMs than they gain. With a chunk per thread
-    # at a time, 3 MB beat 8 MB by 10-25% on CIFAR-10-quick (1.5-4 MB measured).
-    cache_col_bytes = 3 << 20
-    # up to this many outputs per group, chunks are cache-sized (CaffeNet's conv1, 96 outputs
-    # from 3 channels, gains 15%; its conv3-5, 128-384 outputs over 1728-2304 inputs, lose 10-25%)
-    cache_max_outputs = 96
-    # above this many, the data gradient of a convolution takes the direct path (conv.py)
-    skinny_max_outputs = 64
     # "A" or "B" to override the per-shape choice (tests exercise both)
     force_layout = None
     # bytes of column diff the compiled data gradient holds at once (per thread)
     dcol_block_bytes = 4 << 20
 
-    def __init__(self, xp, dtype, C, S, M, G, kernel, stride, pad, dilation, O, cache_chunks=False):
+    def __init__(self, xp, dtype, C, S, M, G, kernel, stride, pad, dilation, O, layout=None):
         self.xp, self.dtype = xp, numpy.dtype(dtype)
         self.C, self.S, self.M, self.G = C, tuple(S), M, G
         self.k, self.s, self.p, self.d = tuple(kernel), tuple(stride), tuple(pad), tuple(dilation)
@@ -79,20 +67,12 @@ class ConvEngine:
         self.is_1x1 = all(k_ == 1 and s_ == 1 and p_ == 0 for k_, s_, p_ in zip(self.k, self.s, self.p))
         run_a = self.k[-1] * C if (self.d[-1] == 1 and G == 1) else self.Cg
         run_b = self.O[-1] if self.s[-1] == 1 else self.O[-1] // 2
-        self.layout = self.force_layout or ("A" if run_a > run_b else "B")
-        per_sample = max(1, self.Kg * G * self.L * self.dtype.itemsize)
-        # (not for Deconvolution's forward: its per-offset GEMMs only get slower in small chunks)
-        self.cache_chunks = cache_chunks
-        limit = self.max_col_bytes
-        if cache_chunks and self.Mg <= self.cache_max_outputs and xp is numpy:
-            limit = min(limit, self.cache_col_bytes)
-        self.chunk = max(1, limit // per_sample)
+        # ``layout``: a caller's fixed order (Im2col's is Caffe's, "B")
+        self.layout = layout or self.force_layout or ("A" if run_a > run_b else "B")
+        # bytes of one sample's columns (the plan sizes chunks by it)
+        self.col_bytes_per_sample = self.Kg * G * self.L * self.dtype.itemsize
         self._bufs = Scratch(xp)
         self._transposed = None
-
-    def chunks(self, n):
-        """(start, stop) sample ranges: cache-sized, and at least one per CPU thread."""
-        return parallel.chunk_ranges(n, self.chunk, self.xp)
 
     # -- image -> padded source ------------------------------------------------
     def _padded_source(self, x, worker=0):
@@ -119,6 +99,10 @@ class ConvEngine:
             tuple(s_ * t for s_, t in zip(self.s, sp_strides))
         return _as_strided(self.xp, src, shape, strides)
 
+    def windows(self, x, worker=0):
+        """Logical (n, C, *kernel, *O) view of every window of x (n, C, *S), padding zeros included."""
+        return self._window_view(self._padded_source(x, worker))
+
     # -- im2col ------------------------------------------------------------------
     def col_shape(self, n):
         """Shape of the contiguous buffer im2col fills for n samples."""
@@ -129,7 +113,7 @@ class ConvEngine:
     def im2col(self, x, out=None, worker=0):
         """Column matrix of x (n, C, *S): B -> (G, Kg, nL); A -> (G, nL, Kg) (strided over groups)."""
         xp, n, G, nsp = self.xp, x.shape[0], self.G, self.nsp
-        win = self._window_view(self._padded_source(x, worker))  # (n, C, *k, *O)
+        win = self.windows(x, worker)  # (n, C, *k, *O)
         ks = tuple(range(2, 2 + nsp))
         os_ = tuple(range(2 + nsp, 2 + 2 * nsp))
         shape = self.col_shape(n)
@@ -143,16 +127,13 @@ class ConvEngine:
         if out is None or out.shape != shape:
             out = xp.empty(shape, dtype=x.dtype)
         xp.copyto(out, win.transpose(order))
-        return self._col_matrix(out, n)
+        return self.column_matrix(out, n)
 
-    def _col_matrix(self, buf, n):
+    def column_matrix(self, buf, n):
+        """The column matrix of n samples held in a filled ``col_shape(n)`` buffer."""
         if self.layout == "B":
             return buf.reshape(self.G, self.Kg, n * self.L)
         return buf.reshape(n * self.L, self.G, self.Kg).transpose(1, 0, 2)
-
-    def col_buffer(self, col):
-        """The contiguous buffer behind a column matrix (to reuse its memory)."""
-        return col.base if col.base is not None else col
 
     # -- weights in the layout's row order -------------------------------------------
     def weight_matrix(self, W):
@@ -225,7 +206,7 @@ class ConvEngine:
             pads = tuple(d_ * (k_ - 1) - p_ for k_, p_, d_ in zip(self.k, self.p, self.d))
             if all(s_ == 1 for s_ in self.s) and min(pads) >= 0:
                 self._transposed = ConvEngine(self.xp, self.dtype, self.M, self.O, self.C, self.G, self.k,
-                                              self.s, pads, self.d, self.S, self.cache_chunks)
+                                              self.s, pads, self.d, self.S)
             else:
                 self._transposed = False
         return self._transposed or None

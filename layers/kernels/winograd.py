@@ -15,7 +15,9 @@ convolution of the output diff with the flipped weights.
 Rounding in the transforms makes float32 results differ from im2col's by a few 1e-6 relative
 to the output's scale (the way cuDNN's and oneDNN's Winograd algorithms do); float64 agrees to
 1e-13. ``BREWNET_WINOGRAD=0`` turns it off. CPU only: the transforms are compiled loops
-(layers/cpu_kernels.py); cupy keeps im2col.
+(layers/cpu_kernels.py); cupy keeps im2col. A WinogradConv computes a chunk of samples at a
+time; the convolution's plan (layers/kernels/conv_plan.py) chunks the batch and runs the
+chunks on brewnet's threads.
 """
 
 import functools
@@ -24,7 +26,7 @@ from fractions import Fraction
 
 import numpy
 
-from brewnet.layers.kernels import cpu_kernels, parallel
+from brewnet.layers.kernels import cpu_kernels
 from brewnet.layers.kernels.scratch import WORKSPACE
 
 # output block per tile (per axis); 6 would cut the multiplications further but loses
@@ -101,13 +103,8 @@ def plan(xp, dtype, C, S, M, G, kernel, stride, pad, dilation, O):
 
 
 class WinogradConv:
-    """y (n, M, *O) = conv(x (n, C, *S), W (M, C/G, k, k), pad) + b, with its weight gradient."""
-
-    # Samples are taken in chunks whose largest transformed array is about chunk_bytes (in cache),
-    # but of at least min_tiles tiles (up to twice the bytes): the per-tile-element GEMMs of wide
-    # layers (256-384 channels) run at 40 GFLOP/s with 32 rows and 70 with 128.
-    chunk_bytes = 2 << 20
-    min_tiles = 128
+    """y (n, M, *O) = conv(x (n, C, *S), W (M, C/G, k, k), pad) + b, with its weight gradient,
+    for a chunk of n samples. ``worker`` arguments name the calling thread (its own buffers)."""
 
     def __init__(self, dtype, C, S, M, G, k, pad, O):
         self.dtype = numpy.dtype(dtype)
@@ -123,21 +120,17 @@ class WinogradConv:
         self.AT, self.Gm, self.BT = map(as_dtype, transform_matrices(m, k))
         # weight gradient: outputs are the k x k taps, the 4x4 diff blocks the filter
         self.AT_w, self.G_w, self.BT_w = map(as_dtype, transform_matrices(k, m))
-        self.per_sample = self.tiles[0] * self.tiles[1]
-        widest = self.t * max(self.t * self.per_sample, self.tiles[0] * self.Sp[1]) * max(C, M)
-        per_sample_bytes = widest * self.dtype.itemsize
-        self.chunk = max(1, self.chunk_bytes // per_sample_bytes,
-                         min(-(-self.min_tiles // self.per_sample), 2 * self.chunk_bytes // per_sample_bytes))
-
-    def chunks(self, n):
-        return parallel.chunk_ranges(n, self.chunk, numpy)
+        self.tiles_per_sample = self.tiles[0] * self.tiles[1]
+        # bytes of one sample's largest transformed array (the plan sizes chunks by it)
+        widest = self.t * max(self.t * self.tiles_per_sample, self.tiles[0] * self.Sp[1]) * max(C, M)
+        self.bytes_per_sample = widest * self.dtype.itemsize
 
     def _buffer(self, role, shape, worker=0):
         # the net's layers run one at a time: every Winograd layer shares these (memory: CaffeNet)
         return WORKSPACE.take(numpy, self.dtype, shape, None, worker, role="winograd-" + role)
 
     # -- transforms ---------------------------------------------------------------
-    def _weight_tiles(self, W):
+    def weight_tiles(self, W):
         """(M, Cg, k, k) -> U (t*t, G, Cg, Mg): G W G^T per filter, laid out for the GEMMs."""
         G_, k, t = self.G, self.k, self.t
         src = W.reshape(G_, self.Mg, self.Cg, k, k).transpose(3, 4, 0, 2, 1)
@@ -176,9 +169,9 @@ class WinogradConv:
         rows = self._buffer(role + "-rows", (n, ta, self.tiles[0], width), worker)
         kern = cpu_kernels.kernels()
         kern.tile_rows(image.reshape(n, H, width), mat, rows, self.m)
-        out = self._buffer(role, (ta * ta, n * self.per_sample * C), worker)
+        out = self._buffer(role, (ta * ta, n * self.tiles_per_sample * C), worker)
         kern.tile_cols(rows, mat, out, self.m, self.tiles[1], C)
-        return out.reshape(ta * ta, n * self.per_sample, C)
+        return out.reshape(ta * ta, n * self.tiles_per_sample, C)
 
     def _grouped(self, a, channels):
         """(tt, T, G * c) -> (tt, G, T, c) view (the GEMMs run per group)."""
@@ -186,49 +179,41 @@ class WinogradConv:
         return a.reshape(tt, T, self.G, channels).transpose(0, 2, 1, 3)
 
     # -- forward --------------------------------------------------------------------
-    def forward(self, x, W, bias, y):
-        """y (n, M, *O) = conv(x, W) + bias (bias may be None)."""
-        U = self._weight_tiles(W)
-        b = numpy.zeros(self.M, self.dtype) if bias is None else numpy.ascontiguousarray(bias, self.dtype)
-        chunks = self.chunks(x.shape[0])
+    def bias_vector(self, bias):
+        """The bias as forward takes it: contiguous, of this dtype, zeros for None."""
+        return numpy.zeros(self.M, self.dtype) if bias is None else numpy.ascontiguousarray(bias, self.dtype)
+
+    def forward(self, x, U, b, y, worker=0):
+        """y (n, M, *O) = conv(x, W) + b, given U = weight_tiles(W) and b = bias_vector(bias)."""
         m, tt = self.m, self.t * self.t
         kern = cpu_kernels.kernels()
-
-        def job(j, worker):
-            a, z = chunks[j]
-            image = self._phase_image(x[a:z], "x", self.Sp, self.pad, worker)
-            V = self._tiles(image, self.BT, "V", worker)
-            T = V.shape[1]
-            prod = self._buffer("prod", (tt, T, self.M), worker)
-            numpy.matmul(self._grouped(V, self.Cg), U, out=self._grouped(prod, self.Mg))
-            P = self._buffer("P", (m, self.t, T * self.M), worker)
-            out = self._buffer("out", (m * m, T * self.M), worker)
-            kern.tile_pairs(prod.reshape(tt, T * self.M), self.AT, P, out)
-            kern.tiles_to_image(out.reshape(m * m, T, self.M), y[a:z], m, self.tiles[0], self.tiles[1], b)
-
-        parallel.run(job, len(chunks), numpy)
+        image = self._phase_image(x, "x", self.Sp, self.pad, worker)
+        V = self._tiles(image, self.BT, "V", worker)
+        T = V.shape[1]
+        prod = self._buffer("prod", (tt, T, self.M), worker)
+        numpy.matmul(self._grouped(V, self.Cg), U, out=self._grouped(prod, self.Mg))
+        P = self._buffer("P", (m, self.t, T * self.M), worker)
+        out = self._buffer("out", (m * m, T * self.M), worker)
+        kern.tile_pairs(prod.reshape(tt, T * self.M), self.AT, P, out)
+        kern.tiles_to_image(out.reshape(m * m, T, self.M), y, m, self.tiles[0], self.tiles[1], b)
 
     # -- weight gradient ------------------------------------------------------------------
-    def weight_grad(self, x, dy):
-        """dW (M, Cg, k, k) of sum(dy * conv(x, W))."""
-        chunks = self.chunks(x.shape[0])
-        tt, k, m = self.t * self.t, self.k, self.m
-        parts = [None] * len(chunks)  # summed in chunk order: the same floats however jobs ran
+    def weight_grad_part(self, x, dy, worker=0):
+        """The weight gradient of a chunk, still in the transform domain: a new array that
+        ``weight_grad`` turns into dW once the chunks' parts are summed."""
+        m = self.m
         blocks = tuple(n_ * m for n_ in self.tiles)
+        image = self._phase_image(x, "x", self.Sp, self.pad, worker)
+        X = self._tiles(image, self.BT_w, "V", worker)
+        diff = self._phase_image(dy, "dy", blocks, (0, 0), worker)
+        D = self._tiles(diff, self.G_w, "D", worker)
+        # (tt, G, Mg, T) @ (tt, G, T, Cg): a sum over every tile of the chunk
+        return numpy.matmul(self._grouped(D, self.Mg).transpose(0, 1, 3, 2), self._grouped(X, self.Cg))
 
-        def job(j, worker):
-            a, z = chunks[j]
-            image = self._phase_image(x[a:z], "x", self.Sp, self.pad, worker)
-            X = self._tiles(image, self.BT_w, "V", worker)
-            diff = self._phase_image(dy[a:z], "dy", blocks, (0, 0), worker)
-            D = self._tiles(diff, self.G_w, "D", worker)
-            # (tt, G, Mg, T) @ (tt, G, T, Cg): a sum over every tile of the chunk
-            parts[j] = numpy.matmul(self._grouped(D, self.Mg).transpose(0, 1, 3, 2), self._grouped(X, self.Cg))
-
-        parallel.run(job, len(chunks), numpy)
-        total = parts[0]
-        for p in parts[1:]:
-            total += p
+    def weight_grad(self, total):
+        """dW (M, Cg, k, k) of sum(dy * conv(x, W)) from the sum of every chunk's weight_grad_part
+        (a view of a buffer every Winograd layer shares: valid until the next weight_grad)."""
+        tt, k = self.t * self.t, self.k
         L = total[0].size
         out = self._buffer("dW", (k * k, L))
         scratch = self._buffer("dW-rows", (k, self.t, L))

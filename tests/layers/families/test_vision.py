@@ -7,6 +7,7 @@ import pytest
 
 from brewnet.layers.gradcheck import check_gradient, make_layer, setup_layer
 from brewnet.layers.kernels import im2col as im2col_mod
+from brewnet.layers.kernels.conv_plan import BaseConvPlan
 from brewnet.netdef import DefinitionError, caffe_pb2
 
 RNG = numpy.random.default_rng(7)
@@ -53,7 +54,7 @@ CONV_CASES = [
 def layout(request, monkeypatch):
     """Run conv tests under both column layouts, with chunking over the batch forced."""
     monkeypatch.setattr(im2col_mod.ConvEngine, "force_layout", request.param)
-    monkeypatch.setattr(im2col_mod.ConvEngine, "max_col_bytes", 1)
+    monkeypatch.setattr(BaseConvPlan, "max_col_bytes", 1)
     return request.param
 
 

@@ -91,7 +91,7 @@ def test_compiled_col2im_data_gradient_matches_array_code(kh, kw, s, p, d, group
             im2col.ConvEngine.dcol_block_bytes = 1  # one sample's column diff at a time
             try:
                 bottom, top = setup_layer(layer, [x])
-                assert layer._engine.compiled_data_path() == compiled
+                assert layer.plan.engine.compiled_data_path() == compiled
                 layer.forward(bottom, top)
                 top[0].diff[...] = numpy.random.default_rng(seed + 1).standard_normal(top[0].shape)
                 layer.backward(top, [True], bottom)

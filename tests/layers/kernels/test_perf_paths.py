@@ -172,19 +172,18 @@ def test_fused_sgd_step_with_apply_is_bit_identical(dtype, decay, cpu_impl):
 ])
 @pytest.mark.parametrize("layout", ["A", "B"])
 def test_conv_transposed_data_gradient_matches_direct(params, shape, layout, monkeypatch, cpu_impl):
-    from brewnet.layers.families import conv
-    from brewnet.layers.kernels import im2col
+    from brewnet.layers.kernels import conv_plan, im2col
 
     monkeypatch.setattr(im2col.ConvEngine, "force_layout", layout)
-    monkeypatch.setattr(im2col.ConvEngine, "max_col_bytes", 1)  # chunks of one sample
+    monkeypatch.setattr(conv_plan.BaseConvPlan, "max_col_bytes", 1)  # chunks of one sample
     x = RNG.standard_normal(shape)
     grads = {}
     for path in ("direct", "transposed"):
-        monkeypatch.setattr(conv.Convolution, "force_data_grad", path)
+        monkeypatch.setattr(conv_plan.ConvPlan, "force_data_grad", path)
         layer = make_layer(f'name: "c" type: "Convolution" convolution_param {{ {params} '
                            'weight_filler { type: "gaussian" std: 0.5 } }', dtype=numpy.float64)
         bottom, top = setup_layer(layer, [x])
-        assert (layer._data_engine() is not None) == (path == "transposed")
+        assert (layer.plan.data_path == "transposed") == (path == "transposed")
         layer.forward(bottom, top)
         top[0].diff[...] = numpy.random.default_rng(4).standard_normal(top[0].shape)
         layer.backward(top, [True], bottom)
@@ -194,30 +193,30 @@ def test_conv_transposed_data_gradient_matches_direct(params, shape, layout, mon
 
 
 def test_conv_transposed_data_gradient_passes_gradcheck(monkeypatch):
-    from brewnet.layers.families import conv
+    from brewnet.layers.kernels.conv_plan import ConvPlan
 
-    monkeypatch.setattr(conv.Convolution, "force_data_grad", "transposed")
+    monkeypatch.setattr(ConvPlan, "force_data_grad", "transposed")
     layer = make_layer('name: "c" type: "Convolution" convolution_param { num_output: 4 kernel_size: 3 pad: 1 '
                        'group: 2 weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" } }')
     check_gradient(layer, [RNG.standard_normal((2, 4, 4, 5))])
 
 
 def test_conv_engine_chunk_rule():
+    from brewnet.layers.kernels.conv_plan import ConvPlan, DeconvPlan
     from brewnet.layers.kernels.im2col import ConvEngine
 
     def engine(M):
-        return ConvEngine(numpy, numpy.float32, 32, (16, 16), M, 1, (5, 5), (1, 1), (2, 2), (1, 1), (16, 16),
-                          cache_chunks=True)
+        return ConvEngine(numpy, numpy.float32, 32, (16, 16), M, 1, (5, 5), (1, 1), (2, 2), (1, 1), (16, 16))
 
     per_sample = 32 * 25 * 256 * 4
     # few output channels: memory-bound GEMMs, cache-sized chunks; many: one big GEMM
-    assert engine(32).chunk == ConvEngine.cache_col_bytes // per_sample
-    assert engine(256).chunk == ConvEngine.max_col_bytes // per_sample
-    plain = ConvEngine(numpy, numpy.float32, 32, (16, 16), 32, 1, (5, 5), (1, 1), (2, 2), (1, 1), (16, 16))
-    assert plain.chunk == ConvEngine.max_col_bytes // per_sample  # Deconvolution's engines
+    assert ConvPlan.chunk_samples(engine(32)) == ConvPlan.cache_col_bytes // per_sample
+    assert ConvPlan.chunk_samples(engine(256)) == ConvPlan.max_col_bytes // per_sample
+    assert DeconvPlan.chunk_samples(engine(32)) == ConvPlan.max_col_bytes // per_sample  # Deconvolution's engines
     # the data-gradient engine of a "same" convolution is a convolution of the same geometry
     t = engine(32).transposed()
-    assert (t.C, t.M, t.S, t.O, t.p, t.chunk) == (32, 32, (16, 16), (16, 16), (2, 2), engine(32).chunk)
+    assert (t.C, t.M, t.S, t.O, t.p, ConvPlan.chunk_samples(t)) == (32, 32, (16, 16), (16, 16), (2, 2),
+                                                                    ConvPlan.chunk_samples(engine(32)))
     strided = ConvEngine(numpy, numpy.float32, 8, (9, 9), 8, 1, (3, 3), (2, 2), (1, 1), (1, 1), (5, 5))
     assert strided.transposed() is None
 
@@ -230,12 +229,14 @@ def test_conv_engine_chunk_rule():
 ])
 def test_conv_chunks_are_equal_rounds_for_the_threads(threads, n, chunk, want, monkeypatch):
     from brewnet.layers.kernels import parallel
-    from brewnet.layers.kernels.im2col import ConvEngine
+    from brewnet.layers.kernels.conv_plan import ConvGeometry, ConvPlan
 
     monkeypatch.setattr(parallel, "workers", lambda xp=numpy: threads)
-    eng = ConvEngine(numpy, numpy.float32, 4, (6, 6), 4, 1, (3, 3), (1, 1), (1, 1), (1, 1), (6, 6))
-    eng.chunk = chunk
-    chunks = eng.chunks(n)
+    monkeypatch.setattr(ConvPlan, "chunk_samples", classmethod(lambda cls, engine: chunk))
+    plan = ConvPlan(numpy, ConvGeometry(numpy.dtype(numpy.float32), n, 4, (6, 6), 4, (6, 6), 1, (3, 3), (1, 1),
+                                        (1, 1), (1, 1)))
+    assert plan.path == "im2col"
+    chunks = plan.chunks
     assert [b - a for a, b in chunks] == want
     assert chunks[0][0] == 0 and chunks[-1][1] == n and all(b == c for (_, b), (c, _) in zip(chunks, chunks[1:]))
 

@@ -1,12 +1,12 @@
-"""Winograd convolution (layers/winograd.py): the transforms, and the Convolution layer's
+"""Winograd convolution (layers/kernels/winograd.py): the transforms, and the Convolution layer's
 results and gradients with it against im2col's."""
 
 import numpy
 import pytest
 
-from brewnet.layers.families.conv import Convolution
 from brewnet.layers.gradcheck import check_gradient, make_layer, setup_layer
 from brewnet.layers.kernels import cpu_kernels, parallel, winograd
+from brewnet.layers.kernels.conv_plan import ConvPlan
 
 RNG = numpy.random.default_rng(11)
 
@@ -38,7 +38,7 @@ def _conv_prototxt(num_output, kernel, pad, group=1, bias=True):
 
 def _run(prototxt, x, dy, dtype, winograd_on, monkeypatch):
     """Forward and backward of a fresh layer (same seed: same weights): (y, dx, dW, db, layer)."""
-    monkeypatch.setattr(Convolution, "use_winograd", winograd_on)
+    monkeypatch.setattr(ConvPlan, "use_winograd", winograd_on)
     layer = make_layer(prototxt, dtype=dtype)
     bottom, top = setup_layer(layer, [x], dtype=dtype)
     layer.forward(bottom, top)
@@ -71,10 +71,10 @@ def test_winograd_matches_im2col(n, C, S, M, k, pad, group, dtype, rtol, monkeyp
     dy = RNG.standard_normal((n, M) + O).astype(dtype)
     proto = _conv_prototxt(M, k, pad, group)
     *wino, layer = _run(proto, x, dy, dtype, True, monkeypatch)
-    assert layer._wino[0] is not None, "Winograd should apply to this shape"
-    assert (layer._wino[1] is None) == any(k - 1 - p > p for p in pads)
+    assert layer.plan.path == "winograd", "Winograd should apply to this shape"
+    assert (layer.plan.data_path != "winograd") == any(k - 1 - p > p for p in pads)
     *ref, ref_layer = _run(proto, x, dy, dtype, False, monkeypatch)
-    assert ref_layer._wino[0] is None
+    assert ref_layer.plan.path != "winograd"
     y, dx, (dW, db) = wino
     y_ref, dx_ref, (dW_ref, db_ref) = ref
     for got, want in ((y, y_ref), (dx, dx_ref), (dW, dW_ref), (db, db_ref)):
@@ -83,11 +83,32 @@ def test_winograd_matches_im2col(n, C, S, M, k, pad, group, dtype, rtol, monkeyp
         numpy.testing.assert_allclose(got, want, rtol=0, atol=rtol * numpy.abs(want).max())
 
 
+@pytest.mark.parametrize("pad", [2, 0])  # the unpadded one takes im2col's data gradient
+def test_winograd_weight_gradient_sums_over_bottoms(pad, monkeypatch):
+    """Two bottoms share the weights: each adds its own weight gradient, as on im2col's path."""
+    proto = _conv_prototxt(16, 5, pad)
+    x = [RNG.standard_normal((3, 16, 8, 8)) for _ in range(2)]
+    O = 8 + 2 * pad - 4
+    dy = [RNG.standard_normal((3, 16, O, O)) for _ in range(2)]
+    results = []
+    for winograd_on in (True, False):
+        monkeypatch.setattr(ConvPlan, "use_winograd", winograd_on)
+        layer = make_layer(proto)
+        bottom, top = setup_layer(layer, x, n_tops=2)
+        assert (layer.plan.path == "winograd") == winograd_on
+        layer.forward(bottom, top)
+        for t, d in zip(top, dy):
+            t.diff[...] = d
+        layer.backward(top, [True, True], bottom)
+        results.append([p.diff.copy() for p in layer.blobs] + [b.diff.copy() for b in bottom])
+    for got, want in zip(*results):
+        numpy.testing.assert_allclose(got, want, rtol=0, atol=1e-11 * numpy.abs(want).max())
+
 def test_winograd_gradient_float64():
     layer = make_layer(_conv_prototxt(16, 3, 1))
     x = RNG.standard_normal((2, 16, 8, 7))
     bottom, _ = setup_layer(layer, [x])
-    assert layer._wino[0] is not None
+    assert layer.plan.path == "winograd"
     check_gradient(layer, [x])
 
 

@@ -1,0 +1,363 @@
+"""How a (de)convolution runs over a batch: which algorithm, in what chunks of samples, on which threads.
+
+Convolution and Deconvolution (layers/families/conv.py) hold Caffe's semantics: parameters,
+shapes, fillers. Each makes a plan from its geometry (``ConvGeometry``) at reshape; the plan
+chooses once per shape and then runs the steps of Caffe's BaseConvolutionLayer over the batch:
+
+  forward(x, W, b, y)                  forward_cpu_gemm and forward_cpu_bias: y = W * x + b
+  backward(x, W, dy, dx, need_dw)      backward_cpu_gemm (dx = W^T * dy, when dx is given) and
+                                       weight_cpu_gemm (returns dW = dy * x^T, when need_dw)
+  bias_gradient(dy)                    backward_cpu_bias: db
+DeconvPlan runs the same steps with the roles of x and y swapped, as Caffe's Deconvolution does.
+
+A ConvPlan's ``path`` is "1x1" (a batched GEMM straight from the input layout, no columns),
+"winograd" (F(4x4, kxk), layers/kernels/winograd.py) or "im2col" (column matrices,
+layers/kernels/im2col.py). Its ``data_path``, for the data gradient: "1x1"; "winograd" (a
+Winograd convolution of dy with the flipped weights); "transposed" (the same as an im2col
+convolution); or "direct" (the column diff summed back onto the image, ConvEngine.data_to_image).
+
+The kernels compute a chunk of samples at a time. The plan cuts the batch into chunks sized for
+the cache or for memory, runs them as jobs on brewnet's threads (layers/kernels/parallel.py), and
+sums the chunks' partial weight gradients in chunk order, so the floats do not depend on which
+thread ran what. Column matrices live in the shared WORKSPACE (layers/kernels/scratch.py).
+"""
+
+from typing import NamedTuple
+
+import numpy
+
+from brewnet.layers.kernels import parallel, winograd
+from brewnet.layers.kernels.im2col import ConvEngine
+from brewnet.layers.kernels.scratch import WORKSPACE
+
+
+class ConvGeometry(NamedTuple):
+    """What a plan is made for: a layer makes a new plan when any of these changes."""
+    dtype: numpy.dtype
+    batch: int
+    channels: int        # the input's
+    in_spatial: tuple
+    num_output: int
+    out_spatial: tuple
+    group: int
+    kernel: tuple
+    stride: tuple
+    pad: tuple
+    dilation: tuple
+
+
+def _sum_in_order(parts):
+    """parts[0] + parts[1] + ..., added into parts[0] in list order (the same floats every run)."""
+    total = parts[0]
+    for p in parts[1:]:
+        total += p
+    return total
+
+
+class BaseConvPlan:
+    """What the Convolution and Deconvolution plans share: geometry, chunk sizes, bias terms."""
+
+    # bytes one column buffer may take; bigger batches are processed in chunks of samples
+    max_col_bytes = 256 << 20
+    # With few output channels per group the GEMMs do little arithmetic per column element and
+    # are bound by memory bandwidth: chunks this small let the im2col copy and the GEMM reading
+    # it meet in the CPU cache (CIFAR-10's convolutions run about twice as fast). Wider layers
+    # are compute-bound and lose more to smaller GEMMs than they gain. With a chunk per thread
+    # at a time, 3 MB beat 8 MB by 10-25% on CIFAR-10-quick (1.5-4 MB measured).
+    cache_col_bytes = 3 << 20
+    # up to this many outputs per group, chunks are cache-sized (CaffeNet's conv1, 96 outputs
+    # from 3 channels, gains 15%; its conv3-5, 128-384 outputs over 1728-2304 inputs, lose 10-25%)
+    cache_max_outputs = 96
+    # whether narrow layers get cache-sized chunks at all
+    cache_chunks = True
+
+    def __init__(self, xp, geometry):
+        self.xp = xp
+        self.geometry = geometry
+        self.dtype = numpy.dtype(geometry.dtype)
+        self.batch = geometry.batch
+        self.channels, self.num_output, self.group = geometry.channels, geometry.num_output, geometry.group
+        self.n_spatial = len(geometry.in_spatial)
+        self._ones = None
+
+    @classmethod
+    def chunk_samples(cls, engine):
+        """How many samples one chunk of ``engine``'s column matrices holds."""
+        limit = cls.max_col_bytes
+        if cls.cache_chunks and engine.Mg <= cls.cache_max_outputs and engine.xp is numpy:
+            limit = min(limit, cls.cache_col_bytes)
+        return max(1, limit // max(1, engine.col_bytes_per_sample))
+
+    def _chunks(self, engine):
+        """(start, stop) sample ranges: chunk_samples at most, and at least one per CPU thread."""
+        return parallel.chunk_ranges(self.batch, self.chunk_samples(engine), self.xp)
+
+    def _reserve_columns(self, engine, chunks):
+        # every thread's column buffer at its full size now, so that forward never reallocates
+        size = int(numpy.prod(engine.col_shape(max(b - a for a, b in chunks))))
+        for worker in range(parallel.workers(self.xp)):
+            WORKSPACE.reserve(self.xp, self.dtype, size, worker)
+
+    def add_bias(self, y, bias):
+        """y (n, M, *spatial) += bias (M,), per output channel."""
+        y += bias.reshape((1, self.num_output) + (1,) * self.n_spatial)
+
+    def bias_gradient(self, dy):
+        """Sum of dy (n, M, *spatial) over samples and positions: (M,)."""
+        # Caffe's way, a GEMV with a vector of ones per sample: 3x faster than numpy's sum over
+        # the spatial and sample axes
+        n = dy.shape[0]
+        dy3 = dy.reshape(n, self.num_output, -1)
+        if self._ones is None or self._ones.shape[0] != dy3.shape[2] or self._ones.dtype != dy.dtype:
+            self._ones = self.xp.ones(dy3.shape[2], dtype=dy.dtype)
+        return (dy3 @ self._ones).sum(axis=0)
+
+
+class ConvPlan(BaseConvPlan):
+    """Convolution: y (n, M, *O) = conv(x (n, C, *S), W (M, C/G, *kernel)) + b, and its gradients."""
+
+    # above this many outputs per group, the data gradient takes the direct path
+    skinny_max_outputs = 64
+    # False: im2col even where Winograd applies (tests compare the two; users: BREWNET_WINOGRAD=0)
+    use_winograd = True
+    # "transposed" or "direct" to override the per-shape choice of data-gradient path (tests)
+    force_data_grad = None
+    # Winograd's chunks: their largest transformed array about winograd_chunk_bytes (in cache),
+    # but of at least winograd_min_tiles tiles (up to twice the bytes): the per-tile-element GEMMs
+    # of wide layers (256-384 channels) run at 40 GFLOP/s with 32 rows and 70 with 128.
+    winograd_chunk_bytes = 2 << 20
+    winograd_min_tiles = 128
+
+    def __init__(self, xp, geometry):
+        super().__init__(xp, geometry)
+        g = geometry
+        # the engine's image side is the input, its column side the output
+        self.engine = eng = ConvEngine(xp, self.dtype, g.channels, g.in_spatial, g.num_output, g.group, g.kernel,
+                                       g.stride, g.pad, g.dilation, g.out_spatial)
+        self.winograd = self.winograd_data = self.data_engine = None
+        self._kept = {}  # slot -> (token, buffer, samples, worker) of columns forward left
+        if eng.is_1x1:
+            self.path = self.data_path = "1x1"
+            return
+        if self.use_winograd and self.force_data_grad is None:
+            self.winograd, self.winograd_data = winograd.plan(xp, self.dtype, g.channels, g.in_spatial, g.num_output,
+                                                              g.group, g.kernel, g.stride, g.pad, g.dilation,
+                                                              g.out_spatial)
+        self.path = "im2col" if self.winograd is None else "winograd"
+        if self.winograd_data is not None:
+            self.data_path = "winograd"
+        else:
+            self.data_engine = self._transposed_engine()
+            self.data_path = "direct" if self.data_engine is None else "transposed"
+        # im2col's chunks serve the direct data gradient too
+        self.chunks = self._chunks(eng)
+        self.data_chunks = self._chunks(self.data_engine) if self.data_engine is not None else None
+        if self.winograd is not None:
+            self.winograd_chunks = self._winograd_chunks(self.winograd)
+        if self.winograd_data is not None:
+            self.winograd_data_chunks = self._winograd_chunks(self.winograd_data)
+        if self.path == "im2col":
+            self._reserve_columns(eng, self.chunks)
+        if self.data_path == "transposed":
+            self._reserve_columns(self.data_engine, self.data_chunks)
+
+    def _transposed_engine(self):
+        """The engine of the data gradient as a convolution of dy, where that is the faster way."""
+        eng = self.engine
+        if self.force_data_grad == "direct":
+            return None
+        # The direct path is kept (1) for few input channels per group (a first layer's dx): a
+        # GEMM that narrow is slow either way, and the direct path makes it once for all kernel
+        # offsets; (2) when the input is much larger than the output (no padding): the convolution
+        # of dy then costs prod(S)/prod(O) times the direct path's arithmetic; (3) for many output
+        # channels (CaffeNet's conv2-4): the per-offset GEMMs are then wide enough to run well;
+        # (4) whenever the compiled col2im applies: one GEMM and one pass beat both (1.2-2.7x).
+        if self.force_data_grad != "transposed" and (
+                eng.Cg < 16 or 4 * numpy.prod(eng.S) > 5 * eng.L or eng.Mg > self.skinny_max_outputs
+                or eng.compiled_data_path()):
+            return None
+        return eng.transposed()
+
+    def _winograd_chunks(self, conv):
+        per_sample = conv.bytes_per_sample
+        chunk = max(1, self.winograd_chunk_bytes // per_sample,
+                    min(-(-self.winograd_min_tiles // conv.tiles_per_sample),
+                        2 * self.winograd_chunk_bytes // per_sample))
+        return parallel.chunk_ranges(self.batch, chunk, numpy)
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, x, W, bias, y, slot=0):
+        """y = conv(x, W) + bias (bias may be None). ``slot`` names which of the layer's inputs x
+        is: on the im2col path, its backward may reuse the columns built here."""
+        if self.path == "1x1":
+            self._forward_1x1(x, W, y)
+            if bias is not None:
+                self.add_bias(y, bias)
+        elif self.path == "winograd":
+            self._winograd_forward(self.winograd, self.winograd_chunks, x, W, bias, y)
+        else:
+            self._im2col_forward(x, W, bias, y, slot)
+
+    def _forward_1x1(self, x, W, y):
+        # no im2col: a batched GEMM per sample straight from the input layout
+        G, n = self.group, self.batch
+        Wm = W.reshape(G, self.num_output // G, self.channels // G)
+        xg = x.reshape(n, G, self.channels // G, -1)
+        y.reshape(n, G, self.num_output // G, -1)[...] = self.xp.matmul(Wm, xg)
+
+    def _winograd_forward(self, conv, chunks, x, W, bias, y):
+        U, b = conv.weight_tiles(W), conv.bias_vector(bias)
+
+        def job(j, worker):
+            a, z = chunks[j]
+            conv.forward(x[a:z], U, b, y[a:z], worker)
+
+        parallel.run(job, len(chunks), numpy)
+
+    def _im2col_forward(self, x, W, bias, y, slot):
+        eng, chunks = self.engine, self.chunks
+        # the columns stay valid for backward only when the batch was one chunk
+        keep = slot if len(chunks) == 1 else None
+        self._kept.pop(slot, None)
+
+        def job(j, worker):
+            a, z = chunks[j]
+            col = self._im2col(x[a:z], worker, keep)
+            eng.from_colside(eng.gemm_forward(col, W), y[a:z])
+            if bias is not None:
+                self.add_bias(y[a:z], bias)  # while the chunk is still in cache
+
+        parallel.run(job, len(chunks), self.xp)
+
+    def _im2col(self, x, worker, keep=None):
+        """Columns of x in the thread's column workspace; remembered for slot ``keep`` if given."""
+        token = object()
+        buf = WORKSPACE.take(self.xp, x.dtype, self.engine.col_shape(x.shape[0]), token, worker)
+        if keep is not None:
+            self._kept[keep] = (token, buf, x.shape[0], worker)
+        return self.engine.im2col(x, out=buf, worker=worker)
+
+    def _kept_columns(self, slot):
+        """The columns of ``slot`` still in the workspace (nobody took it since), or None."""
+        token, buf, n, worker = self._kept.pop(slot, (None, None, 0, 0))
+        if buf is None or not WORKSPACE.holds(self.xp, buf.dtype, token, worker):
+            return None
+        return self.engine.column_matrix(buf, n)
+
+    # -- backward -----------------------------------------------------------------------
+    def backward(self, x, W, dy, dx, need_dw, slot=0):
+        """Writes the data gradient into dx (unless dx is None) and returns the weight
+        gradient (M, C/G, *kernel) if need_dw, else None. The result may be a shared buffer:
+        add it to the weight diff before the plan's next call."""
+        if self.path == "1x1":
+            return self._backward_1x1(x, W, dy, dx, need_dw)
+        if self.path == "im2col":
+            return self._im2col_backward(x, W, dy, dx, need_dw, slot)
+        if dx is not None:
+            if self.data_path == "winograd":
+                flipped = self.engine.flipped_weight(W)
+                self._winograd_forward(self.winograd_data, self.winograd_data_chunks, dy, flipped, None, dx)
+            else:  # an unpadded convolution: im2col's data gradient
+                self._im2col_backward(x, W, dy, dx, False, slot)
+        # last: Winograd's weight gradient is a view of a shared buffer
+        return self._winograd_weight_grad(x, dy) if need_dw else None
+
+    def _backward_1x1(self, x, W, dy, dx, need_dw):
+        xp, G, n = self.xp, self.group, self.batch
+        Mg, Cg = self.num_output // G, self.channels // G
+        xg = x.reshape(n, G, Cg, -1)
+        dyg = dy.reshape(n, G, Mg, -1)
+        dW = None
+        if need_dw:
+            # sum over samples of dy_n x_n^T (per-sample GEMMs, summed)
+            dW = xp.matmul(dyg, xg.transpose(0, 1, 3, 2)).sum(axis=0).reshape(W.shape)
+        if dx is not None:
+            Wm = W.reshape(G, Mg, Cg)
+            dx.reshape(n, G, Cg, -1)[...] = xp.matmul(Wm.transpose(0, 2, 1), dyg)
+        return dW
+
+    def _winograd_weight_grad(self, x, dy):
+        conv, chunks = self.winograd, self.winograd_chunks
+        parts = [None] * len(chunks)
+
+        def job(j, worker):
+            a, z = chunks[j]
+            parts[j] = conv.weight_grad_part(x[a:z], dy[a:z], worker)
+
+        parallel.run(job, len(chunks), numpy)
+        return conv.weight_grad(_sum_in_order(parts))
+
+    def _im2col_backward(self, x, W, dy, dx, need_dw, slot):
+        eng, chunks = self.engine, self.chunks
+        teng = self.data_engine if dx is not None else None
+        Wt = eng.flipped_weight(W) if teng is not None else None
+        # one job per chunk does both gradients when the two engines chunk alike (dy is read
+        # once, while in cache)
+        fused = teng is not None and self.data_chunks == chunks
+        keep = slot if len(chunks) == 1 else None
+        dW = [None] * len(chunks)  # per chunk, summed in chunk order afterwards
+
+        def data_part(a, z, worker):
+            """dx[a:z] as the convolution of dy with the flipped weights."""
+            buf = WORKSPACE.take(self.xp, dy.dtype, teng.col_shape(z - a), object(), worker)
+            cols = teng.im2col(dy[a:z], out=buf, worker=worker)
+            teng.from_colside(teng.gemm_forward(cols, Wt), dx[a:z])
+
+        def job(j, worker):
+            a, z = chunks[j]
+            rows = eng.colside_rows(dy[a:z]) if need_dw else None
+            if need_dw:
+                col = self._kept_columns(keep) if keep is not None else None
+                if col is None:
+                    col = self._im2col(x[a:z], worker, keep)
+                dW[j] = eng.gemm_weight(col, rows)
+            if dx is not None and teng is None:
+                ym = rows if rows is not None and eng.layout == "B" else eng.to_colside(dy[a:z])
+                eng.data_to_image(ym, W, z - a, dx[a:z], worker)
+            elif fused:
+                data_part(a, z, worker)
+
+        if need_dw or teng is None or fused:
+            parallel.run(job, len(chunks), self.xp)
+        if teng is not None and not fused:
+            tchunks = self.data_chunks
+            parallel.run(lambda j, worker: data_part(*tchunks[j], worker), len(tchunks), self.xp)
+        return _sum_in_order(dW) if need_dw else None
+
+
+class DeconvPlan(BaseConvPlan):
+    """Deconvolution: y (n, M, *O) = W^T x + b for x (n, C, *S), W (C, M/G, *kernel): a
+    convolution's data gradient as forward, its forward as data gradient (Caffe's roles)."""
+
+    # its per-offset GEMMs only get slower in small chunks
+    cache_chunks = False
+
+    def __init__(self, xp, geometry):
+        super().__init__(xp, geometry)
+        g = geometry
+        # the engine's image side is the output, its column side the input
+        self.engine = ConvEngine(xp, self.dtype, g.num_output, g.out_spatial, g.channels, g.group, g.kernel,
+                                 g.stride, g.pad, g.dilation, g.in_spatial)
+        self.chunks = self._chunks(self.engine)
+        if not self.engine.is_1x1:
+            self._reserve_columns(self.engine, self.chunks)
+
+    def forward(self, x, W, bias, y, slot=0):
+        """y = deconv(x, W) + bias (bias may be None); ``slot`` as in ConvPlan (unused)."""
+        eng = self.engine
+        for a, z in self.chunks:
+            eng.data_to_image(eng.to_colside(x[a:z]), W, z - a, y[a:z])
+        if bias is not None:
+            self.add_bias(y, bias)
+
+    def backward(self, x, W, dy, dx, need_dw, slot=0):
+        """As ConvPlan.backward: dx written unless None, dW returned if need_dw."""
+        eng, dW = self.engine, None
+        for a, z in self.chunks:
+            col = eng.im2col(dy[a:z], out=WORKSPACE.take(self.xp, dy.dtype, eng.col_shape(z - a), self))
+            if need_dw:
+                g = eng.gemm_weight(col, eng.colside_rows(x[a:z]))
+                dW = g if dW is None else dW + g
+            if dx is not None:
+                eng.from_colside(eng.gemm_forward(col, W), dx[a:z])
+        return dW
