@@ -71,12 +71,11 @@ class _BaseConv(_ConvParams):
 
     min_bottoms = 1
     min_tops = 1
+    equal_bottom_top = True  # one top per bottom, all through the same weights
     reverse = False  # True for Deconvolution
     plan_type = None  # how the steps run: ConvPlan or DeconvPlan (layers/kernels/conv_plan.py)
 
     def setup(self, bottom, top):
-        if len(bottom) != len(top):
-            raise self.error("needs as many tops as bottoms")
         self._read_geometry(bottom)
         cp = self.param.convolution_param
         self.num_output = cp.num_output

@@ -56,7 +56,6 @@ CAFFE_COUNTS = {
 FIELDS = ("exact_bottoms", "min_bottoms", "max_bottoms", "exact_tops", "min_tops", "max_tops", "equal_bottom_top",
           "auto_top_blobs")
 # conv.py belongs to another change: it still checks len(bottom) == len(top) in setup by hand
-PENDING = {("Convolution", "equal_bottom_top"), ("Deconvolution", "equal_bottom_top")}
 
 
 def builtin_types():
@@ -73,8 +72,6 @@ def test_declared_counts_are_caffes(type_name):
     assert type_name in CAFFE_COUNTS, f"{type_name}: add Caffe's blob counts to CAFFE_COUNTS"
     layer = make_layer(f'name: "l" type: "{type_name}"')
     for field, got, want in zip(FIELDS, counts(layer), CAFFE_COUNTS[type_name]):
-        if (type_name, field) in PENDING and got != want:
-            pytest.xfail(f"{type_name}.{field} is not declared yet (layers/families/conv.py)")
         assert got == want, f"{type_name}.{field} is {got!r}, Caffe's is {want!r}"
 
 
