@@ -7,6 +7,7 @@ an interrupted save never leaves a half-written file behind.
 
 import contextlib
 import difflib
+import hashlib
 import os
 import re
 import tempfile
@@ -95,6 +96,15 @@ def decode_text(data):
 def read_text_file(path):
     """The text of a prototxt file (DefinitionError when it cannot be read)."""
     return decode_text(read_bytes(path))
+
+
+def sha1_of_file(path, chunk=1 << 20):
+    """The file's sha1, hex (how the zoo verifies weights and a sidecar names its state)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def is_hdf5(path):

@@ -23,7 +23,6 @@ instead of overwriting the first one's files.
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import socket
@@ -145,14 +144,6 @@ def check_resume_payload(payload, path):
         fail("state_sha1", "a string")
 
 
-def sha1_of_file(path, chunk=1 << 20):
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_state_with_resume(state, state_path, payload):
     """The state on a temporary name, then its sidecar (naming the state's sha1), then
     the state renamed into place: wherever a kill lands, a state under its final name
@@ -163,7 +154,7 @@ def write_state_with_resume(state, state_path, payload):
     os.close(fd)
     try:
         netdef.write_solverstate(state, tmp)
-        write_resume(state_path, {**payload, "state_sha1": sha1_of_file(tmp)})
+        write_resume(state_path, {**payload, "state_sha1": netdef.io.sha1_of_file(tmp)})
         os.replace(tmp, state_path)
     except BaseException:
         if os.path.exists(tmp):
@@ -175,7 +166,7 @@ def resume_matches(state_path, payload):
     """True when the sidecar was written for this very state file (older sidecars, which
     name no sha1, are trusted as before)."""
     expected = payload.get("state_sha1")
-    return expected is None or expected == sha1_of_file(state_path)
+    return expected is None or expected == netdef.io.sha1_of_file(state_path)
 
 
 def check_prefix_writable(param, source):

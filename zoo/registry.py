@@ -7,13 +7,13 @@ the user's zoo cache ($XDG_CACHE_HOME/brewnet/zoo, where fetched weights and
 
 import dataclasses
 import difflib
-import hashlib
 import os
 import pathlib
 
 import yaml
 
 from brewnet.netdef.errors import DefinitionError
+from brewnet.netdef.io import sha1_of_file as sha1_of
 
 BUNDLED = pathlib.Path(__file__).resolve().parent / "models"
 REQUIRED_FIELDS = ("name", "caffemodel", "caffemodel_url", "sha1", "license")
@@ -108,14 +108,6 @@ class ZooModel:
     def sha1_ok(self, path=None):
         path = path or self.weights_path()
         return path is not None and sha1_of(path) == str(self.meta["sha1"]).lower()
-
-
-def sha1_of(path, chunk=1 << 20):
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _candidate_folders():
