@@ -20,6 +20,7 @@ if not os.path.isdir(os.path.join(__path__[0], "netdef")) and \
     __path__.append(_checkout)
 
 from brewnet.layers.kernels.backend import set_device, set_mode_cpu, set_mode_gpu, to_numpy  # noqa: E402
+from brewnet.layers.registry import provide_module  # noqa: E402
 from brewnet.netdef.caffe_pb2 import TEST, TRAIN  # noqa: E402
 
 __version__ = "0.1.0"
@@ -39,6 +40,16 @@ _LAZY = {
     "AdamSolver": "brewnet.api:AdamSolver",
     "set_random_seed": "brewnet.layers.net:set_random_seed",
 }
+
+
+def _install_caffe_alias():
+    """A Python layer's module imports ``caffe`` and there is none: brewnet.pycaffe stands in."""
+    from brewnet import pycaffe
+
+    return pycaffe.install(reason="a Python layer's module imports caffe")
+
+
+provide_module("caffe", _install_caffe_alias)
 
 __all__ = ["TEST", "TRAIN", "set_mode_cpu", "set_mode_gpu", "set_device", "to_numpy", *_LAZY]
 

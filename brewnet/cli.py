@@ -85,15 +85,23 @@ def gflags_args(command, ctx, args):
     return out
 
 
+# Caffe's names for commands brewnet calls otherwise
+ALIASES = {"device_query": "device"}
+
+
 class BrewnetGroup(click.Group):
     """brewnet's command group: Caffe's spellings of command and flag names (see the
-    module docstring) and one-line errors for the user's mistakes."""
+    module docstring), Caffe's command names (ALIASES) and one-line errors for the
+    user's mistakes."""
 
     def get_command(self, ctx, cmd_name):
         command = super().get_command(ctx, cmd_name)
         if command is None:
             wanted = normalize_name(cmd_name)
-            command = next((c for name, c in self.commands.items() if normalize_name(name) == wanted), None)
+            for name in (wanted, ALIASES.get(wanted)):
+                command = next((c for key, c in self.commands.items() if normalize_name(key) == name), None)
+                if command is not None:
+                    break
         return command
 
     def resolve_command(self, ctx, args):

@@ -8,7 +8,7 @@ iteration), while bottom diffs are *written* (overwritten), as in Caffe.
 
 import numpy
 
-from brewnet.layers.blob import Blob
+from brewnet.layers.blob import Blob, BlobVec
 from brewnet.netdef.errors import DefinitionError
 
 
@@ -68,7 +68,8 @@ class Layer:
         self.phase = caffe_pb2.TEST if phase is None else phase
         # host-side generator: fillers, dropout masks, shuffling (seeded by the net)
         self.rng = rng if rng is not None else numpy.random.default_rng()
-        self.blobs = []  # learnable Blobs, Caffe's order
+        # learnable Blobs, Caffe's order (a list; a Python layer may call self.blobs.add_blob(*shape))
+        self.blobs = BlobVec(xp=xp, dtype=dtype, prefix=self.name)
         # set by the Net: False where lr_mult is 0 (skip that param's gradient)
         self.param_propagate_down = []
 

@@ -83,10 +83,15 @@ class Blob:
     # Clearing a parameter's diff (every iteration) and then adding its gradient to it reads and
     # writes the diff twice; CaffeNet's fully connected weights are 224 MB. So clearing is lazy,
     # and a layer computing a whole gradient can write it where the diff would be zeros.
-    def clear_diff(self):
-        """diff = 0 (Caffe's ClearParamDiffs for one blob), written when the diff is next read."""
+    def clear_diff(self, lazy=True):
+        """diff = 0 (Caffe's ClearParamDiffs for one blob): written when the diff is next read,
+        or at once with ``lazy=False`` (an array taken from ``.diff`` earlier then reads zeros)."""
         if self._diff is not None:
-            self._diff_zero_pending = True
+            if lazy:
+                self._diff_zero_pending = True
+            else:
+                self._diff.fill(0)
+                self._diff_zero_pending = False
         return self
 
     def diff_to_overwrite(self):
@@ -126,6 +131,30 @@ class Blob:
     @property
     def num_axes(self):
         return self.data.ndim
+
+    # Caffe's legacy 4-D accessors (pycaffe's Blob.num/channels/height/width): axes past
+    # the blob's last count as 1; a blob of more than 4 axes has none of them
+    def _legacy_dim(self, index):
+        if self.data.ndim > 4:
+            raise ValueError(f"blob {self.name or ''} of shape {self.shape} has more than 4 axes: "
+                             "num/channels/height/width are undefined (use .shape)")
+        return int(self.data.shape[index]) if index < self.data.ndim else 1
+
+    @property
+    def num(self):
+        return self._legacy_dim(0)
+
+    @property
+    def channels(self):
+        return self._legacy_dim(1)
+
+    @property
+    def height(self):
+        return self._legacy_dim(2)
+
+    @property
+    def width(self):
+        return self._legacy_dim(3)
 
     def shape_at(self, axis):
         return self.data.shape[self.canonical_axis(axis)]
@@ -177,3 +206,21 @@ class Blob:
 
     def __repr__(self):
         return f"Blob({self.name or ''} {self.shape})"
+
+
+class BlobVec(list):
+    """A layer's learnable blobs: a list with pycaffe's ``add_blob(*shape)``, which appends
+    a zero-filled Blob on the layer's device (what a Python layer's setup calls)."""
+
+    def __init__(self, blobs=(), xp=None, dtype=numpy.float32, prefix=None):
+        super().__init__(blobs)
+        self.xp = xp
+        self.dtype = numpy.dtype(dtype)
+        self.prefix = prefix
+
+    def add_blob(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        name = f"{self.prefix}/param{len(self)}" if self.prefix else None
+        self.append(Blob(shape, xp=self.xp, dtype=self.dtype, name=name))
+        return self[-1]

@@ -25,7 +25,7 @@ from brewnet.netdef.errors import DefinitionError
 
 from brewnet.layers.kernels import backend
 from brewnet.layers.base import LayerError
-from brewnet.layers.blob import Blob
+from brewnet.layers.blob import Blob, BlobVec
 from brewnet.layers.registry import get_layer_class
 
 logger = logging.getLogger("brewnet")
@@ -135,8 +135,8 @@ class SharedView(Blob):
     def diff(self, value):
         self.owner.diff[...] = self.xp.asarray(value, dtype=self.dtype).reshape(self.owner.shape)
 
-    def clear_diff(self):
-        self.owner.clear_diff()
+    def clear_diff(self, lazy=True):
+        self.owner.clear_diff(lazy)
         return self
 
     def diff_to_overwrite(self):
@@ -210,6 +210,9 @@ class Net:
         self.net_param = insert_splits(filtered, source=source)
         self.name = self.net_param.name
         self.debug_info = self.net_param.debug_info
+        # called with the layer index around each layer's pass (pycaffe's net.before_forward(f) ...)
+        self.before_forward_hooks, self.after_forward_hooks = [], []
+        self.before_backward_hooks, self.after_backward_hooks = [], []
         self._init_layers()
 
     # -- construction ------------------------------------------------------------
@@ -269,7 +272,8 @@ class Net:
                 cls = get_layer_class(lp.type, lp.name)
                 layer = cls(lp, xp=self.xp, phase=lp.phase, rng=_child_rng(self.rng), dtype=self.dtype)
             if stored:
-                layer.blobs = [self._blob_from_array(a, f"{lp.name}/param{k}") for k, a in enumerate(stored)]
+                layer.blobs = BlobVec([self._blob_from_array(a, f"{lp.name}/param{k}") for k, a in enumerate(stored)],
+                                      xp=self.xp, dtype=self.dtype, prefix=lp.name)
             self.layers.append(layer)
             self.layer_names.append(lp.name)
             self.bottom_vecs.append([])
@@ -535,13 +539,18 @@ class Net:
         return index % len(self.layers)
 
     # -- running -------------------------------------------------------------------
-    def forward(self, start=None, end=None):
+    # Caffe's ForwardFromTo/BackwardFromTo. brewnet's own code (the solver, `brewnet time`)
+    # calls these names: pycaffe's Net (brewnet.api) gives forward/backward pycaffe's meaning.
+    def forward_from_to(self, start=None, end=None):
         """Run layers start..end (inclusive; indices or names) and return the
         weighted loss they produce (Caffe's ForwardFromTo)."""
         first = 0 if start is None else self.layer_index(start)
         last = len(self.layers) - 1 if end is None else self.layer_index(end)
+        before, after = self.before_forward_hooks, self.after_forward_hooks
         loss = 0.0
         for i in range(first, last + 1):
+            for hook in before:
+                hook(i)
             layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
             layer.reshape(bottom, top)
             layer.forward(bottom, top)
@@ -552,30 +561,48 @@ class Net:
                 loss += weight * float(blob.data.sum())
             if self.debug_info:
                 self._debug_forward(i)
+            for hook in after:
+                hook(i)
         return loss
 
-    def backward(self, start=None, end=None):
+    def backward_from_to(self, start=None, end=None):
         """Backpropagate from layer start down to end (inclusive; default all)."""
         first = len(self.layers) - 1 if start is None else self.layer_index(start)
         last = 0 if end is None else self.layer_index(end)
+        before, after = self.before_backward_hooks, self.after_backward_hooks
         for i in range(first, last - 1, -1):
+            for hook in before:
+                hook(i)
             if self.layer_need_backward[i]:
                 self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
                 if self.debug_info:
                     self._debug_backward(i)
+            for hook in after:
+                hook(i)
+
+    def forward(self, start=None, end=None):
+        """forward_from_to: the weighted loss of layers start..end."""
+        return self.forward_from_to(start, end)
+
+    def backward(self, start=None, end=None):
+        """backward_from_to."""
+        self.backward_from_to(start, end)
 
     def forward_backward(self):
-        loss = self.forward()
-        self.backward()
+        loss = self.forward_from_to()
+        self.backward_from_to()
         return loss
 
     def reshape(self):
         for layer, bottom, top in zip(self.layers, self.bottom_vecs, self.top_vecs):
             layer.reshape(bottom, top)
 
-    def clear_param_diffs(self):
+    def clear_param_diffs(self, lazy=False):
+        """Zero every learnable parameter's diff. The solver clears lazily (written when a
+        diff is next read, see Blob.clear_diff); by default arrays taken from ``.diff``
+        before the call read zeros after it, as in Caffe."""
         for blob in self.learnable_params:
-            blob.clear_diff()  # lazily: see Blob.clear_diff
+            blob.clear_diff(lazy)
 
     def update(self):
         """data -= diff for every learnable parameter (Caffe's Net::Update)."""
@@ -736,12 +763,12 @@ class Net:
         for _ in range(iterations):
             for i in range(n):
                 t0 = time.perf_counter()
-                self.forward(i, i)
+                self.forward_from_to(i, i)
                 self.synchronize()
                 fwd[i] += time.perf_counter() - t0
             for i in range(n - 1, -1, -1):
                 t0 = time.perf_counter()
-                self.backward(i, i)
+                self.backward_from_to(i, i)
                 self.synchronize()
                 bwd[i] += time.perf_counter() - t0
         scale = 1000.0 / max(iterations, 1)

@@ -7,6 +7,7 @@ from brewnet.netdef.errors import DefinitionError
 _LAYERS = {}
 _V1_NAMES = {}
 _plugins_loaded = False
+_MODULE_PROVIDERS = {}
 
 
 class UnknownLayerTypeError(DefinitionError):
@@ -64,3 +65,17 @@ def get_layer_class(type_name, layer_name=None):
     raise UnknownLayerTypeError(
         f"{where}unknown layer type {type_name!r}{hint}; known types: {', '.join(sorted(_LAYERS))}"
     )
+
+
+# -- modules a Python layer's own module may import ----------------------------------------
+def provide_module(name, install):
+    """Register ``install()`` as the way to make top-level module ``name`` importable when a
+    Python layer's module imports it and it is missing (brewnet's front door registers
+    "caffe": brewnet.pycaffe as an alias). ``install`` returns True when it made the module
+    importable."""
+    _MODULE_PROVIDERS[name] = install
+
+
+def module_provider(name):
+    """The ``install`` registered for top-level module ``name``, or None."""
+    return _MODULE_PROVIDERS.get(name)

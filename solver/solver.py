@@ -127,6 +127,9 @@ class Solver:
     rule = None
     # one entry of a weights list -> a file (brewnet.api's solvers resolve zoo:NAME too)
     resolve_weights = staticmethod(local_weights_file)
+    # the class of the nets built (None: layers.net.Net); brewnet.api's solvers build its
+    # pycaffe Net, a subclass, so solver.net is the Net users construct
+    net_class = None
 
     def __init__(self, param_or_path, source=None, xp=None, dtype=numpy.float32):
         if isinstance(param_or_path, caffe_pb2.SolverParameter):
@@ -244,8 +247,8 @@ class Solver:
         if extra_state is not None:
             state.MergeFrom(extra_state)
         net_param.state.CopyFrom(state)
-        return Net(net_param, phase=state.phase, level=state.level, stages=list(state.stage), xp=self.xp,
-                   dtype=self.dtype, source=source)
+        return (self.net_class or Net)(net_param, phase=state.phase, level=state.level, stages=list(state.stage),
+                                       xp=self.xp, dtype=self.dtype, source=source)
 
     def _init_train_net(self):
         p = self.param
@@ -361,7 +364,7 @@ class Solver:
         timer = time.monotonic()
         last_iter = self.iter
         while self.iter < stop_iter:
-            self.net.clear_param_diffs()
+            self.net.clear_param_diffs(lazy=True)
             if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
                 self.test_all()
                 if self.requested_early_exit:
@@ -495,7 +498,7 @@ class Solver:
             log.info("Optimization stopped early.")
             return
         if p.display and self.iter % p.display == 0:
-            loss = self.net.forward()
+            loss = self.net.forward_from_to()
             self._update_smoothed_loss(loss)
             log.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
         if p.test_interval and self.iter % p.test_interval == 0:
@@ -528,7 +531,7 @@ class Solver:
                 request = self.requested_action()
             if self.requested_early_exit:
                 break
-            batch_loss = net.forward()
+            batch_loss = net.forward_from_to()
             if p.test_compute_loss:
                 loss += batch_loss
             values = [backend.to_numpy(net.blobs[name].data).astype(numpy.float64).ravel() for name in net.outputs]

@@ -6,9 +6,13 @@
 The module is imported from the current directory or PYTHONPATH; the class
 subclasses ``brewnet.Layer`` and defines setup/reshape/forward/backward with
 pycaffe's signatures (``bottom[0].data``, ``top[0].diff``...). As in Caffe,
-``self.param_str`` is set before ``setup``. Layers packaged elsewhere can
-instead register a type of their own through the ``brewnet.layers`` entry
-point group (see layers/registry.py).
+``self.param_str`` is set before ``setup``. A module written for Caffe
+(``import caffe``, ``class X(caffe.Layer)``) works unchanged: when its
+``import caffe`` finds no Caffe, the loader installs the provider registered
+for "caffe" (brewnet.pycaffe as an alias; see registry.provide_module) and
+imports it again; a real Caffe installed beside brewnet is never shadowed.
+Layers packaged elsewhere can instead register a type of their own through
+the ``brewnet.layers`` entry point group (see layers/registry.py).
 """
 
 import importlib
@@ -18,7 +22,7 @@ import sys
 import numpy
 
 from brewnet.layers.base import Layer, layer_error
-from brewnet.layers.registry import register
+from brewnet.layers.registry import module_provider, register
 
 
 def load_layer_class(param):
@@ -35,7 +39,7 @@ def load_layer_class(param):
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(pp.module)
+        module = _import_user_module(pp.module)
     except ModuleNotFoundError as exc:
         if exc.name and not (pp.module == exc.name or pp.module.startswith(exc.name + ".")):
             raise  # a missing import *inside* the user's module: show it as is
@@ -46,6 +50,24 @@ def load_layer_class(param):
     if not (isinstance(cls, type) and issubclass(cls, Layer)):
         raise error(f"'{pp.module}.{pp.layer}' must be a class deriving from brewnet.Layer")
     return cls
+
+
+def _import_user_module(name):
+    """importlib.import_module, except that a top-level module the user's module imports
+    and does not find (``caffe``) is installed from its registered provider, once, and the
+    import tried again."""
+    tried = set()
+    while True:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            missing = (exc.name or "").partition(".")[0]
+            if not missing or missing in tried or name == exc.name or name.startswith(exc.name + "."):
+                raise
+            install = module_provider(missing)
+            if install is None or not install():
+                raise
+            tried.add(missing)
 
 
 @register("Python")
