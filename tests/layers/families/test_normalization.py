@@ -2,7 +2,7 @@
 
 Caffe's semantics (BatchNorm's running statistics, broadcast shapes, in-place use).
 Their gradient checks are in tests/layers/gradient_cases.py; Caffe's own numbers are
-replayed in test_common.py.
+replayed here too (test_caffe_reference, family_helpers.py).
 """
 
 import numpy
@@ -10,6 +10,8 @@ import pytest
 
 from brewnet.layers.gradcheck import make_layer, setup_layer
 from brewnet.netdef import DefinitionError, caffe_pb2
+
+from family_helpers import check_reference_case, reference_case_names
 
 rng = numpy.random.default_rng(7)
 
@@ -187,3 +189,8 @@ def test_mvn_forward():
     _, _, top = run('name: "m" type: "MVN" mvn_param { across_channels: true normalize_variance: false }', [x])
     rows = x.reshape(2, -1)
     numpy.testing.assert_allclose(top[0].data.reshape(2, -1), rows - rows.mean(1, keepdims=True), atol=1e-12)
+
+
+@pytest.mark.parametrize("case", reference_case_names("normalization"))
+def test_caffe_reference(fixtures, case):
+    check_reference_case(fixtures, case)
