@@ -12,7 +12,7 @@ CASES maps a layer type to its cases. A case is (params, bottoms, options):
 tests/layers/test_gradients.py runs every case in float64, and fails for a built-in
 type that has a backward (``has_backward``) but no case here. The implementation
 variants of convolution and pooling (both column layouts, compiled and array code)
-are checked in tests/layers/families/test_vision.py; the cases here are their plain runs.
+are checked in tests/layers/families/test_conv.py and test_pooling.py; the cases here are their plain runs.
 """
 
 import numpy
