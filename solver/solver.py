@@ -25,7 +25,7 @@ from brewnet.netdef import caffe_pb2
 from brewnet.netdef.errors import DefinitionError
 from brewnet.solver import lr_policy, updates
 from brewnet.solver import snapshot as snapshots
-from brewnet.solver.log import fmt
+from brewnet.solver.log import RecentRate, fmt, format_eta
 
 log = logging.getLogger("brewnet.solver")
 
@@ -360,6 +360,8 @@ class Solver:
             self._resume_window = None
         timer = time.monotonic()
         last_iter = self.iter
+        recent = RecentRate(window=60.0)  # the ETA's rate: display points of the last minute
+        recent.add(self.iter, timer)
         while self.iter < stop_iter:
             self.net.clear_param_diffs()
             if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
@@ -387,6 +389,12 @@ class Solver:
                          p.display, fmt(self.smoothed_loss))
                 timer, last_iter = now, self.iter
                 self._log_outputs(self.net, "Train")
+                recent.add(self.iter, now)
+                eta = recent.eta(stop_iter - self.iter)
+                if eta is not None:
+                    # a line of its own: Caffe's log parsers read the display line by its fields
+                    log.info("    ETA %s: %d iterations to go at %s iter/s", format_eta(eta), stop_iter - self.iter,
+                             fmt(recent.rate()))
             for _, on_gradients_ready in self._callbacks:
                 if on_gradients_ready is not None:
                     on_gradients_ready()
