@@ -148,7 +148,6 @@ def _log_outputs(param, log_path, tensorboard_dir):
                 log.warning("no log file (%s: %s)", path, getattr(exc, "strerror", None) or exc)
             else:
                 link_latest_log(path, f"{param.snapshot_prefix}.INFO")
-                log.info("Log file: %s", path)
         elif log_path.lower() != "none":
             try:
                 handlers.append(add_log_file(log_path))
