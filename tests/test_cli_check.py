@@ -293,3 +293,34 @@ def test_upgrade_solver(tmp_path):
     result = _run("upgrade", source, tmp_path / "solver.h5")
     assert result.exit_code != 0 and "solver cannot be written as HDF5" in result.output
     assert not os.path.exists(tmp_path / "solver.h5")
+
+
+def test_check_image_list_hdf5_and_python_layers(tmp_path, monkeypatch):
+    import h5py
+    import numpy
+    from PIL import Image
+
+    _needs_types("ImageData", "HDF5Data", "Python", "Concat")
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(numpy.zeros((10, 12, 3), numpy.uint8)).save("a.png")
+    (tmp_path / "list.txt").write_text("a.png 0\nmissing.png 1\n")
+    with h5py.File("d.h5", "w") as f:
+        f["x"] = numpy.zeros((7, 5), numpy.float32)
+        f["y"] = numpy.zeros((7,), numpy.float32)
+    (tmp_path / "h5list.txt").write_text("d.h5\nd.h5\n")
+    _write(tmp_path, 'layer { name: "img" type: "ImageData" top: "data" top: "label" '
+                     'image_data_param { source: "list.txt" batch_size: 3 } transform_param { crop_size: 8 } }\n'
+                     'layer { name: "h5" type: "HDF5Data" top: "x" top: "y" hdf5_data_param { source: "h5list.txt" '
+                     'batch_size: 3 } }\n'
+                     'layer { name: "py" type: "Python" bottom: "x" top: "z" python_param { module: "m" layer: "L" } }\n'
+                     'layer { name: "cat" type: "Concat" bottom: "z" bottom: "x" top: "c" }\n', "net.prototxt")
+    result = _run("check", "net.prototxt", "--phase", "train")
+    assert result.exit_code == 0, result.output
+    flat = _flat(result.output)
+    assert "img ImageData -> data label 3x3x8x8, 3" in flat
+    assert "h5 HDF5Data -> x y 3x5, 3" in flat
+    assert "py Python x -> z ? ? ? ? (a Python layer: check does not run user code)" in flat
+    assert "cat Concat z x -> c ? ? ? ? (its input shapes are unknown)" in flat
+    assert "layer 'img' reads list.txt: 2 images, the first a.png (3x10x12 as read)" in result.output
+    assert "layer 'h5' reads h5list.txt: 2 file(s), 14 rows; x 5, y scalar" in result.output
+    assert "warning: layer 'py': a Python layer: check does not run user code" in result.output
