@@ -144,8 +144,9 @@ def _log_outputs(param, log_path, tensorboard_dir):
             path = default_log_path(param.snapshot_prefix)
             try:
                 handlers.append(add_log_file(path))
-            except (OSError, ValueError) as exc:  # a prefix that cannot be used: the snapshot check says why
-                log.warning("no log file (%s: %s)", path, getattr(exc, "strerror", None) or exc)
+            except (OSError, ValueError) as exc:
+                if not (param.snapshot or param.snapshot_after_train):  # else the snapshot check says why, in one line
+                    log.warning("no log file (%s: %s)", path, getattr(exc, "strerror", None) or exc)
             else:
                 link_latest_log(path, f"{param.snapshot_prefix}.INFO")
         elif log_path.lower() != "none":
