@@ -112,5 +112,10 @@ def fill(blob, filler_param, rng):
         raise FillerError(
             f"unknown filler type {filler_param.type!r}; known: {', '.join(sorted(FILLERS))}"
         ) from None
+    if make is _constant:
+        _no_sparse(filler_param)
+        # in place: no float64 array the size of the blob on the way (a big bias, a zero-filled net)
+        blob.data.fill(numpy.float64(filler_param.value).astype(blob.dtype))
+        return
     values = make(filler_param, shape, rng).astype(blob.dtype, copy=False)
     blob.data[...] = blob.xp.asarray(values)

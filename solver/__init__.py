@@ -17,6 +17,7 @@ from brewnet.solver.solver import (
            AdaGradSolver,
            AdamSolver,
            NesterovSolver,
+           NetSpec,
            RMSPropSolver,
            SGDSolver,
            SignalHandler,
@@ -25,8 +26,10 @@ from brewnet.solver.solver import (
            TrainingDivergedError,
            get_solver,
            read_solver_param,
+           test_net_specs,
+           train_net_spec,
 )
 
 __all__ = ["ACTIONS", "NONE", "SNAPSHOT", "SOLVER_TYPES", "STOP", "AdaDeltaSolver", "AdaGradSolver", "AdamSolver",
            "NesterovSolver", "RMSPropSolver", "SGDSolver", "SignalHandler", "SnapshotError", "Solver", "TrainingDivergedError",
-           "get_solver", "read_solver_param"]
+           "NetSpec", "get_solver", "read_solver_param", "test_net_specs", "train_net_spec"]

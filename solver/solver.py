@@ -25,7 +25,7 @@ from brewnet.netdef import caffe_pb2
 from brewnet.netdef.errors import DefinitionError
 from brewnet.solver import lr_policy, updates
 from brewnet.solver import snapshot as snapshots
-from brewnet.solver.log import fmt
+from brewnet.solver.log import RecentRate, fmt, format_eta
 
 log = logging.getLogger("brewnet.solver")
 
@@ -116,6 +116,90 @@ def local_weights_file(name):
     return name
 
 
+# -- the nets a solver names -----------------------------------------------------
+
+class NetSpec:
+    """One net a solver file names: its NetParameter (state set: the phase, the net file's own
+    state, then the solver's train_state/test_state), where it comes from, and for test nets
+    the test_iter."""
+
+    def __init__(self, param, source, field, test_iter=None):
+        self.param, self.source, self.field, self.test_iter = param, source, field, test_iter
+
+
+def _read_net_file(path, field, solver_source):
+    if not os.path.isfile(path):
+        raise DefinitionError(f"{field}: net file '{path}' not found (relative paths are read from the "
+                              f"current folder, {os.getcwd()})", solver_source)
+    return netdef.read_net(path)
+
+
+def _embedded_net(message):
+    copy = caffe_pb2.NetParameter()
+    copy.CopyFrom(message)
+    return copy
+
+
+def _with_state(net_param, phase, extra_state):
+    state = caffe_pb2.NetState()
+    state.phase = phase
+    state.MergeFrom(net_param.state)
+    if extra_state is not None:
+        state.MergeFrom(extra_state)
+    net_param.state.CopyFrom(state)
+    return net_param
+
+
+def train_net_spec(param, source="<SolverParameter>"):
+    """The train net of a SolverParameter (Caffe's Solver::InitTrainNet), as a NetSpec."""
+    fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if param.HasField(f)]
+    if len(fields) != 1:
+        how = "none" if not fields else ", ".join(fields)
+        raise DefinitionError(f"give exactly one train net with one of net, net_param, train_net, "
+                              f"train_net_param (got {how})", source)
+    field = fields[0]
+    if field.endswith("_param"):
+        net_param, net_source = _embedded_net(getattr(param, field)), f"{source} ({field})"
+    else:
+        path = getattr(param, field)
+        net_param, net_source = _read_net_file(path, field, source), path
+    return NetSpec(_with_state(net_param, caffe_pb2.TRAIN, param.train_state), net_source, field)
+
+
+def test_net_specs(param, source="<SolverParameter>"):
+    """The test nets of a SolverParameter (Caffe's Solver::InitTestNets), as NetSpecs."""
+    p = param
+    if p.HasField("net") and p.HasField("net_param"):
+        raise DefinitionError("give net or net_param, not both", source)
+    generic = p.HasField("net") or p.HasField("net_param")
+    explicit = len(p.test_net_param) + len(p.test_net)
+    if (generic and len(p.test_iter) < explicit) or (not generic and len(p.test_iter) != explicit):
+        raise DefinitionError(f"test_iter must be given once per test net ({explicit} test net(s), "
+                              f"{len(p.test_iter)} test_iter)", source)
+    count = max(explicit, len(p.test_iter)) if generic else explicit
+    if len(p.test_state) and len(p.test_state) != count:
+        raise DefinitionError(f"test_state must be left out or given once per test net ({count} test net(s), "
+                              f"{len(p.test_state)} test_state)", source)
+    if count and p.test_interval <= 0:
+        raise DefinitionError(f"test_interval must be > 0 when there are test nets (got {p.test_interval}; "
+                              f"remove test_iter to train without testing)", source)
+    found = []  # (net_param, source, field)
+    for i, message in enumerate(p.test_net_param):
+        found.append((_embedded_net(message), f"{source} (test_net_param #{i})", "test_net_param"))
+    for path in p.test_net:
+        found.append((_read_net_file(path, "test_net", source), path, "test_net"))
+    for _ in range(count - explicit):
+        if p.HasField("net_param"):
+            found.append((_embedded_net(p.net_param), f"{source} (net_param)", "net_param"))
+        else:
+            found.append((_read_net_file(p.net, "net", source), p.net, "net"))
+    specs = []
+    for i, (net_param, net_source, field) in enumerate(found):
+        state = p.test_state[i] if len(p.test_state) else None
+        specs.append(NetSpec(_with_state(net_param, caffe_pb2.TEST, state), net_source, field, p.test_iter[i]))
+    return specs
+
+
 # -- the solver ------------------------------------------------------------------
 
 class Solver:
@@ -171,6 +255,15 @@ class Solver:
         log.info("Solver scaffolding done.")
 
     # -- parameter checks -----------------------------------------------------
+    @classmethod
+    def check_param(cls, param, source="<SolverParameter>"):
+        """The checks a solver of this type makes of its parameters before it builds its nets
+        (a DefinitionError naming ``source`` for the first problem); nothing is built or made."""
+        bare = cls.__new__(cls)
+        bare.param, bare.source = param, source
+        bare._check_param()
+        bare.sanity_check()
+
     def _check_param(self):
         p = self.param
         if p.average_loss < 1:
@@ -226,78 +319,26 @@ class Solver:
         snapshots.check_prefix_writable(p, self.source)
 
     # -- building nets --------------------------------------------------------
-    def _read_net_file(self, path, field):
-        if not os.path.isfile(path):
-            raise DefinitionError(f"{field}: net file '{path}' not found (relative paths are read from the "
-                                  f"current folder, {os.getcwd()})", self.source)
-        return netdef.read_net(path)
-
-    @staticmethod
-    def _embedded_net(message):
-        copy = caffe_pb2.NetParameter()
-        copy.CopyFrom(message)
-        return copy
-
-    def _build_net(self, net_param, phase, extra_state, source):
+    def _build_net(self, spec):
         from brewnet.layers.net import Net
 
-        state = caffe_pb2.NetState()
-        state.phase = phase
-        state.MergeFrom(net_param.state)
-        if extra_state is not None:
-            state.MergeFrom(extra_state)
-        net_param.state.CopyFrom(state)
-        return (self.net_class or Net)(net_param, phase=state.phase, level=state.level, stages=list(state.stage),
-                                       xp=self.xp, dtype=self.dtype, source=source)
+        state = spec.param.state
+        return (self.net_class or Net)(spec.param, phase=state.phase, level=state.level, stages=list(state.stage),
+                                       xp=self.xp, dtype=self.dtype, source=spec.source)
 
     def _init_train_net(self):
-        p = self.param
-        fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
-        if len(fields) != 1:
-            how = "none" if not fields else ", ".join(fields)
-            raise DefinitionError(f"give exactly one train net with one of net, net_param, train_net, "
-                                  f"train_net_param (got {how})", self.source)
-        field = fields[0]
-        if field.endswith("_param"):
-            net_param, source = self._embedded_net(getattr(p, field)), f"{self.source} ({field})"
-            log.info("Creating training net specified in %s.", field)
+        spec = train_net_spec(self.param, self.source)
+        if spec.field.endswith("_param"):
+            log.info("Creating training net specified in %s.", spec.field)
         else:
-            path = getattr(p, field)
-            net_param, source = self._read_net_file(path, field), path
-            log.info("Creating training net from %s file: %s", field, path)
-        return self._build_net(net_param, caffe_pb2.TRAIN, p.train_state, source)
+            log.info("Creating training net from %s file: %s", spec.field, spec.source)
+        return self._build_net(spec)
 
     def _init_test_nets(self):
-        p = self.param
-        if p.HasField("net") and p.HasField("net_param"):
-            raise DefinitionError("give net or net_param, not both", self.source)
-        generic = p.HasField("net") or p.HasField("net_param")
-        explicit = len(p.test_net_param) + len(p.test_net)
-        if (generic and len(p.test_iter) < explicit) or (not generic and len(p.test_iter) != explicit):
-            raise DefinitionError(f"test_iter must be given once per test net ({explicit} test net(s), "
-                                  f"{len(p.test_iter)} test_iter)", self.source)
-        count = max(explicit, len(p.test_iter)) if generic else explicit
-        if len(p.test_state) and len(p.test_state) != count:
-            raise DefinitionError(f"test_state must be left out or given once per test net ({count} test net(s), "
-                                  f"{len(p.test_state)} test_state)", self.source)
-        if count and p.test_interval <= 0:
-            raise DefinitionError(f"test_interval must be > 0 when there are test nets (got {p.test_interval}; "
-                                  f"remove test_iter to train without testing)", self.source)
-        specs = []  # (net_param, source)
-        for i, message in enumerate(p.test_net_param):
-            specs.append((self._embedded_net(message), f"{self.source} (test_net_param #{i})"))
-        for path in p.test_net:
-            specs.append((self._read_net_file(path, "test_net"), path))
-        for _ in range(count - explicit):
-            if p.HasField("net_param"):
-                specs.append((self._embedded_net(p.net_param), f"{self.source} (net_param)"))
-            else:
-                specs.append((self._read_net_file(p.net, "net"), p.net))
         nets = []
-        for i, (net_param, source) in enumerate(specs):
-            log.info("Creating test net (#%d) specified by %s", i, source)
-            state = p.test_state[i] if len(p.test_state) else None
-            nets.append(self._build_net(net_param, caffe_pb2.TEST, state, source))
+        for i, spec in enumerate(test_net_specs(self.param, self.source)):
+            log.info("Creating test net (#%d) specified by %s", i, spec.source)
+            nets.append(self._build_net(spec))
         return nets
 
     def load_weights(self, spec):
@@ -363,6 +404,8 @@ class Solver:
             self._resume_window = None
         timer = time.monotonic()
         last_iter = self.iter
+        recent = RecentRate(window=60.0)  # the ETA's rate: display points of the last minute
+        recent.add(self.iter, timer)
         while self.iter < stop_iter:
             self.net.clear_param_diffs(lazy=True)
             if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
@@ -390,6 +433,12 @@ class Solver:
                          p.display, fmt(self.smoothed_loss))
                 timer, last_iter = now, self.iter
                 self._log_outputs(self.net, "Train")
+                recent.add(self.iter, now)
+                eta = recent.eta(stop_iter - self.iter)
+                if eta is not None:
+                    # a line of its own: Caffe's log parsers read the display line by its fields
+                    log.info("    ETA %s: %d iterations to go at %s iter/s", format_eta(eta), stop_iter - self.iter,
+                             fmt(recent.rate()))
             for _, on_gradients_ready in self._callbacks:
                 if on_gradients_ready is not None:
                     on_gradients_ready()

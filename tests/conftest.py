@@ -79,3 +79,29 @@ def cpu_impl(request):
         pytest.skip("numba is not installed: no compiled kernels")
     with cpu_kernels.enabled_for_test():
         yield request.param
+
+
+def _read_scalars(folder):
+    """{tag: [(step, value)]} of the TensorBoard event files in ``folder`` (TFRecords of Events)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(pathlib.Path(folder).iterdir()):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4  # length, its crc, the record, its crc
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, round(value.simple_value, 6)))
+    return scalars
+
+
+@pytest.fixture
+def read_scalars():
+    """The reader of TensorBoard scalars (skips without tensorboardX)."""
+    pytest.importorskip("tensorboardX", reason="tensorboardX (the tensorboard extra) is not installed")
+    return _read_scalars

@@ -96,15 +96,17 @@ def convert_cifar10_cmd(input_folder, output_folder, backend, overwrite):
 
 @click.command("compute_image_mean")
 @click.argument("input_db", type=click.Path())
-@click.argument("output_file", type=click.Path(dir_okay=False))
+@click.argument("output_file", type=click.Path(dir_okay=False), required=False)
 @_backend
 def compute_image_mean_cmd(input_db, output_file, backend):
     """Mean image of a Datum database.
 
     As Caffe's compute_image_mean: the mean of the Datums of INPUT_DB goes to
-    OUTPUT_FILE, a BlobProto (num 1, channels, height, width; usable as
+    OUTPUT_FILE if given, a BlobProto (num 1, channels, height, width; usable as
     transform_param.mean_file), or a (1, C, H, W) float32 numpy array when its name
-    ends in .npy. The per-channel mean values are printed too.
+    ends in .npy. The per-channel mean values are printed either way (usable as
+    transform_param.mean_value). Memory stays bounded whatever the database's size;
+    every record must have the first one's size.
     """
     convert.compute_image_mean(input_db, output_file, backend=backend, report=_ClickReporter())
 

@@ -1,6 +1,7 @@
 """`brewnet train`, `brewnet test` and `brewnet device`: Caffe's `caffe train`,
 `caffe test` and `caffe device_query`, with Caffe's log lines on stderr."""
 
+import contextlib
 import logging
 import os
 import platform
@@ -97,22 +98,88 @@ def _fail(message):
                    "snapshot_after_train), snapshot and continue, or nothing. A second Ctrl-C aborts.")
 @click.option("--sighup-effect", type=click.Choice(EFFECTS), default="snapshot", show_default=True,
               help="What SIGHUP does.")
-def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect):
+@click.option("--log", "log_path", metavar="FILE",
+              help="Also write the log to FILE (appended). Default: PREFIX.<date>-<time>.<pid>.log beside the "
+                   "snapshots (snapshot_prefix), with the link PREFIX.INFO to the newest; 'none': no file.")
+@click.option("--tensorboard", "tensorboard_dir", metavar="DIR",
+              help="Write the losses, outputs and learning rate as TensorBoard scalars to DIR as they are logged "
+                   "(needs tensorboardX: pip install 'brewnet[tensorboard]').")
+def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, log_path,
+          tensorboard_dir):
     """Train or finetune a net from a solver prototxt (like `caffe train`).
 
     Log lines match Caffe's (Iteration N, loss = ...; Train/Test net output #k: ...),
-    so Caffe's log parsers read them; a progress line shows on terminals.
+    so Caffe's log parsers and `brewnet parse-log`/`brewnet plot` read them; the same
+    lines go to a log file (--log). A progress line shows on terminals.
     """
-    import numpy
+    from brewnet.solver import TrainingDivergedError, read_solver_param
+    from brewnet.solver.log import setup_logging
 
-    from brewnet.api import get_solver
-    from brewnet.solver import SignalHandler, TrainingDivergedError, read_solver_param
-    from brewnet.solver.log import Progress, setup_logging
-
-    handler = setup_logging(stream=sys.stderr)
+    setup_logging(stream=sys.stderr)
     if weights and snapshot:
         raise DefinitionError("give --snapshot to resume training or --weights to finetune, not both")
     param = read_solver_param(solver_path)
+    try:
+        with _log_outputs(param, log_path, tensorboard_dir):
+            _train(solver_path, param, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect)
+    except TrainingDivergedError as exc:
+        _fail(str(exc))
+
+
+@contextlib.contextmanager
+def _log_outputs(param, log_path, tensorboard_dir):
+    """The log file and TensorBoard writer of a training, for its duration."""
+    from brewnet.solver.log import add_log_file, default_log_path, link_latest_log, remove_log_file
+
+    handlers = []
+    logger = logging.getLogger("brewnet")
+    try:
+        if tensorboard_dir:
+            from brewnet.commands.logs import LiveScalars
+
+            live = LiveScalars(tensorboard_dir)
+            logger.addHandler(live)
+            handlers.append(live)
+        if log_path is None:
+            path = default_log_path(param.snapshot_prefix)
+            try:
+                handlers.append(add_log_file(path))
+            except (OSError, ValueError) as exc:
+                if not (param.snapshot or param.snapshot_after_train):  # else the snapshot check says why, in one line
+                    log.warning("no log file (%s: %s)", path, getattr(exc, "strerror", None) or exc)
+            else:
+                link_latest_log(path, f"{param.snapshot_prefix}.INFO")
+        elif log_path.lower() != "none":
+            try:
+                handlers.append(add_log_file(log_path))
+            except (OSError, ValueError) as exc:
+                raise DefinitionError(f"--log: cannot write the log file "
+                                      f"({getattr(exc, 'strerror', None) or exc})", log_path) from None
+        yield
+    except Exception as exc:
+        # the console gets the one-line error from the command; the log file gets it too
+        record = logging.LogRecord("brewnet.train", logging.ERROR, __file__, 0, "%s", (exc,), None)
+        for handler in handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        raise
+    finally:
+        for handler in reversed(handlers):
+            if isinstance(handler, logging.FileHandler):
+                remove_log_file(handler)
+            else:
+                logger.removeHandler(handler)
+                handler.close()
+
+
+def _train(solver_path, param, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect):
+    import numpy
+
+    from brewnet.api import get_solver
+    from brewnet.solver import SignalHandler
+    from brewnet.solver.log import Progress, setup_logging
+
+    handler = setup_logging(stream=sys.stderr)
     if level is not None:
         param.train_state.level = level
     param.train_state.stage.extend(_stages(stages))
@@ -140,9 +207,6 @@ def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sig
             # numpy's overflow warnings would only precede our own divergence message
             with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 solver.solve()
-        except TrainingDivergedError as exc:
-            progress.close()
-            _fail(str(exc))
         finally:
             progress.close()
             handler.progress = None
@@ -179,6 +243,7 @@ def test(model, weights, iterations, gpu, stages, level):
     broken = net.nonfinite_params()
     if broken:  # a score from them means nothing (NaN weights can even give accuracy 1)
         raise DefinitionError(f"the weights of layer(s) {', '.join(broken)} hold NaN or inf values", weights)
+    _warn_repeated_data(net, iterations)
     log.info("Running for %d iterations.", iterations)
     totals = None
     loss = 0.0
@@ -201,6 +266,24 @@ def test(model, weights, iterations, gpu, stages, level):
         for mean in total / iterations:
             note = f" (* {fmt(weight)} = {fmt(weight * mean)} loss)" if weight else ""
             log.info("%s = %s%s", name, fmt(mean), note)
+
+
+def _warn_repeated_data(net, iterations):
+    """Say so when the iterations asked for read a data source more than once over."""
+    for name, layer, tops in zip(net.layer_names, net.layers, net.top_vecs):
+        try:
+            size = getattr(layer, "epoch_size", None)
+        except (OSError, KeyError):  # an HDF5 file that cannot be read: its own error comes later
+            size = None
+        if not size or not tops or not tops[0].shape:
+            continue
+        batch = int(tops[0].shape[0])
+        seen = iterations * batch
+        if seen > size:
+            one_pass = -(-size // batch)
+            log.warning("--iterations %d x batch %d = %d samples, but the data of layer '%s' holds %d: the test "
+                        "reads it %.3g times over (--iterations %d covers it once)", iterations, batch, seen, name,
+                        size, seen / size, one_pass)
 
 
 def _blas_lines():

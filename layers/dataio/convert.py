@@ -242,7 +242,16 @@ def convert_cifar10(input_folder, output_folder, *, backend="lmdb", overwrite=Fa
 # ---------------------------------------------------------------------------
 # compute_image_mean
 # ---------------------------------------------------------------------------
-MEAN_CHUNK = 1024
+MEAN_CHUNK_BYTES = 32 << 20  # float32 rows summed at once: memory stays a few chunks whatever the data set
+
+
+def _mismatch(key, shape, first):
+    """A record of another shape than the first, and what to do about it."""
+    text = "x".join
+    return (f"record {key.decode(errors='replace')!r} is {text(map(str, shape))} (channels x height x width), the "
+            f"first {text(map(str, first))}: images of different sizes have no mean image; convert them to one size "
+            f"(brewnet convert_imageset --resize_height {first[1]} --resize_width {first[2]}, or the size the net "
+            f"takes)")
 
 
 def compute_image_mean(input_db, output_file=None, *, backend="lmdb", report=None):
@@ -250,13 +259,17 @@ def compute_image_mean(input_db, output_file=None, *, backend="lmdb", report=Non
     a (1, C, H, W) float32 array, summed datum after datum in float32 as Caffe does.
 
     With ``output_file`` it is written there (atomically): a BlobProto (usable as
-    transform_param.mean_file), or a numpy array when the name ends in .npy.
+    transform_param.mean_file), or a numpy array when the name ends in .npy. The
+    per-channel means are reported either way. Records are read one at a time and
+    summed in chunks of at most MEAN_CHUNK_BYTES, so memory does not grow with the
+    database. Records of another shape than the first are an error (with a hint to
+    resize them when converting).
     """
     report = report or _SILENT
     input_db = os.fspath(input_db)
     output_file = os.fspath(output_file) if output_file is not None else None
     reader = db.DBReader(input_db, backend)
-    total, shape, count, pending = None, None, 0, []
+    total, shape, count, pending, chunk_rows = None, None, 0, [], 1
 
     def add(chunk):
         # a float32 running sum (cumsum) adds in the same order as Caffe's datum-by-datum loop
@@ -272,12 +285,12 @@ def compute_image_mean(input_db, output_file=None, *, backend="lmdb", report=Non
                 if shape is None:
                     shape = array.shape
                     total = numpy.zeros(array.size, dtype=numpy.float32)
-                elif array.size != total.size:
-                    raise DefinitionError(f"record {key.decode(errors='replace')} holds {array.size} values, "
-                                          f"the first {total.size}", input_db)
+                    chunk_rows = max(1, MEAN_CHUNK_BYTES // (4 * array.size))
+                elif array.shape != shape:
+                    raise DefinitionError(_mismatch(key, array.shape, shape), input_db)
                 pending.append(array.reshape(-1))
                 count += 1
-                if len(pending) == MEAN_CHUNK:
+                if len(pending) == chunk_rows:
                     add(pending)
                     pending = []
     finally:
@@ -291,7 +304,7 @@ def compute_image_mean(input_db, output_file=None, *, backend="lmdb", report=Non
                 numpy.save(f, mean)
             else:
                 f.write(db.mean_blobproto(mean[0]).SerializeToString())
-        report.info(f"{count} images of shape {shape}; written to {output_file}")
+    report.info(f"{count} images of shape {shape}" + (f"; written to {output_file}" if output_file else ""))
     channel_means = mean[0].reshape(shape[0], -1).sum(axis=1, dtype=numpy.float32) / shape[1] / shape[2]
     for c, value in enumerate(channel_means):
         report.info(f"mean_value channel [{c}]: {value:g}")

@@ -131,6 +131,7 @@ class Data(_PrefetchingDataLayer):
             raise self.error("data_param.batch_size must be positive")
         backend = "lmdb" if p.backend == caffe_pb2.DataParameter.LMDB else "leveldb"
         reader = DBReader(p.source, backend, what=self.where)
+        self.epoch_size = len(reader)  # records in one pass over the source
         position = [0]  # index of the reader's current record
         if p.rand_skip:
             skip = int(self.rng.integers(0, p.rand_skip))
@@ -189,6 +190,7 @@ class ImageData(_PrefetchingDataLayer):
         if not p.source or not os.path.isfile(p.source):
             raise self.error(f"image list {p.source or '(source not set)'} does not exist")
         lines = read_list_file(p.source, self.where)
+        self.epoch_size = len(lines)  # images in one pass over the list
         rng = _child_rng(self.rng)
         # rng only draws the permutations: its state before the current one regenerates it
         order_rng = _rng_state(rng)
@@ -442,6 +444,19 @@ class HDF5Data(Layer):
         self._load(self.file_order[0])
         self.current_row = 0
         self.batch_size = int(p.batch_size)
+
+    @property
+    def epoch_size(self):
+        """Rows in one pass over every file of the list."""
+        import h5py
+
+        if getattr(self, "_epoch_size", None) is None:
+            total = 0
+            for path in self.files:
+                with h5py.File(path, "r") as f:
+                    total += int(f[self.tops[0]].shape[0])
+            self._epoch_size = total
+        return self._epoch_size
 
     def _load(self, index):
         import h5py

