@@ -158,6 +158,7 @@ class PoolCore:
             self._by_planes(jit.max_pool_forward, (self._planes(x, self.in_hw), self._planes(y, self.out_hw),
                                                    self._planes(self._flat_buf, self.out_hw)), kh, kw, sh, sw, ph, pw)
             self._flat, self.idx = self._flat_buf, None
+            self._empty_windows_to_lowest(y)
             return
         sources = self._max_sources(x)
         if sources[0][0] != 0 or sources[0][1] != (Ellipsis, slice(None), slice(None)):
@@ -173,6 +174,12 @@ class PoolCore:
             self._max = xp.empty_like(y)
         xp.copyto(self._max, y)
         self._sources, self.idx = sources, None
+        self._empty_windows_to_lowest(y)
+
+    def _empty_windows_to_lowest(self, y):
+        # Caffe starts each maximum at -FLT_MAX, which a window wholly past the image keeps
+        if self.empty_windows is not None:
+            y[..., self.empty_windows] = -numpy.finfo(numpy.float32).max
 
     def argmax(self):
         """Offset of the first maximum of each window in row-major order (Caffe's strict '>')."""

@@ -249,13 +249,9 @@ def test_layer_matches_onnxruntime(case):
     net = build(net_text(body, *shapes))
     inputs = onnx_export.random_inputs(net, seed=1)
     if case == "max_window_past_image":
-        # a window wholly past the image: Caffe gives -FLT_MAX, as the export does; brewnet gives -inf
+        # a window wholly past the image keeps Caffe's starting value, -FLT_MAX, in both
         want = onnx_export.brewnet_forward(net, inputs)["y"]
-        assert numpy.isneginf(want).any()
-        model = onnx_export.export_onnx(net)
-        got = ort.InferenceSession(model.SerializeToString()).run(None, inputs)[0]
-        numpy.testing.assert_array_equal(got, numpy.where(numpy.isneginf(want), numpy.finfo(numpy.float32).min, want))
-        return
+        assert (want == numpy.finfo(numpy.float32).min).any()
     if case == "argmax" or case == "argmax_axis":
         # ties: Caffe (and select_last_index) take the last of equal maxima
         inputs["x"] = numpy.round(inputs["x"]).astype(numpy.float32)

@@ -174,3 +174,15 @@ def test_spp_level_layout():
 @pytest.mark.parametrize("name", vision_case_names("pooling"))
 def test_vision_case_matches_caffe(fixtures, name):
     check_vision_case(fixtures, name)
+
+
+def test_a_max_window_wholly_past_the_image_is_minus_flt_max_as_in_caffe(cpu_impl):
+    from brewnet.layers.gradcheck import make_layer, setup_layer
+
+    layer = make_layer('name: "p" type: "Pooling" pooling_param { pool: MAX kernel_size: 1 stride: 3 }')
+    x = numpy.arange(25, dtype=numpy.float32).reshape(1, 1, 5, 5)
+    bottom, top = setup_layer(layer, [x], n_tops=2)
+    layer.forward(bottom, top)
+    lowest = -numpy.finfo(numpy.float32).max  # Caffe's -FLT_MAX, not -inf
+    assert top[0].data.ravel().tolist() == [0, 3, lowest, 15, 18, lowest, lowest, lowest, lowest]
+    assert top[1].data.ravel().tolist()[2] == -1  # and the mask says no element won
