@@ -6,17 +6,17 @@ images, Graphviz's ``dot`` program; importing this module needs neither.
 """
 
 from brewnet.netdef import caffe_pb2
+from brewnet.netdef.draw import BLOB_COLOR, DEFAULT_COLOR, IN_PLACE_COLOR, TYPE_COLORS
 
 __all__ = ["get_pooling_types_dict", "get_edge_label", "get_layer_lr_mult", "get_layer_label",
            "choose_color_by_layertype", "get_pydot_graph", "draw_net", "draw_net_to_file",
            "LAYER_STYLE_DEFAULT", "NEURON_LAYER_STYLE", "BLOB_STYLE"]
 
-LAYER_STYLE_DEFAULT = {"shape": "record", "fillcolor": "#6495ED", "style": "filled"}
-NEURON_LAYER_STYLE = {"shape": "record", "fillcolor": "#90EE90", "style": "filled"}
-BLOB_STYLE = {"shape": "octagon", "fillcolor": "#E0E0E0", "style": "filled"}
+# the colours are brewnet draw's (netdef/draw.py), which are draw_net.py's
+LAYER_STYLE_DEFAULT = {"shape": "record", "fillcolor": DEFAULT_COLOR, "style": "filled"}
+NEURON_LAYER_STYLE = {"shape": "record", "fillcolor": IN_PLACE_COLOR, "style": "filled"}
+BLOB_STYLE = {"shape": "octagon", "fillcolor": BLOB_COLOR, "style": "filled"}
 
-_LAYER_COLORS = {"Convolution": "#FF5050", "Deconvolution": "#FF5050", "Pooling": "#FF9900",
-                 "InnerProduct": "#CC33FF"}
 _SPATIAL = ("Convolution", "Deconvolution", "Pooling")
 _LEARNING = ("Convolution", "Deconvolution", "InnerProduct")
 
@@ -91,7 +91,7 @@ def get_layer_label(layer, rankdir, display_lrm=False):
 
 def choose_color_by_layertype(layertype):
     """Fill colour of a layer's box: red convolutions, orange pooling, purple fully connected."""
-    return _LAYER_COLORS.get(layertype, "#6495ED")
+    return TYPE_COLORS.get(layertype, DEFAULT_COLOR)
 
 
 def _in_phase(layer, phase):
