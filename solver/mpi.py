@@ -107,7 +107,10 @@ class DataParallel:
         raise OSError("rank 0 writes the snapshots")
 
     def broadcast_parameters(self):
-        """Every parameter of the train net (learnable or not) from rank 0 to all ranks."""
+        """Every parameter of the train net (learnable or not) from rank 0 to all ranks; and
+        the run-time draws of layers other than data sources (Dropout's masks, stochastic
+        pooling) made to differ between ranks. Call it once, after any restore."""
+        self._decorrelate_draws()
         blobs = _unique_blobs(self.solver.net)
         flat = numpy.concatenate([numpy.asarray(b.data, dtype=self.solver.dtype).ravel() for b in blobs]) \
             if blobs else numpy.zeros(0, self.solver.dtype)
@@ -120,6 +123,17 @@ class DataParallel:
         if self.world.root:
             log.info("Data-parallel training on %d MPI ranks: %d learnable values (%.1f MB) averaged per iteration",
                      self.world.size, self.total, self.bytes_per_iter / 1e6)
+
+    def _decorrelate_draws(self):
+        # every rank seeds alike (the data layers must shuffle alike), so without this rank r's
+        # Dropout would drop the same units of its k-th sample as rank 0 of its own k-th sample;
+        # rank 0 keeps its generators, so a 1-rank world draws as a plain run
+        if self.world.root:
+            return
+        net = self.solver.net
+        for layer, bottoms in zip(net.layers, net.bottom_vecs):
+            if bottoms and getattr(layer, "rng_in_forward", False):
+                layer.rng = numpy.random.default_rng([self.world.rank, int(layer.rng.integers(0, 2**63))])
 
     def allreduce_gradients(self):
         buf, offset = self.buffer, 0

@@ -269,3 +269,27 @@ def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path):
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("brewnet: error:")]
     assert len(errors) == 1, result.stdout + result.stderr
     assert errors[0].startswith("brewnet: error: rank 1:") and "train_lmdb" in errors[0], errors[0]
+
+
+@needs_mpi
+def test_two_ranks_resume_exactly(tmp_path):
+    _data(tmp_path)
+    solver = Path(_solver(tmp_path, "double", 2, "SGD", 1))
+    solver.write_text(solver.read_text() + "snapshot: 3\n")
+
+    def train(*extra):
+        result = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-m", "brewnet", "train", "--solver",
+                                 str(solver), "--log", "none", *extra], cwd=tmp_path, env=_env(), capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    train()
+    whole = _weights(tmp_path, "double")
+    (tmp_path / "snaps" / "double_iter_5.caffemodel").unlink()
+    err = train("--snapshot", "snaps/double_iter_3.solverstate")
+    assert "Restoring data positions" in err
+    resumed = _weights(tmp_path, "double")
+    for name in whole:
+        for a, b in zip(whole[name], resumed[name]):
+            numpy.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7, err_msg=name)
