@@ -297,7 +297,9 @@ class WindowData(_PrefetchingDataLayer):
             mean_values = numpy.broadcast_to(mean_values, (channels,))
         rng = _child_rng(self.rng)
         cache = {}
-        num_fg = int(numpy.float32(batch_size) * numpy.float32(p.fg_fraction))
+        rank, ranks = self._shard()  # every rank draws the global batch's windows, warps its share
+        total = batch_size * ranks
+        num_fg = int(numpy.float32(total) * numpy.float32(p.fg_fraction))
         dtype, name, type_name = self.dtype, self.name, self.type  # the loader holds no reference to the layer
 
         def image(index):
@@ -312,24 +314,25 @@ class WindowData(_PrefetchingDataLayer):
         def load():
             out = numpy.zeros((batch_size, channels, crop, crop), dtype=numpy.float32)
             labels = numpy.zeros(batch_size, dtype=dtype)
-            item = 0
-            for pool, count in ((bg, batch_size - num_fg), (fg, num_fg)):
+            picks = []
+            for pool, count in ((bg, total - num_fg), (fg, num_fg)):
                 for _ in range(count):
                     window = pool[int(rng.integers(0, 2**32)) % len(pool)]
                     do_mirror = bool(t.mirror) and int(rng.integers(0, 2**32)) % 2 == 1
-                    img = image(window[0])
-                    warped, pad_h, pad_w = _warp_window(img, window, crop, int(p.context_pad),
-                                                        p.crop_mode == "square", do_mirror)
-                    wh, ww = warped.shape[:2]
-                    pix = warped.transpose(2, 0, 1).astype(numpy.float32)
-                    if mean is not None:
-                        off = (mean.shape[-1] - crop) // 2
-                        pix -= mean[:, off + pad_h:off + pad_h + wh, off + pad_w:off + pad_w + ww]
-                    elif mean_values is not None:
-                        pix -= mean_values[:, None, None]
-                    out[item, :, pad_h:pad_h + wh, pad_w:pad_w + ww] = pix * numpy.float32(p.scale)
-                    labels[item] = window[1]
-                    item += 1
+                    picks.append((window, do_mirror))
+            for item, (window, do_mirror) in enumerate(picks[rank::ranks]):
+                img = image(window[0])
+                warped, pad_h, pad_w = _warp_window(img, window, crop, int(p.context_pad),
+                                                    p.crop_mode == "square", do_mirror)
+                wh, ww = warped.shape[:2]
+                pix = warped.transpose(2, 0, 1).astype(numpy.float32)
+                if mean is not None:
+                    off = (mean.shape[-1] - crop) // 2
+                    pix -= mean[:, off + pad_h:off + pad_h + wh, off + pad_w:off + pad_w + ww]
+                elif mean_values is not None:
+                    pix -= mean_values[:, None, None]
+                out[item, :, pad_h:pad_h + wh, pad_w:pad_w + ww] = pix * numpy.float32(p.scale)
+                labels[item] = window[1]
             return out.astype(dtype, copy=False), labels
 
         def capture():

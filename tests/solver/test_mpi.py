@@ -293,3 +293,33 @@ def test_two_ranks_resume_exactly(tmp_path):
     for name in whole:
         for a, b in zip(whole[name], resumed[name]):
             numpy.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_window_data_shards(window_data_dir, tmp_path):
+    from brewnet.layers.net import set_random_seed
+
+    text = (f'layer {{ name: "w" type: "WindowData" top: "data" top: "label" transform_param {{ crop_size: 8 '
+            f'mirror: true }} window_data_param {{ source: "{window_data_dir}/windows.txt" root_folder: '
+            f'"{window_data_dir}/" batch_size: %d fg_fraction: 0.5 context_pad: 2 }} }}')
+
+    def batches(batch, rank, size):
+        set_random_seed(9)
+        shard.set_shard(rank, size)
+        try:
+            (tmp_path / f"w{batch}.prototxt").write_text(text % batch)
+            net = Net(str(tmp_path / f"w{batch}.prototxt"), phase=caffe_pb2.TRAIN)
+        finally:
+            shard.set_shard(0, 1)
+        seen = []
+        for _ in range(3):
+            net.forward()
+            seen.append((numpy.array(net.blobs["data"].data), numpy.array(net.blobs["label"].data)))
+        net.layers[0].close()
+        return seen
+
+    whole = batches(4, 0, 1)
+    halves = [batches(2, r, 2) for r in range(2)]
+    for i, (data, labels) in enumerate(whole):
+        for r in range(2):
+            numpy.testing.assert_array_equal(halves[r][i][0], data[r::2])
+            numpy.testing.assert_array_equal(halves[r][i][1], labels[r::2])
