@@ -121,8 +121,9 @@ class DataParallel:
             blob.data[...] = flat[offset:offset + n].reshape(blob.data.shape)
             offset += n
         if self.world.root:
-            log.info("Data-parallel training on %d MPI ranks: %d learnable values (%.1f MB) averaged per iteration",
-                     self.world.size, self.total, self.bytes_per_iter / 1e6)
+            log.info("Data-parallel training on %d MPI rank%s: %d learnable values (%.1f MB) averaged per "
+                     "iteration", self.world.size, "s" if self.world.size > 1 else "", self.total,
+                     self.bytes_per_iter / 1e6)
 
     def _decorrelate_draws(self):
         # every rank seeds alike (the data layers must shuffle alike), so without this rank r's
