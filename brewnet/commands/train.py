@@ -2,6 +2,7 @@
 `caffe test` and `caffe device_query`, with Caffe's log lines on stderr."""
 
 import contextlib
+import io
 import logging
 import os
 import platform
@@ -104,24 +105,59 @@ def _fail(message):
 @click.option("--tensorboard", "tensorboard_dir", metavar="DIR",
               help="Write the losses, outputs and learning rate as TensorBoard scalars to DIR as they are logged "
                    "(needs tensorboardX: pip install 'brewnet[tensorboard]').")
+@click.option("--mpi", "use_mpi", is_flag=True,
+              help="Data-parallel training over MPI (needs pip install 'brewnet[mpi]'); implied when an MPI "
+                   "launcher (mpiexec, srun) started this process. Each of N ranks reads every N-th record of "
+                   "each global batch, so batch_size is per rank. See docs/PARALLEL.md.")
 def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, log_path,
-          tensorboard_dir):
+          tensorboard_dir, use_mpi):
     """Train or finetune a net from a solver prototxt (like `caffe train`).
 
     Log lines match Caffe's (Iteration N, loss = ...; Train/Test net output #k: ...),
     so Caffe's log parsers and `brewnet parse-log`/`brewnet plot` read them; the same
     lines go to a log file (--log). A progress line shows on terminals.
     """
+    from brewnet.solver import mpi
+
+    if not (use_mpi or mpi.launched()):
+        _train_command(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, log_path,
+                       tensorboard_dir, None)
+        return
+    world = mpi.init()
+    try:
+        _train_command(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, log_path,
+                       tensorboard_dir, world)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):  # its message is out already
+            sys.stderr.flush()
+            world.abort(1)
+        raise
+    except BaseException as exc:  # any rank's failure ends every rank now, not at the next Allreduce (a hang)
+        message = str(exc) if isinstance(exc, DefinitionError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, OSError) and exc.filename and exc.strerror:
+            message = f"{exc.filename}: {exc.strerror}"
+        click.echo(f"brewnet: error: rank {world.rank}: {message}", err=True)
+        sys.stderr.flush()
+        world.abort(1)
+
+
+def _train_command(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, log_path,
+                   tensorboard_dir, world):
     from brewnet.solver import TrainingDivergedError, read_solver_param
     from brewnet.solver.log import setup_logging
 
-    setup_logging(stream=sys.stderr)
+    log_level = logging.INFO if world is None or world.root else logging.WARNING
+    setup_logging(level=log_level, stream=sys.stderr)
     if weights and snapshot:
         raise DefinitionError("give --snapshot to resume training or --weights to finetune, not both")
     param = read_solver_param(solver_path)
+    if world is not None and not world.root:  # rank 0 alone writes snapshots, logs and scalars
+        param.snapshot, param.snapshot_after_train = 0, False
+        log_path, tensorboard_dir = "none", None
     try:
         with _log_outputs(param, log_path, tensorboard_dir):
-            _train(solver_path, param, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect)
+            _train(solver_path, param, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, world,
+                   log_level)
     except TrainingDivergedError as exc:
         _fail(str(exc))
 
@@ -172,14 +208,15 @@ def _log_outputs(param, log_path, tensorboard_dir):
                 handler.close()
 
 
-def _train(solver_path, param, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect):
+def _train(solver_path, param, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, world=None,
+           log_level=logging.INFO):
     import numpy
 
     from brewnet.api import get_solver
     from brewnet.solver import SignalHandler
     from brewnet.solver.log import Progress, setup_logging
 
-    handler = setup_logging(stream=sys.stderr)
+    handler = setup_logging(level=log_level, stream=sys.stderr)
     if level is not None:
         param.train_state.level = level
     param.train_state.stage.extend(_stages(stages))
@@ -192,16 +229,33 @@ def _train(solver_path, param, weights, snapshot, gpu, stages, level, sigint_eff
         param.ClearField("weights")
         param.weights.append(weights)
 
+    if world is not None:
+        if world.size > 1:
+            from brewnet.layers.kernels import backend
+
+            if backend.get_array_module() is not numpy:
+                raise DefinitionError("data-parallel training over MPI runs on the CPU only (leave out --gpu and "
+                                      "solver_mode: GPU)")
+        if param.random_seed < 0:  # every rank must draw the same shuffles and fillers
+            param.random_seed = world.comm.bcast(int(numpy.random.SeedSequence().entropy % 2**31)
+                                                 if world.root else None, root=0)
     with SignalHandler(sigint_effect, sighup_effect) as signals:
         solver = get_solver(param, source=solver_path)
         solver.set_action_function(signals.check)
-        progress = Progress(sys.stderr)
+        parallel = None
+        if world is not None:
+            from brewnet.solver.mpi import DataParallel
+
+            parallel = DataParallel(world, solver)
+        progress = Progress(sys.stderr if world is None or world.root else io.StringIO())  # not a terminal: silent
         handler.progress = progress
         solver.iteration_hooks.append(lambda s: progress.update(s.iter))
         try:
             if snapshot:
                 log.info("Resuming from %s", snapshot)
                 solver.restore(snapshot)
+            if parallel is not None:
+                parallel.broadcast_parameters()
             progress.start(solver.iter, param.max_iter)
             log.info("Starting Optimization")
             # numpy's overflow warnings would only precede our own divergence message

@@ -22,6 +22,7 @@ import numpy
 from brewnet.layers.base import Layer, LayerError, layer_error, set_rng_state
 from brewnet.layers.dataio.db import DBReader, datums_to_batch, read_list_file, read_mean_file
 from brewnet.layers.dataio.images import read_image, resize_linear
+from brewnet.layers.dataio import shard
 from brewnet.layers.dataio.prefetch import Prefetcher
 from brewnet.layers.dataio.transformer import DataTransformer
 from brewnet.layers.registry import register
@@ -71,6 +72,10 @@ class _PrefetchingDataLayer(Layer):
 
     def allow_force_backward(self, bottom_index):
         return False
+
+    def _shard(self):
+        """(rank, size): this process reads records rank, rank+size, ... of each global batch (TRAIN only)."""
+        return shard.current() if self.train else (0, 1)
 
     def _transformer(self):
         return DataTransformer(self.param.transform_param, self.phase, _child_rng(self.rng), self.dtype, self.where)
@@ -143,10 +148,11 @@ class Data(_PrefetchingDataLayer):
         batch_size = int(p.batch_size)
         self._shapes = ((batch_size, c, h, w), (batch_size,))
         dtype = self.dtype
+        rank, ranks = self._shard()
 
         def load():
-            records = reader.take(batch_size)
-            position[0] = (position[0] + batch_size) % len(reader)
+            records = reader.take(batch_size * ranks)[rank::ranks]
+            position[0] = (position[0] + batch_size * ranks) % len(reader)
             data, labels = _datum_batch(records, transform, name, type_name, p.source, labels=True)
             return transform(data), labels.astype(dtype)
 
@@ -217,10 +223,11 @@ class ImageData(_PrefetchingDataLayer):
         self._shapes = ((batch_size, c, h, w), (batch_size,))
         state = {"order": order, "pos": position, "order_rng": order_rng}
         dtype = self.dtype
+        rank, ranks = self._shard()
 
         def load():
             picks = []
-            for _ in range(batch_size):
+            for _ in range(batch_size * ranks):
                 picks.append(int(state["order"][state["pos"]]))
                 state["pos"] += 1
                 if state["pos"] >= len(lines):  # epoch done: start over, reshuffled
@@ -228,6 +235,7 @@ class ImageData(_PrefetchingDataLayer):
                     if p.shuffle:
                         state["order_rng"] = _rng_state(rng)
                         state["order"] = rng.permutation(len(lines))
+            picks = picks[rank::ranks]
             images = [read(i) for i in picks]
             for i, img in zip(picks, images):
                 if img.shape != images[0].shape:
@@ -289,7 +297,9 @@ class WindowData(_PrefetchingDataLayer):
             mean_values = numpy.broadcast_to(mean_values, (channels,))
         rng = _child_rng(self.rng)
         cache = {}
-        num_fg = int(numpy.float32(batch_size) * numpy.float32(p.fg_fraction))
+        rank, ranks = self._shard()  # every rank draws the global batch's windows, warps its share
+        total = batch_size * ranks
+        num_fg = int(numpy.float32(total) * numpy.float32(p.fg_fraction))
         dtype, name, type_name = self.dtype, self.name, self.type  # the loader holds no reference to the layer
 
         def image(index):
@@ -304,24 +314,25 @@ class WindowData(_PrefetchingDataLayer):
         def load():
             out = numpy.zeros((batch_size, channels, crop, crop), dtype=numpy.float32)
             labels = numpy.zeros(batch_size, dtype=dtype)
-            item = 0
-            for pool, count in ((bg, batch_size - num_fg), (fg, num_fg)):
+            picks = []
+            for pool, count in ((bg, total - num_fg), (fg, num_fg)):
                 for _ in range(count):
                     window = pool[int(rng.integers(0, 2**32)) % len(pool)]
                     do_mirror = bool(t.mirror) and int(rng.integers(0, 2**32)) % 2 == 1
-                    img = image(window[0])
-                    warped, pad_h, pad_w = _warp_window(img, window, crop, int(p.context_pad),
-                                                        p.crop_mode == "square", do_mirror)
-                    wh, ww = warped.shape[:2]
-                    pix = warped.transpose(2, 0, 1).astype(numpy.float32)
-                    if mean is not None:
-                        off = (mean.shape[-1] - crop) // 2
-                        pix -= mean[:, off + pad_h:off + pad_h + wh, off + pad_w:off + pad_w + ww]
-                    elif mean_values is not None:
-                        pix -= mean_values[:, None, None]
-                    out[item, :, pad_h:pad_h + wh, pad_w:pad_w + ww] = pix * numpy.float32(p.scale)
-                    labels[item] = window[1]
-                    item += 1
+                    picks.append((window, do_mirror))
+            for item, (window, do_mirror) in enumerate(picks[rank::ranks]):
+                img = image(window[0])
+                warped, pad_h, pad_w = _warp_window(img, window, crop, int(p.context_pad),
+                                                    p.crop_mode == "square", do_mirror)
+                wh, ww = warped.shape[:2]
+                pix = warped.transpose(2, 0, 1).astype(numpy.float32)
+                if mean is not None:
+                    off = (mean.shape[-1] - crop) // 2
+                    pix -= mean[:, off + pad_h:off + pad_h + wh, off + pad_w:off + pad_w + ww]
+                elif mean_values is not None:
+                    pix -= mean_values[:, None, None]
+                out[item, :, pad_h:pad_h + wh, pad_w:pad_w + ww] = pix * numpy.float32(p.scale)
+                labels[item] = window[1]
             return out.astype(dtype, copy=False), labels
 
         def capture():
@@ -444,6 +455,7 @@ class HDF5Data(Layer):
         self._load(self.file_order[0])
         self.current_row = 0
         self.batch_size = int(p.batch_size)
+        self.shard = shard.current() if self.train else (0, 1)
 
     @property
     def epoch_size(self):
@@ -534,7 +546,8 @@ class HDF5Data(Layer):
 
     def forward(self, bottom, top):
         pieces = [[] for _ in top]
-        need = self.batch_size
+        rank, ranks = self.shard
+        need = self.batch_size * ranks
         while need:  # a run of consecutive rows of the current file at a time
             take = min(need, self.rows - self.current_row)
             rows = self.row_order[self.current_row:self.current_row + take]
@@ -545,7 +558,8 @@ class HDF5Data(Layer):
             if self.current_row == self.rows:
                 self._end_of_file()
         for t, out in zip(top, pieces):
-            _copy_to_top(t, numpy.concatenate(out) if len(out) > 1 else out[0])
+            rows = numpy.concatenate(out) if len(out) > 1 else out[0]
+            _copy_to_top(t, rows[rank::ranks] if ranks > 1 else rows)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""Data-parallel training over MPI on the CPU (Caffe's P2PSync, with MPI's Allreduce).
+
+Every rank builds the same solver; rank r's TRAIN data layers read records
+r, r+N, ... of each global batch (``brewnet.layers.dataio.shard``), so N ranks
+at batch B train on exactly the batches one process at batch N*B reads. After
+the backward pass(es) of an iteration the learnable diffs are summed over the
+ranks by one Allreduce of one flat buffer and scaled by 1/N, then every rank
+applies the same update. Rank 0 broadcasts its parameters once at the start
+(fillers and ``--weights`` agree everywhere), alone logs at INFO, tests and
+writes snapshots.
+
+mpi4py is imported only by ``init()``: a plain ``brewnet train`` never loads it.
+"""
+
+import logging
+import os
+
+import numpy
+
+from brewnet.layers.dataio import shard
+from brewnet.netdef.errors import DefinitionError
+
+log = logging.getLogger("brewnet.solver")
+
+# (rank variable, size variable) of the launchers we know: MPICH/Intel MPI (hydra), Open MPI, PMIx (srun), MVAPICH
+LAUNCHER_VARS = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                 ("PMIX_RANK", None), ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"))
+
+
+def launched(environ=None):
+    """True when this process was started by an MPI launcher (its environment says so)."""
+    environ = os.environ if environ is None else environ
+    return any(rank in environ or (size and size in environ) for rank, size in LAUNCHER_VARS)
+
+
+class World:
+    """The communicator, this process's rank and the number of ranks."""
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+
+        self.MPI, self.comm = MPI, comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+
+    @property
+    def root(self):
+        return self.rank == 0
+
+    def abort(self, code=1):
+        self.comm.Abort(code)
+
+
+def init():
+    """The MPI world (MPI initialized now); a one-line DefinitionError without mpi4py."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise DefinitionError(f"data-parallel training under an MPI launcher needs mpi4py and an MPI library: "
+                              f"pip install 'brewnet[mpi]' ({exc})") from None
+    world = World(MPI.COMM_WORLD)
+    shard.set_shard(world.rank, world.size)
+    return world
+
+
+def _unique_blobs(net):
+    seen, blobs = set(), []
+    for layer in net.layers:
+        for blob in layer.blobs:
+            if id(blob) not in seen:
+                seen.add(id(blob))
+                blobs.append(blob)
+    return blobs
+
+
+_NONE, _SNAPSHOT, _STOP = "none", "snapshot", "stop"
+
+
+class DataParallel:
+    """Ties a solver to an MPI world: initial broadcast, gradient Allreduce, agreed signal actions.
+
+    The Allreduce buffer is one flat array of every learnable diff plus two
+    counters (ranks asking for a snapshot, ranks asking to stop), so a signal
+    seen by any rank acts on every rank at the same iteration without a message
+    of its own.
+    """
+
+    def __init__(self, world, solver):
+        self.world, self.solver = world, solver
+        params = solver.net.learnable_params
+        self.params = params
+        self.total = sum(int(b.count) for b in params)
+        self.buffer = numpy.zeros(self.total + 2, dtype=solver.dtype)
+        self.scale = solver.dtype.type(1.0 / world.size)
+        self.bytes_per_iter = self.total * solver.dtype.itemsize
+        self._local_action = solver._action_function
+        self._agreed = _NONE
+        solver.set_action_function(self._action)
+        solver.add_callback(on_gradients_ready=self.allreduce_gradients)
+        if not world.root:
+            solver.test_all = lambda: None  # rank 0 alone tests, logs and saves
+            solver._snapshot_or_carry_on = lambda: None
+            solver.snapshot = self._no_snapshot
+            solver.param.snapshot, solver.param.snapshot_after_train = 0, False
+
+    @staticmethod
+    def _no_snapshot():
+        raise OSError("rank 0 writes the snapshots")
+
+    def broadcast_parameters(self):
+        """Every parameter of the train net (learnable or not) from rank 0 to all ranks; and
+        the run-time draws of layers other than data sources (Dropout's masks, stochastic
+        pooling) made to differ between ranks. Call it once, after any restore."""
+        self._decorrelate_draws()
+        blobs = _unique_blobs(self.solver.net)
+        flat = numpy.concatenate([numpy.asarray(b.data, dtype=self.solver.dtype).ravel() for b in blobs]) \
+            if blobs else numpy.zeros(0, self.solver.dtype)
+        self.world.comm.Bcast(flat, root=0)
+        offset = 0
+        for blob in blobs:
+            n = int(blob.count)
+            blob.data[...] = flat[offset:offset + n].reshape(blob.data.shape)
+            offset += n
+        if self.world.root:
+            log.info("Data-parallel training on %d MPI rank%s: %d learnable values (%.1f MB) averaged per "
+                     "iteration", self.world.size, "s" if self.world.size > 1 else "", self.total,
+                     self.bytes_per_iter / 1e6)
+
+    def _decorrelate_draws(self):
+        # every rank seeds alike (the data layers must shuffle alike), so without this rank r's
+        # Dropout would drop the same units of its k-th sample as rank 0 of its own k-th sample;
+        # rank 0 keeps its generators, so a 1-rank world draws as a plain run
+        if self.world.root:
+            return
+        net = self.solver.net
+        for layer, bottoms in zip(net.layers, net.bottom_vecs):
+            if bottoms and getattr(layer, "rng_in_forward", False):
+                layer.rng = numpy.random.default_rng([self.world.rank, int(layer.rng.integers(0, 2**63))])
+
+    def allreduce_gradients(self):
+        buf, offset = self.buffer, 0
+        for blob in self.params:
+            n = int(blob.count)
+            buf[offset:offset + n] = blob.diff.ravel()
+            offset += n
+        action = self._local_action() if self._local_action is not None else _NONE
+        buf[-2] = action == _SNAPSHOT
+        buf[-1] = action == _STOP
+        self.world.comm.Allreduce(self.world.MPI.IN_PLACE, buf, op=self.world.MPI.SUM)
+        buf[:self.total] *= self.scale
+        offset = 0
+        for blob in self.params:
+            n = int(blob.count)
+            blob.diff[...] = buf[offset:offset + n].reshape(blob.diff.shape)
+            offset += n
+        self._agreed = _STOP if buf[-1] > 0 else _SNAPSHOT if buf[-2] > 0 else _NONE
+
+    def _action(self):
+        # asked after each update (and by rank 0's test passes): the action all ranks agreed on
+        action, self._agreed = self._agreed, _NONE
+        return action
