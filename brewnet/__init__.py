@@ -7,7 +7,6 @@
 Heavy modules load on first use, so ``import brewnet`` stays fast.
 """
 
-import importlib
 import os
 
 # In a source checkout brewnet's subpackages (netdef/, layers/, solver/, zoo/) sit beside
@@ -21,6 +20,7 @@ if not os.path.isdir(os.path.join(__path__[0], "netdef")) and \
 
 from brewnet.layers.kernels.backend import set_device, set_mode_cpu, set_mode_gpu, to_numpy  # noqa: E402
 from brewnet.layers.registry import provide_module  # noqa: E402
+from brewnet.lazy import lazy_getattr  # noqa: E402
 from brewnet.netdef.caffe_pb2 import TEST, TRAIN  # noqa: E402
 
 __version__ = "0.1.0"
@@ -54,11 +54,4 @@ provide_module("caffe", _install_caffe_alias)
 __all__ = ["TEST", "TRAIN", "set_mode_cpu", "set_mode_gpu", "set_device", "to_numpy", *_LAZY]
 
 
-def __getattr__(name):
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'brewnet' has no attribute {name!r}")
-    module_name, attr = target.split(":")
-    value = getattr(importlib.import_module(module_name), attr)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(_LAZY, __name__, globals())

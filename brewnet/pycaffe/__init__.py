@@ -30,6 +30,7 @@ import time
 import warnings
 
 from brewnet.layers.kernels.backend import set_device, set_mode_cpu, set_mode_gpu
+from brewnet.lazy import lazy_getattr
 from brewnet.netdef.caffe_pb2 import TEST, TRAIN
 
 # the Caffe release whose Python interface this follows
@@ -62,16 +63,7 @@ __all__ = ["TEST", "TRAIN", "set_mode_cpu", "set_mode_gpu", "set_device", "layer
            "set_solver_rank", "set_multiprocess", "install", *_LAZY, *SUBMODULES]
 
 
-def __getattr__(name):
-    if name in SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module_name, attr = target.split(":")
-    value = getattr(importlib.import_module(module_name), attr)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(_LAZY, __name__, globals(), SUBMODULES)
 
 
 def __dir__():
