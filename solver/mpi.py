@@ -18,6 +18,7 @@ import os
 import numpy
 
 from brewnet.layers.dataio import shard
+from brewnet.layers.kernels.backend import to_numpy
 from brewnet.netdef.errors import DefinitionError
 
 log = logging.getLogger("brewnet.solver")
@@ -33,14 +34,21 @@ def launched(environ=None):
     return any(rank in environ or (size and size in environ) for rank, size in LAUNCHER_VARS)
 
 
-class World:
-    """The communicator, this process's rank and the number of ranks."""
+# the rank within this node, as the launchers name it (MPICH, Open MPI, MVAPICH, Slurm)
+LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
 
-    def __init__(self, comm):
+
+class World:
+    """The communicator, this process's rank, its rank on its node and the number of ranks."""
+
+    def __init__(self, comm, environ=None):
         from mpi4py import MPI
 
         self.MPI, self.comm = MPI, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        environ = os.environ if environ is None else environ
+        local = next((environ[name] for name in LOCAL_RANK_VARS if environ.get(name, "").isdigit()), None)
+        self.local_rank = int(local) if local is not None else self.rank  # which GPU of a node is this rank's
 
     @property
     def root(self):
@@ -112,13 +120,13 @@ class DataParallel:
         pooling) made to differ between ranks. Call it once, after any restore."""
         self._decorrelate_draws()
         blobs = _unique_blobs(self.solver.net)
-        flat = numpy.concatenate([numpy.asarray(b.data, dtype=self.solver.dtype).ravel() for b in blobs]) \
+        flat = numpy.concatenate([to_numpy(b.data).astype(self.solver.dtype).ravel() for b in blobs]) \
             if blobs else numpy.zeros(0, self.solver.dtype)
         self.world.comm.Bcast(flat, root=0)
         offset = 0
         for blob in blobs:
             n = int(blob.count)
-            blob.data[...] = flat[offset:offset + n].reshape(blob.data.shape)
+            blob.data[...] = blob.xp.asarray(flat[offset:offset + n].reshape(blob.data.shape))
             offset += n
         if self.world.root:
             log.info("Data-parallel training on %d MPI rank%s: %d learnable values (%.1f MB) averaged per "
@@ -137,10 +145,11 @@ class DataParallel:
                 layer.rng = numpy.random.default_rng([self.world.rank, int(layer.rng.integers(0, 2**63))])
 
     def allreduce_gradients(self):
+        # through host memory: on GPUs this is the host path (one copy each way per iteration)
         buf, offset = self.buffer, 0
         for blob in self.params:
             n = int(blob.count)
-            buf[offset:offset + n] = blob.diff.ravel()
+            buf[offset:offset + n] = to_numpy(blob.diff).ravel()
             offset += n
         action = self._local_action() if self._local_action is not None else _NONE
         buf[-2] = action == _SNAPSHOT
@@ -150,7 +159,7 @@ class DataParallel:
         offset = 0
         for blob in self.params:
             n = int(blob.count)
-            blob.diff[...] = buf[offset:offset + n].reshape(blob.diff.shape)
+            blob.diff[...] = blob.xp.asarray(buf[offset:offset + n].reshape(blob.diff.shape))
             offset += n
         self._agreed = _STOP if buf[-1] > 0 else _SNAPSHOT if buf[-2] > 0 else _NONE
 

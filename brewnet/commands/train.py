@@ -38,11 +38,18 @@ def _gpu_ids(flag):
     return ids
 
 
-def _use_gpu(flag):
-    """Switch to GPU mode on the device --gpu names (fails with DeviceError when impossible)."""
+def _use_gpu(flag, local_rank=None):
+    """Switch to GPU mode on the device --gpu names (fails with DeviceError when impossible).
+    Under MPI (``local_rank`` given) each rank of a node takes the next id of the list:
+    `--gpu 0,1` gives two ranks a GPU each, `--gpu 0` has them share GPU 0."""
     from brewnet.layers.kernels import backend
 
     ids = _gpu_ids(flag)
+    if local_rank is not None:
+        backend.set_mode_gpu()
+        backend.set_device(ids[local_rank % len(ids)])
+        log.info("Using GPU %d (local rank %d)", ids[local_rank % len(ids)], local_rank)
+        return
     if len(ids) > 1:
         if flag != "all":
             raise DefinitionError(f"--gpu {flag}: brewnet trains on one GPU; give a single device id")
@@ -52,7 +59,7 @@ def _use_gpu(flag):
     log.info("Using GPU %d", ids[0])
 
 
-def select_device(gpu_flag, solver_param=None):
+def select_device(gpu_flag, solver_param=None, local_rank=None):
     """Caffe's rule: --gpu wins; otherwise a solver file that says solver_mode: GPU
     (explicitly) trains on its device_id; otherwise CPU. Unlike Caffe, a GPU asked
     for only by the file falls back to CPU with a warning when none is usable."""
@@ -60,7 +67,7 @@ def select_device(gpu_flag, solver_param=None):
     from brewnet.netdef import caffe_pb2
 
     if gpu_flag:
-        _use_gpu(gpu_flag)
+        _use_gpu(gpu_flag, local_rank)
         return
     if (solver_param is not None and solver_param.HasField("solver_mode")
             and solver_param.solver_mode == caffe_pb2.SolverParameter.GPU):
@@ -220,7 +227,7 @@ def _train(solver_path, param, weights, snapshot, gpu, stages, level, sigint_eff
     if level is not None:
         param.train_state.level = level
     param.train_state.stage.extend(_stages(stages))
-    select_device(gpu, param)
+    select_device(gpu, param, world.local_rank if world is not None else None)
     if snapshot:
         if not os.path.isfile(snapshot):
             raise DefinitionError("--snapshot: solver state file not found", snapshot)
@@ -230,12 +237,6 @@ def _train(solver_path, param, weights, snapshot, gpu, stages, level, sigint_eff
         param.weights.append(weights)
 
     if world is not None:
-        if world.size > 1:
-            from brewnet.layers.kernels import backend
-
-            if backend.get_array_module() is not numpy:
-                raise DefinitionError("data-parallel training over MPI runs on the CPU only (leave out --gpu and "
-                                      "solver_mode: GPU)")
         if param.random_seed < 0:  # every rank must draw the same shuffles and fillers
             param.random_seed = world.comm.bcast(int(numpy.random.SeedSequence().entropy % 2**31)
                                                  if world.root else None, root=0)
