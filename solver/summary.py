@@ -204,18 +204,18 @@ def _image_list_source(lp, source):
 def _hdf5_source(lp, source):
     import h5py
 
+    from brewnet.layers.dataio.db import read_hdf5_list
+
     p = lp.hdf5_data_param
     source.batch = int(p.batch_size)
     if not p.source or not os.path.isfile(p.source):
         source.problems.append(f"HDF5 file list {_missing(p.source) if p.source else '(source not set)'}")
         return None
-    with open(p.source) as f:
-        names = f.read().split()
-    if not names:
-        source.problems.append(f"HDF5 file list {p.source} is empty")
+    try:
+        files = read_hdf5_list(p.source)
+    except DefinitionError as exc:  # an empty list: the source exists (checked above)
+        source.problems.append(exc.reason)
         return None
-    base = os.path.dirname(p.source)
-    files = [n if os.path.exists(n) or os.path.isabs(n) else os.path.join(base, n) for n in names]
     shapes, rows = None, 0
     for path in files:
         if not os.path.isfile(path):

@@ -392,6 +392,21 @@ def read_list_file(path, what=None):
     return lines
 
 
+def read_hdf5_list(path, what=None):
+    """The HDF5 files an HDF5Data source names (whitespace-separated): relative to the
+    working directory, as in Caffe, else to the list file."""
+    what = f"{what}: " if what else ""
+    try:
+        with open(path) as f:
+            names = f.read().split()
+    except OSError:
+        raise DefinitionError(f"{what}HDF5 file list {path or '(source not set)'} does not exist") from None
+    if not names:
+        raise DefinitionError(f"{what}HDF5 file list {path} is empty")
+    base = os.path.dirname(path)
+    return [n if os.path.exists(n) or os.path.isabs(n) else os.path.join(base, n) for n in names]
+
+
 def read_mean_file(path, what=None):
     """The mean image of a binaryproto (or .npy) as a float32 array."""
     what = f"{what}: " if what else ""

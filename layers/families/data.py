@@ -20,7 +20,7 @@ import weakref
 import numpy
 
 from brewnet.layers.base import Layer, LayerError, layer_error, set_rng_state
-from brewnet.layers.dataio.db import DBReader, datums_to_batch, read_list_file, read_mean_file
+from brewnet.layers.dataio.db import DBReader, datums_to_batch, read_hdf5_list, read_list_file, read_mean_file
 from brewnet.layers.dataio.images import read_image, resize_linear
 from brewnet.layers.dataio import shard
 from brewnet.layers.dataio.prefetch import Prefetcher
@@ -437,16 +437,7 @@ class HDF5Data(Layer):
             raise self.error("HDF5Data does not transform data: remove transform_param")
         if p.batch_size <= 0:
             raise self.error("hdf5_data_param.batch_size must be positive")
-        try:
-            with open(p.source) as f:
-                names = f.read().split()
-        except OSError:
-            raise self.error(f"HDF5 file list {p.source or '(source not set)'} does not exist") from None
-        if not names:
-            raise self.error(f"HDF5 file list {p.source} is empty")
-        base = os.path.dirname(p.source)
-        # paths are relative to the working directory, as in Caffe; else to the list file
-        self.files = [n if os.path.exists(n) or os.path.isabs(n) else os.path.join(base, n) for n in names]
+        self.files = read_hdf5_list(p.source, self.where)
         self.tops = list(self.param.top)
         self.shuffle = bool(p.shuffle)
         self.file_order = self.rng.permutation(len(self.files)) if self.shuffle else numpy.arange(len(self.files))
