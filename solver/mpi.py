@@ -104,15 +104,7 @@ class DataParallel:
         self._agreed = _NONE
         solver.set_action_function(self._action)
         solver.add_callback(on_gradients_ready=self.allreduce_gradients)
-        if not world.root:
-            solver.test_all = lambda: None  # rank 0 alone tests, logs and saves
-            solver._snapshot_or_carry_on = lambda: None
-            solver.snapshot = self._no_snapshot
-            solver.param.snapshot, solver.param.snapshot_after_train = 0, False
-
-    @staticmethod
-    def _no_snapshot():
-        raise OSError("rank 0 writes the snapshots")
+        solver.root_solver = world.root  # rank 0 alone tests and saves
 
     def broadcast_parameters(self):
         """Every parameter of the train net (learnable or not) from rank 0 to all ranks; and

@@ -248,6 +248,8 @@ class Solver:
         self._loss_origin = 0  # iteration whose loss went into slot 0 of the window
         self._resume_window = None  # (losses, smoothed_loss, origin) from a resume file, for the next step()
         self.loss = None
+        # Caffe's root_solver: False on MPI ranks other than 0, which neither test nor snapshot
+        self.root_solver = True
         self.snapshot_failure = None  # why the last snapshot the loop asked for failed, if it did
         self.last_snapshot = None
         self._callbacks = []
@@ -468,7 +470,7 @@ class Solver:
             layer, blob = first
             where = f"; first non-finite output: layer '{layer}' (top '{blob}')"
         saved = ""
-        if self.param.snapshot_prefix:
+        if self.param.snapshot_prefix and self.root_solver:
             try:
                 model_path, _ = self.snapshot()
                 saved = f"; state before this iteration saved as {model_path}"
@@ -527,7 +529,8 @@ class Solver:
         log.info("Solving %s", self.net.name)
         log.info("Learning Rate Policy: %s", p.lr_policy)
         self.requested_early_exit = False
-        guard = snapshots.prefix_lock(p) if p.snapshot or p.snapshot_after_train else contextlib.nullcontext()
+        writes = self.root_solver and (p.snapshot or p.snapshot_after_train)
+        guard = snapshots.prefix_lock(p) if writes else contextlib.nullcontext()
         with guard:
             self._solve(resume_file)
 
@@ -556,6 +559,8 @@ class Solver:
 
     # -- testing --------------------------------------------------------------
     def test_all(self):
+        if not self.root_solver:
+            return
         for i in range(len(self.test_nets)):
             if self.requested_early_exit:
                 break
@@ -619,6 +624,8 @@ class Solver:
     def _snapshot_or_carry_on(self):
         """A snapshot the loop asked for: when it cannot be written (disk full, folder
         gone), training goes on with its state in memory and the next snapshot tries again."""
+        if not self.root_solver:
+            return
         try:
             model_path, _ = self.snapshot()
         except OSError as exc:
