@@ -618,6 +618,11 @@ class Net:
                     return self.layer_names[i], self.blob_names[t]
         return None
 
+    def nonfinite_note(self):
+        """"; the first non-finite output is layer 'L' (top 'T')" for an error message, or ""."""
+        first = self.first_nonfinite()
+        return f"; the first non-finite output is layer '{first[0]}' (top '{first[1]}')" if first else ""
+
     def _debug_forward(self, i):
         for t, blob in zip(self.top_ids[i], self.top_vecs[i]):
             logger.info("    [Forward] Layer %s, top blob %s data: %g", self.layer_names[i], self.blob_names[t],

@@ -613,12 +613,10 @@ class Solver:
         bad = [name for name, vals in zip(net.outputs, values) if not numpy.isfinite(vals).all()]
         if not bad:
             return
-        first = net.first_nonfinite() if hasattr(net, "first_nonfinite") else None
-        where = f"; the first non-finite output is layer '{first[0]}' (top '{first[1]}')" if first else ""
-        broken = self.net.nonfinite_params() if hasattr(self.net, "nonfinite_params") else []
+        broken = self.net.nonfinite_params()
         cause = f"the weights of {', '.join(broken)} are not finite" if broken else "NaN or inf in the test data?"
         raise TrainingDivergedError(f"test net #{test_net_id} output {bad[0]} is not finite at iteration "
-                                    f"{self.iter} ({cause}){where}")
+                                    f"{self.iter} ({cause}){net.nonfinite_note()}")
 
     # -- snapshots ------------------------------------------------------------
     def _snapshot_or_carry_on(self):

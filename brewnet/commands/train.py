@@ -310,10 +310,8 @@ def test(model, weights, iterations, gpu, stages, level):
                 log.info("Batch %d, %s = %s", i, name, fmt(v))
         bad = [name for name, vals in zip(net.outputs, values) if not numpy.isfinite(vals).all()]
         if bad:
-            first = net.first_nonfinite()
-            where = f"; the first non-finite output is layer '{first[0]}' (top '{first[1]}')" if first else ""
-            raise DefinitionError(f"batch {i}: output {bad[0]} is not finite (NaN or inf in the test data?){where}",
-                                  model)
+            raise DefinitionError(f"batch {i}: output {bad[0]} is not finite (NaN or inf in the test data?)"
+                                  f"{net.nonfinite_note()}", model)
         totals = values if totals is None else [t + v for t, v in zip(totals, values)]
     log.info("Loss: %s", fmt(loss / iterations))
     for name, total in zip(net.outputs, totals or []):
