@@ -124,3 +124,16 @@ def test_images_over_the_pixel_limit_are_one_line_in_classify_and_imagedata(fold
                                          'image_data_param { source: "list.txt" batch_size: 1 } }')
     with pytest.raises(netdef.DefinitionError, match="big.png: image of 50x40 .* over the limit"):
         Net("net.prototxt", phase=netdef.caffe_pb2.TRAIN).forward()
+
+
+def test_pillows_own_decompression_bomb_guard_is_one_line_too(folder, monkeypatch):
+    from PIL import Image
+
+    from brewnet.layers.dataio import images
+
+    Image.fromarray(numpy.zeros((40, 50, 3), numpy.uint8)).save(folder / "big.png")
+    # both limits alike, as by default: over twice Pillow's, Image.open refuses before brewnet looks
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 500)
+    monkeypatch.delenv("BREWNET_ZOO", raising=False)
+    one_line(run("classify", "--model", "zoo:lenet_mnist", "big.png"), "big.png: Image size (2000 pixels) exceeds")

@@ -21,8 +21,10 @@ class ImageTooLargeError(DefinitionError):
 def _pil():
     from PIL import Image, ImageOps
 
-    # our limit is the one that counts: Pillow would refuse at twice its own and warn below that
-    Image.MAX_IMAGE_PIXELS = None
+    # ours is checked first; Pillow's own guard is raised only where a user asked for more
+    # (left alone otherwise, for the rest of the process's Pillow calls)
+    if Image.MAX_IMAGE_PIXELS is not None and MAX_IMAGE_PIXELS > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     return Image, ImageOps
 
 
@@ -42,10 +44,14 @@ def open_image(source, where=None):
     """Pillow's Image.open, refusing an image over MAX_IMAGE_PIXELS from its header,
     before anything is decoded."""
     Image, _ = _pil()
-    with Image.open(source) as img:
+    name = where or source
+    try:
+        opened = Image.open(source)
+    except Image.DecompressionBombError as exc:  # over twice Pillow's limit (by default ours), it refuses first
+        raise ImageTooLargeError(f"{name}: {exc}") from None
+    with opened as img:
         pixels = img.size[0] * img.size[1]
         if pixels > MAX_IMAGE_PIXELS:
-            name = where or source
             raise ImageTooLargeError(f"{name}: image of {img.size[0]}x{img.size[1]} = {pixels / 1e6:.0f} M pixels is "
                                      f"over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} M (resize it first, or set "
                                      "BREWNET_MAX_IMAGE_PIXELS)")
