@@ -89,9 +89,9 @@ def wait_for_training(proc):
 
 
 def final_weights(folder, fmt):
-    suffix = ".caffemodel.h5" if fmt == "HDF5" else ".caffemodel"
-    return (folder / "snaps" / f"run_iter_{MAX_ITER}{suffix}").read_bytes() if fmt != "HDF5" else \
-        _hdf5_arrays(folder / "snaps" / f"run_iter_{MAX_ITER}{suffix}")
+    if fmt == "HDF5":
+        return _hdf5_arrays(folder / "snaps" / f"run_iter_{MAX_ITER}.caffemodel.h5")
+    return (folder / "snaps" / f"run_iter_{MAX_ITER}.caffemodel").read_bytes()
 
 
 def _hdf5_arrays(path):
