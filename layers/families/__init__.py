@@ -9,6 +9,7 @@ from brewnet.layers.families import (  # noqa: F401  (registration)
     arithmetic,
     conv,
     data,
+    detection,
     inner_product,
     loss,
     lrn,

@@ -251,3 +251,26 @@ for kind, states in (("LSTM", 2), ("RNN", 1)):
                             recurrent_bottoms(False, False, 0, x_shape=(T, N, 3, 2)), check_bottoms=[0]))
 CASES["LSTMUnit"] = [case("", [RNG.uniform(-1, 1, (1, N, H)), RNG.uniform(-2, 2, (1, N, 4 * H)),
                                numpy.array([[1.0, 0.0]])], n_tops=2, check_bottoms=[0, 1])]
+
+# -- detection forks (SSD, Fast R-CNN): layers/families/detection.py ------------------------
+ROIS = numpy.array([[0, 0, 0, 5, 4], [1, 1.2, 0.6, 3.4, 5.0], [0, 2, 2, 2, 2], [1, -3, -2, 9, 9]], dtype=float)
+CASES.update({
+    "Permute": [case("permute_param { order: 0 order: 2 order: 3 order: 1 }", [(2, 3, 2, 4)]),
+                case("permute_param { order: 1 order: 0 }", [(3, 2, 2)])],  # axes left out follow in order
+    "Normalize": [case(f"norm_param {{ {params} }}", [normal(2, 3, 2, 2) + 0.5])
+                  for params in ("across_spatial: true channel_shared: true",
+                                 "across_spatial: false channel_shared: true",
+                                 "across_spatial: true channel_shared: false scale_filler { type: 'gaussian' std: 1 }",
+                                 "across_spatial: false channel_shared: false scale_filler { type: 'gaussian' std: 1 } "
+                                 "eps: 0.01")],
+    # the boxes depend on the shapes only: the gradient is zero, as SSD's empty backward says
+    "PriorBox": [case("prior_box_param { min_size: 2 max_size: 4 aspect_ratio: 2 }", [(1, 2, 2, 3), (1, 3, 8, 12)])],
+    "ROIPooling": [case("roi_pooling_param { pooled_h: 2 pooled_w: 3 spatial_scale: 0.5 }",
+                        [distinct(2, 2, 4, 5), ROIS], check_bottoms=[0]),
+                   case("roi_pooling_param { pooled_h: 3 pooled_w: 3 spatial_scale: 1 }",
+                        [distinct(2, 1, 5, 4), ROIS], check_bottoms=[0])],
+    "SmoothL1Loss": [case("", [(3, 4, 2), (3, 4, 2)], top_weights=W),
+                     case("smooth_l1_loss_param { sigma: 3 }", [(2, 8), (2, 8), RNG.uniform(0, 2, (2, 8)),
+                                                                RNG.uniform(0, 2, (2, 8))],
+                          top_weights=W, check_bottoms=[0, 1])],
+})

@@ -1,0 +1,184 @@
+"""The compute of SSD's and Fast R-CNN's detection layers, as array code.
+
+Boxes are (..., 4) arrays of (xmin, ymin, xmax, ymax) in SSD's normalized [0, 1] image
+coordinates. Everything here takes the array module ``xp`` (numpy or cupy) except the
+non-maximum suppression, which, as in SSD (whose GPU path copies to the host for it), runs on
+host arrays: each step is one array pass over the candidates, one step per box kept.
+"""
+
+import numpy
+
+CORNER, CENTER_SIZE, CORNER_SIZE = 1, 2, 3  # SSD's PriorBoxParameter.CodeType values
+
+
+# -- PriorBox ------------------------------------------------------------------------
+def prior_shapes(min_sizes, max_sizes, aspect_ratios):
+    """(width, height) of the boxes around one cell, in SSD's order: for each min size, the
+    square min box, the square sqrt(min * max) box, then one box per aspect ratio other than 1.
+    SSD reads the sizes into ints (a size of 30.5 is 30); so does this."""
+    shapes = []
+    for i, min_size in enumerate(min_sizes):
+        size = int(min_size)
+        shapes.append((size, size))
+        if max_sizes:
+            side = numpy.sqrt(size * int(max_sizes[i]))
+            shapes.append((side, side))
+        for ratio in aspect_ratios:
+            if abs(ratio - 1.0) < 1e-6:
+                continue
+            shapes.append((size * numpy.sqrt(ratio), size / numpy.sqrt(ratio)))
+    return numpy.array(shapes, dtype=numpy.float64).reshape(-1, 2)
+
+
+def prior_boxes(layer_h, layer_w, img_h, img_w, step_h, step_w, offset, shapes, clip):
+    """(layer_h * layer_w * len(shapes), 4) corner boxes, cell by cell (row-major), the
+    box shapes innermost, normalized by the image size (host float64)."""
+    cx = (numpy.arange(layer_w, dtype=numpy.float32) + numpy.float32(offset)) * numpy.float32(step_w)
+    cy = (numpy.arange(layer_h, dtype=numpy.float32) + numpy.float32(offset)) * numpy.float32(step_h)
+    cx = numpy.broadcast_to(cx[None, :, None], (layer_h, layer_w, len(shapes))).astype(numpy.float64)
+    cy = numpy.broadcast_to(cy[:, None, None], (layer_h, layer_w, len(shapes))).astype(numpy.float64)
+    half_w, half_h = shapes[:, 0] / 2.0, shapes[:, 1] / 2.0
+    boxes = numpy.stack([(cx - half_w) / img_w, (cy - half_h) / img_h,
+                         (cx + half_w) / img_w, (cy + half_h) / img_h], axis=-1).reshape(-1, 4)
+    return numpy.clip(boxes, 0.0, 1.0) if clip else boxes
+
+
+# -- box decoding ----------------------------------------------------------------------
+def box_area(xp, boxes):
+    """Width * height, 0 for a box whose max is below its min (SSD's BBoxSize, normalized)."""
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    return xp.where((w < 0) | (h < 0), 0, w * h)
+
+
+def decode_boxes(xp, loc, priors, variances, code_type, variance_encoded_in_target):
+    """SSD's DecodeBBox for arrays: ``loc`` (..., P, 4) offsets against ``priors`` (P, 4) with
+    ``variances`` (P, 4)."""
+    if variance_encoded_in_target:
+        variances = xp.ones_like(variances)
+    scaled = loc * variances
+    if code_type == CORNER:
+        return priors + scaled
+    width = (priors[:, 2] - priors[:, 0])[:, None]
+    height = (priors[:, 3] - priors[:, 1])[:, None]
+    if code_type == CORNER_SIZE:
+        return priors + scaled * xp.concatenate([width, height, width, height], axis=1)
+    if code_type != CENTER_SIZE:
+        raise ValueError(f"unknown box code type {code_type}")
+    center_x = (priors[:, 0] + priors[:, 2])[:, None] / 2
+    center_y = (priors[:, 1] + priors[:, 3])[:, None] / 2
+    cx = scaled[..., 0:1] * width + center_x
+    cy = scaled[..., 1:2] * height + center_y
+    w = xp.exp(scaled[..., 2:3]) * width
+    h = xp.exp(scaled[..., 3:4]) * height
+    return xp.concatenate([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+
+
+# -- non-maximum suppression -------------------------------------------------------------
+def overlaps(boxes, others):
+    """Jaccard overlap of every box with every other box (host arrays), SSD's normalized rule:
+    boxes that only touch overlap 0."""
+    lo_x = numpy.maximum(boxes[:, None, 0], others[None, :, 0])
+    lo_y = numpy.maximum(boxes[:, None, 1], others[None, :, 1])
+    hi_x = numpy.minimum(boxes[:, None, 2], others[None, :, 2])
+    hi_y = numpy.minimum(boxes[:, None, 3], others[None, :, 3])
+    iw, ih = hi_x - lo_x, hi_y - lo_y
+    inter = numpy.where((iw > 0) & (ih > 0), iw * ih, 0)
+    union = box_area(numpy, boxes)[:, None] + box_area(numpy, others)[None, :] - inter
+    with numpy.errstate(divide="ignore", invalid="ignore"):
+        return numpy.where(inter > 0, inter / numpy.where(union > 0, union, 1), 0)
+
+
+def nms(boxes, scores, score_threshold, nms_threshold, top_k=-1, eta=1.0):
+    """SSD's ApplyNMSFast: indices kept, best first. Candidates scoring above the threshold are
+    taken in (stable) descending score order, at most ``top_k`` of them; a candidate is kept
+    when it overlaps no kept box by more than the current threshold, which is multiplied by
+    ``eta`` after each keep while above 0.5 (adaptive NMS)."""
+    candidates = numpy.flatnonzero(scores > score_threshold)
+    order = candidates[numpy.argsort(-scores[candidates], kind="stable")]
+    if top_k > -1:
+        order = order[:top_k]
+    if order.size == 0:
+        return order
+    iou = overlaps(boxes[order], boxes[order])
+    worst = numpy.zeros(order.size)  # each candidate's largest overlap with a kept box
+    kept, start, threshold = [], 0, float(nms_threshold)
+    while start < order.size:
+        # the next keeper is the first remaining candidate within the threshold; the ones
+        # before it failed against the same kept set and threshold
+        ok = numpy.flatnonzero(worst[start:] <= threshold)
+        if ok.size == 0:
+            break
+        pick = start + int(ok[0])
+        kept.append(pick)
+        worst = numpy.maximum(worst, iou[pick])
+        start = pick + 1
+        if eta < 1 and threshold > 0.5:
+            threshold *= eta
+    return order[numpy.array(kept, dtype=numpy.int64)]
+
+
+# -- ROI pooling ------------------------------------------------------------------------
+def c_round(xp, x):
+    """C's round(): halves away from zero (numpy rounds them to even)."""
+    return xp.sign(x) * xp.floor(xp.abs(x) + 0.5)
+
+
+def roi_bins(xp, rois, spatial_scale, pooled, size, column, dtype):
+    """(start, end) feature-map indices of each ROI's bins along one axis (R, pooled), with Fast
+    R-CNN's rounding: ROI corners rounded onto the map, bins floored/ceiled, then clamped."""
+    begin = c_round(xp, rois[:, column] * dtype.type(spatial_scale)).astype(numpy.int64)
+    finish = c_round(xp, rois[:, column + 2] * dtype.type(spatial_scale)).astype(numpy.int64)
+    extent = xp.maximum(finish - begin + 1, 1).astype(dtype)
+    bin_size = extent / dtype.type(pooled)
+    index = xp.arange(pooled, dtype=dtype)
+    start = xp.floor(index[None, :] * bin_size[:, None]).astype(numpy.int64) + begin[:, None]
+    end = xp.ceil((index[None, :] + 1) * bin_size[:, None]).astype(numpy.int64) + begin[:, None]
+    return xp.clip(start, 0, size), xp.clip(end, 0, size)
+
+
+def roi_pool_forward(xp, x, rois, pooled_h, pooled_w, spatial_scale, max_elements=1 << 24):
+    """Fast R-CNN's ROI max pooling: (R, C, pooled_h, pooled_w) maxima and the flat h * W + w
+    index of each within its plane (-1 for an empty bin, whose output is 0). Separable: the
+    maximum over each bin's columns for every row, then over its rows; the first maximum in
+    row-major order wins ties, as in Caffe's scan. ROIs go in chunks to bound the memory."""
+    n, channels, height, width = x.shape
+    num = rois.shape[0]
+    out = xp.zeros((num, channels, pooled_h, pooled_w), dtype=x.dtype)
+    argmax = xp.full((num, channels, pooled_h, pooled_w), -1, dtype=numpy.int64)
+    if num == 0:
+        return out, argmax
+    hs, he = roi_bins(xp, rois, spatial_scale, pooled_h, height, 2, x.dtype)
+    ws, we = roi_bins(xp, rois, spatial_scale, pooled_w, width, 1, x.dtype)
+    batch = rois[:, 0].astype(numpy.int64)
+    rows, cols = xp.arange(height), xp.arange(width)
+    lowest = xp.asarray(-numpy.inf, dtype=x.dtype)
+    chunk = max(1, max_elements // max(1, channels * height * width * max(pooled_h, pooled_w)))
+    for lo in range(0, num, chunk):
+        sl = slice(lo, min(num, lo + chunk))
+        planes = x[batch[sl]]  # (r, C, H, W)
+        in_w = (cols[None, None, :] >= ws[sl, :, None]) & (cols[None, None, :] < we[sl, :, None])  # (r, PW, W)
+        masked = xp.where(in_w[:, None, None, :, :], planes[:, :, :, None, :], lowest)  # (r, C, H, PW, W)
+        best_w = masked.argmax(axis=-1)  # first maximum along the row
+        row_max = xp.take_along_axis(masked, best_w[..., None], axis=-1)[..., 0]  # (r, C, H, PW)
+        in_h = (rows[None, None, :] >= hs[sl, :, None]) & (rows[None, None, :] < he[sl, :, None])  # (r, PH, H)
+        masked = xp.where(in_h[:, None, :, :, None], row_max[:, :, None, :, :], lowest)  # (r, C, PH, H, PW)
+        best_h = masked.argmax(axis=3)  # (r, C, PH, PW)
+        value = xp.take_along_axis(masked, best_h[:, :, :, None, :], axis=3)[:, :, :, 0, :]
+        w_of = xp.take_along_axis(best_w, best_h, axis=2)  # column of the maximum in that row
+        empty = (he[sl] <= hs[sl])[:, None, :, None] | (we[sl] <= ws[sl])[:, None, None, :]
+        found = ~empty & (value > lowest)
+        out[sl] = xp.where(found, value, 0)
+        argmax[sl] = xp.where(found, best_h * width + w_of, -1)
+    return out, argmax
+
+
+def roi_pool_backward(xp, dy, argmax, batch, shape):
+    """The gradient of ROI max pooling: each output's diff added to the input element it took."""
+    n, channels, height, width = shape
+    dx = xp.zeros((n, channels, height * width), dtype=dy.dtype)
+    hit = argmax >= 0
+    flat = (batch[:, None, None, None] * channels + xp.arange(channels)[None, :, None, None]) * (height * width)
+    index = xp.where(hit, flat + argmax, 0)
+    xp.add.at(dx.reshape(-1), index.reshape(-1), xp.where(hit, dy, 0).reshape(-1))
+    return dx.reshape(shape)
