@@ -5,15 +5,13 @@ weights) and reproduces every blob real Caffe computed for the same input."""
 import json
 import os
 import pathlib
-import re
 
 import numpy
 import pytest
 
 from brewnet.layers.kernels.backend import to_numpy
 from brewnet.layers.net import Net
-from brewnet.layers.registry import UnknownLayerTypeError
-from brewnet.netdef import DefinitionError, parse_net, read_net, read_weights
+from brewnet.netdef import read_net, read_weights
 
 MODELS = "real-models"
 
@@ -90,16 +88,17 @@ def test_hdf5_weights_load_and_run(which, fixtures):
     assert out.shape == (2, 10) and numpy.isfinite(out).all() and out.std() > 0
 
 
-@pytest.mark.parametrize("model, first", [("RFB-320/RFB-320.prototxt", "318"), ("Slim-320/slim-320.prototxt", "233")])
-def test_ssd_permute_model_fails_clearly(model, first, fixtures):
-    """Permute is a layer of the SSD fork, not of BVLC Caffe: the file names its
-    unknown permute_param, and the net (without that field) names the type."""
-    path = fixtures / MODELS / "Linzaer+Ultra-Light-Fast-Generic-Face-Detector-1MB/caffe/model" / model
-    with pytest.raises(DefinitionError) as info:
-        read_net(path)
-    assert str(path) in str(info.value) and "permute_param" in str(info.value)
-
-    text = re.sub(r"permute_param\s*\{[^}]*\}", "", path.read_text())
-    with pytest.raises(UnknownLayerTypeError) as info:
-        Net(parse_net(text, path=str(path)), source=str(path))
-    assert str(info.value).startswith(f"{path}: layer '{first}': unknown layer type 'Permute'")
+@pytest.mark.parametrize("model", ["RFB-320", "Slim-320"])
+def test_ssd_permute_model_matches_opencv_outputs(model, fixtures):
+    """Permute is a layer of the SSD fork (netdef/forks/ssd.proto): these face detectors load and
+    give OpenCV's stored outputs (tests/test_fork_vs_opencv_detection.py runs OpenCV itself)."""
+    folder = fixtures / MODELS / "Linzaer+Ultra-Light-Fast-Generic-Face-Detector-1MB/caffe/model" / model
+    stem = model if model == "RFB-320" else model.lower()
+    net = Net(read_net(folder / f"{stem}.prototxt"))
+    net.copy_trained_layers_from(str(folder / f"{stem}.caffemodel"))
+    ref = next((folder / "refs_opencv").iterdir())
+    net.blobs["input"].data[...] = net.xp.asarray(numpy.load(ref / "input.npy"))
+    net.forward()
+    for name in ("boxes", "scores"):
+        numpy.testing.assert_allclose(to_numpy(net.blobs[name].data), numpy.load(ref / f"output_{name}.npy"),
+                                      rtol=1e-4, atol=5e-5)

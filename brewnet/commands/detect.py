@@ -137,9 +137,11 @@ def detect(inputs, model, weights, labels_file, threshold, mean_file, mean_value
         if mean is not None:
             chw = chw - mean
         batch = (chw * input_scale)[None].astype(numpy.float32)
-        rows = brewnet.to_numpy(net.forward(**{input_name: batch})[output]).reshape(-1, 7)
-        if rows.shape[1] != 7 or not len(rows):
-            raise DefinitionError(f"output blob {output!r} is not SSD's detections (rows of 7 values)", model)
+        rows = brewnet.to_numpy(net.forward(**{input_name: batch})[output])
+        if rows.ndim != 4 or rows.shape[-1] != 7:
+            raise DefinitionError(f"output blob {output!r} of shape {rows.shape} is not SSD's detections "
+                                  "(1 x 1 x N x 7: end the net in a DetectionOutput layer)", model)
+        rows = rows.reshape(-1, 7)
         rows = rows[(rows[:, 1] >= 0) & (rows[:, 2] >= threshold)]
         rows = rows[numpy.argsort(-rows[:, 2], kind="stable")]
         rows_px = rows[:, 3:7] * numpy.array([image.shape[1], image.shape[0]] * 2)
