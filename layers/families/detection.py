@@ -119,7 +119,10 @@ class PriorBox(Layer):
     """SSD's default boxes for one feature map (bottom 0) of an image (bottom 1): top (1, 2, P * 4)
     holds the corner boxes, then their four variances."""
 
-    exact_bottoms = 2
+    # SSD declares no bottom count (its header misspells ExactBottomBlobs): bottom 1 is read only
+    # for the image size, which img_size or img_h/img_w may give instead
+    min_bottoms = 1
+    max_bottoms = 2
     exact_tops = 1
 
     def setup(self, bottom, top):
@@ -162,10 +165,12 @@ class PriorBox(Layer):
         else:
             self.step = (p.step, p.step) if p.HasField("step") else (0, 0)
         self.offset, self.clip = p.offset, p.clip
+        if len(bottom) < 2 and not all(self.img):
+            raise self.error("without img_size (or img_h and img_w) the image is needed as bottom 1 for its size")
 
     def reshape(self, bottom, top):
-        if bottom[0].num_axes != 4 or bottom[1].num_axes != 4:
-            raise self.error(f"bottoms must be 4-D (N, C, H, W), got {bottom[0].shape} and {bottom[1].shape}")
+        if any(b.num_axes != 4 for b in bottom):
+            raise self.error(f"bottoms must be 4-D (N, C, H, W), got {' and '.join(str(b.shape) for b in bottom)}")
         h, w = bottom[0].shape[2:]
         top[0].reshape((1, 2, h * w * len(self.shapes) * 4))
 
@@ -197,7 +202,9 @@ class DetectionOutput(Layer):
     (1, 1, D, 7) rows of [image, label, score, xmin, ymin, xmax, ymax]; with no detection at
     all, one row [i, -1, -1, -1, -1, -1, -1] per image."""
 
-    exact_bottoms = 3
+    # SSD's optional bottom 3 (the images, for its on-screen visualize) is accepted and not read
+    min_bottoms = 3
+    max_bottoms = 4
     exact_tops = 1
     has_backward = False
 
@@ -225,7 +232,7 @@ class DetectionOutput(Layer):
                              "read the detections from the top blob")
 
     def reshape(self, bottom, top):
-        loc, conf, prior = bottom
+        loc, conf, prior = bottom[:3]
         if loc.shape[0] != conf.shape[0]:
             raise self.error(f"location and confidence bottoms differ in batch size: {loc.shape} and {conf.shape}")
         self.num_priors = prior.count // 8
@@ -283,8 +290,8 @@ class ROIPooling(Layer):
     """Fast R-CNN's max pooling of regions (bottom 1: R x 5 rows [image, x1, y1, x2, y2] in image
     coordinates, scaled by spatial_scale) of a feature map (bottom 0) into pooled_h x pooled_w."""
 
-    exact_bottoms = 2
-    exact_tops = 1
+    min_bottoms = max_bottoms = 2  # as Fast R-CNN declares them
+    min_tops = max_tops = 1
 
     def allow_force_backward(self, bottom_index):
         return bottom_index == 0

@@ -52,6 +52,15 @@ CAFFE_COUNTS = {
     "DummyData": (0, None, None, None, 1, None, False, False),
     "Input": (0, None, None, None, 1, None, False, False),
     "Parameter": (0, None, None, 1, None, None, False, False),
+    # detection forks: SSD (include/caffe/layers/*.hpp of weiliu89/caffe ssd) and Fast R-CNN (fast_rcnn_layers.hpp)
+    "Permute": (1, None, None, 1, None, None, False, False),
+    "Normalize": (1, None, None, 1, None, None, False, False),
+    # SSD's header misspells ExactBottomBlobs (no override, so no bound): it reads bottom 0, and bottom 1
+    # for the image size unless img_size/img_h/img_w is given
+    "PriorBox": (None, 1, 2, 1, None, None, False, False),
+    "DetectionOutput": (None, 3, 4, 1, None, None, False, False),  # bottom 3: the images, for visualize
+    "ROIPooling": (None, 2, 2, None, 1, 1, False, False),
+    "SmoothL1Loss": (None, 2, 4, 1, None, None, False, True),
 }
 FIELDS = ("exact_bottoms", "min_bottoms", "max_bottoms", "exact_tops", "min_tops", "max_tops", "equal_bottom_top",
           "auto_top_blobs")

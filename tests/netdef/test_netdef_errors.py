@@ -7,9 +7,10 @@ from brewnet import netdef
 
 def test_unknown_param_block_of_a_fork_layer_is_explained(tmp_path):
     path = tmp_path / "fork.prototxt"
-    path.write_text('layer { name: "p" type: "Permute" bottom: "x" top: "y"\n  permute_param { order: 0 } }\n')
+    # the center loss of ydwen/caffe-face: a fork block that brewnet's schema does not hold
+    path.write_text('layer { name: "p" type: "CenterLoss" bottom: "x" top: "y"\n  center_loss_param { num_output: 10 } }\n')
     with pytest.raises(netdef.DefinitionError) as info:
         netdef.read_net(path)
     message = str(info.value)
-    assert message.startswith(f"{path}:2:3: unknown field \"permute_param\" in LayerParameter")
+    assert message.startswith(f"{path}:2:3: unknown field \"center_loss_param\" in LayerParameter")
     assert "Caffe fork" in message and "did you mean" not in message

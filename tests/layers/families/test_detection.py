@@ -256,3 +256,10 @@ def test_detection_output_refuses_saving_result_files():
     text, prior = _detection_net(params='save_output_param { output_directory: "/tmp/x" }')
     with pytest.raises(DefinitionError, match="save_output_param"):
         run(text, [numpy.zeros((1, 8)), numpy.zeros((1, 6)), prior])
+
+
+def test_prior_box_takes_one_bottom_when_the_image_size_is_given():
+    _, _, top = run('name: "pb" type: "PriorBox" prior_box_param { min_size: 4 img_size: 20 }', [numpy.zeros((1, 2, 2, 2))])
+    numpy.testing.assert_allclose(top[0].data[0, 0, :4], [3 / 20, 3 / 20, 7 / 20, 7 / 20], rtol=1e-6)  # step 10
+    with pytest.raises(LayerError, match="bottom 1"):
+        run('name: "pb" type: "PriorBox" prior_box_param { min_size: 4 }', [numpy.zeros((1, 2, 2, 2))])
