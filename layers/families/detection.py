@@ -248,13 +248,12 @@ class DetectionOutput(Layer):
 
     def _keep(self, boxes, scores):
         """{label: kept prior indices, best first} for one image (host arrays)."""
-        kept, total = {}, 0
-        for c in range(self.num_classes):
-            if c == self.background:
-                continue
-            kept[c] = kernels.nms(boxes[0 if self.share_location else c], scores[:, c],
-                                  self.confidence_threshold, self.nms_threshold, self.top_k, self.eta)
-            total += kept[c].size
+        labels = [c for c in range(self.num_classes) if c != self.background]
+        class_boxes = boxes if self.share_location else boxes[labels]
+        found = kernels.nms_classes(class_boxes, scores[:, labels].T, self.confidence_threshold,
+                                    self.nms_threshold, self.top_k, self.eta)
+        kept = dict(zip(labels, found))
+        total = sum(index.size for index in found)
         if -1 < self.keep_top_k < total:
             labels = numpy.concatenate([numpy.full(i.size, c) for c, i in kept.items()])
             index = numpy.concatenate(list(kept.values()))

@@ -75,47 +75,69 @@ def decode_boxes(xp, loc, priors, variances, code_type, variance_encoded_in_targ
 
 
 # -- non-maximum suppression -------------------------------------------------------------
-def overlaps(boxes, others):
-    """Jaccard overlap of every box with every other box (host arrays), SSD's normalized rule:
-    boxes that only touch overlap 0."""
-    lo_x = numpy.maximum(boxes[:, None, 0], others[None, :, 0])
-    lo_y = numpy.maximum(boxes[:, None, 1], others[None, :, 1])
-    hi_x = numpy.minimum(boxes[:, None, 2], others[None, :, 2])
-    hi_y = numpy.minimum(boxes[:, None, 3], others[None, :, 3])
-    iw, ih = hi_x - lo_x, hi_y - lo_y
+def jaccard(a, b, area_a=None, area_b=None):
+    """Jaccard overlap of boxes ``a`` and ``b`` (host arrays, broadcast against each other), SSD's
+    normalized rule: boxes that only touch overlap 0. Their areas may be given."""
+    iw = numpy.minimum(a[..., 2], b[..., 2]) - numpy.maximum(a[..., 0], b[..., 0])
+    ih = numpy.minimum(a[..., 3], b[..., 3]) - numpy.maximum(a[..., 1], b[..., 1])
     inter = numpy.where((iw > 0) & (ih > 0), iw * ih, 0)
-    union = box_area(numpy, boxes)[:, None] + box_area(numpy, others)[None, :] - inter
+    area_a = box_area(numpy, a) if area_a is None else area_a
+    area_b = box_area(numpy, b) if area_b is None else area_b
+    union = area_a + area_b - inter
     with numpy.errstate(divide="ignore", invalid="ignore"):
         return numpy.where(inter > 0, inter / numpy.where(union > 0, union, 1), 0)
 
 
-def nms(boxes, scores, score_threshold, nms_threshold, top_k=-1, eta=1.0):
-    """SSD's ApplyNMSFast: indices kept, best first. Candidates scoring above the threshold are
-    taken in (stable) descending score order, at most ``top_k`` of them; a candidate is kept
-    when it overlaps no kept box by more than the current threshold, which is multiplied by
-    ``eta`` after each keep while above 0.5 (adaptive NMS)."""
-    candidates = numpy.flatnonzero(scores > score_threshold)
-    order = candidates[numpy.argsort(-scores[candidates], kind="stable")]
-    if top_k > -1:
-        order = order[:top_k]
-    if order.size == 0:
-        return order
-    iou = overlaps(boxes[order], boxes[order])
-    worst = numpy.zeros(order.size)  # each candidate's largest overlap with a kept box
-    kept, start, threshold = [], 0, float(nms_threshold)
-    while start < order.size:
-        # the next keeper is the first remaining candidate within the threshold; the ones
-        # before it failed against the same kept set and threshold
-        ok = numpy.flatnonzero(worst[start:] <= threshold)
-        if ok.size == 0:
+def overlaps(boxes, others):
+    """Jaccard overlap of every box with every other box: (len(boxes), len(others))."""
+    return jaccard(boxes[:, None, :], others[None, :, :])
+
+
+def nms_classes(boxes, scores, score_threshold, nms_threshold, top_k=-1, eta=1.0):
+    """SSD's ApplyNMSFast for C classes at once: ``boxes`` (C, P, 4) (or (1, P, 4), shared),
+    ``scores`` (C, P); a list of the kept indices per class, best first.
+
+    Per class, the candidates scoring above the threshold are taken in (stable) descending score
+    order, at most ``top_k`` of them; one is kept when it overlaps no kept box by more than the
+    current threshold, which is multiplied by ``eta`` after each keep while above 0.5 (adaptive
+    NMS). Each step keeps, in every class still going, the first candidate within the threshold
+    of all its kept boxes (those before it failed against the same boxes and threshold), so the
+    steps number the most boxes one class keeps, each an array pass over all classes."""
+    classes, num = scores.shape
+    order = numpy.argsort(-scores, axis=1, kind="stable")
+    valid = numpy.take_along_axis(scores, order, axis=1) > score_threshold  # a prefix of each row
+    width = int(valid.sum(axis=1).max()) if num else 0
+    width = min(width, top_k) if top_k > -1 else width
+    order, valid = order[:, :width], valid[:, :width]
+    source = boxes if boxes.shape[0] == classes else numpy.broadcast_to(boxes, (classes,) + boxes.shape[1:])
+    candidates = numpy.take_along_axis(source, order[:, :, None], axis=1)  # (C, K, 4)
+    areas = box_area(numpy, candidates)
+    worst = numpy.zeros((classes, width), dtype=numpy.float64)  # largest overlap with a kept box
+    threshold = numpy.full(classes, float(nms_threshold))
+    start = numpy.zeros(classes, dtype=numpy.int64)
+    kept = numpy.zeros((classes, width), dtype=bool)
+    position = numpy.arange(width)
+    going = valid.any(axis=1)
+    while going.any():
+        ok = valid & (position >= start[:, None]) & (worst <= threshold[:, None]) & going[:, None]
+        going = ok.any(axis=1)
+        rows = numpy.flatnonzero(going)
+        if rows.size == 0:
             break
-        pick = start + int(ok[0])
-        kept.append(pick)
-        worst = numpy.maximum(worst, iou[pick])
-        start = pick + 1
-        if eta < 1 and threshold > 0.5:
-            threshold *= eta
-    return order[numpy.array(kept, dtype=numpy.int64)]
+        pick = ok[rows].argmax(axis=1)
+        kept[rows, pick] = True
+        overlap = jaccard(candidates[rows, pick][:, None, :], candidates[rows], areas[rows, pick][:, None], areas[rows])
+        worst[rows] = numpy.maximum(worst[rows], overlap)
+        start[rows] = pick + 1
+        if eta < 1:
+            adapt = rows[threshold[rows] > 0.5]
+            threshold[adapt] *= eta
+    return [order[c][kept[c]] for c in range(classes)]
+
+
+def nms(boxes, scores, score_threshold, nms_threshold, top_k=-1, eta=1.0):
+    """nms_classes for one class: ``boxes`` (P, 4), ``scores`` (P,)."""
+    return nms_classes(boxes[None], scores[None], score_threshold, nms_threshold, top_k, eta)[0]
 
 
 # -- ROI pooling ------------------------------------------------------------------------
