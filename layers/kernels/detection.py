@@ -8,6 +8,8 @@ host arrays: each step is one array pass over the candidates, one step per box k
 
 import numpy
 
+from brewnet.layers.kernels import backend
+
 CORNER, CENTER_SIZE, CORNER_SIZE = 1, 2, 3  # SSD's PriorBoxParameter.CodeType values
 
 
@@ -159,11 +161,14 @@ def roi_bins(xp, rois, spatial_scale, pooled, size, column, dtype):
     return xp.clip(start, 0, size), xp.clip(end, 0, size)
 
 
-def roi_pool_forward(xp, x, rois, pooled_h, pooled_w, spatial_scale, max_elements=1 << 24):
+def roi_pool_forward(xp, x, rois, pooled_h, pooled_w, spatial_scale, max_elements=1 << 23):
     """Fast R-CNN's ROI max pooling: (R, C, pooled_h, pooled_w) maxima and the flat h * W + w
-    index of each within its plane (-1 for an empty bin, whose output is 0). Separable: the
-    maximum over each bin's columns for every row, then over its rows; the first maximum in
-    row-major order wins ties, as in Caffe's scan. ROIs go in chunks to bound the memory."""
+    index of each within its plane (-1 for an empty bin, whose output is 0).
+
+    Each bin's window is gathered whole from a channels-last copy of the map, padded to the
+    largest bin of a group of ROIs (ROIs go by size, so the padding stays small, in groups
+    bounded in memory), and the first maximum in row-major window order wins, as in Caffe's
+    scan with its strict '>'."""
     n, channels, height, width = x.shape
     num = rois.shape[0]
     out = xp.zeros((num, channels, pooled_h, pooled_w), dtype=x.dtype)
@@ -173,34 +178,48 @@ def roi_pool_forward(xp, x, rois, pooled_h, pooled_w, spatial_scale, max_element
     hs, he = roi_bins(xp, rois, spatial_scale, pooled_h, height, 2, x.dtype)
     ws, we = roi_bins(xp, rois, spatial_scale, pooled_w, width, 1, x.dtype)
     batch = rois[:, 0].astype(numpy.int64)
-    rows, cols = xp.arange(height), xp.arange(width)
+    bin_h = numpy.maximum(backend.to_numpy((he - hs).max(axis=1)), 1)
+    bin_w = numpy.maximum(backend.to_numpy((we - ws).max(axis=1)), 1)
+    order = numpy.argsort(bin_h * bin_w, kind="stable")
+    per_roi = pooled_h * pooled_w * channels
     lowest = xp.asarray(-numpy.inf, dtype=x.dtype)
-    chunk = max(1, max_elements // max(1, channels * height * width * max(pooled_h, pooled_w)))
-    for lo in range(0, num, chunk):
-        sl = slice(lo, min(num, lo + chunk))
-        planes = x[batch[sl]]  # (r, C, H, W)
-        in_w = (cols[None, None, :] >= ws[sl, :, None]) & (cols[None, None, :] < we[sl, :, None])  # (r, PW, W)
-        masked = xp.where(in_w[:, None, None, :, :], planes[:, :, :, None, :], lowest)  # (r, C, H, PW, W)
-        best_w = masked.argmax(axis=-1)  # first maximum along the row
-        row_max = xp.take_along_axis(masked, best_w[..., None], axis=-1)[..., 0]  # (r, C, H, PW)
-        in_h = (rows[None, None, :] >= hs[sl, :, None]) & (rows[None, None, :] < he[sl, :, None])  # (r, PH, H)
-        masked = xp.where(in_h[:, None, :, :, None], row_max[:, :, None, :, :], lowest)  # (r, C, PH, H, PW)
-        best_h = masked.argmax(axis=3)  # (r, C, PH, PW)
-        value = xp.take_along_axis(masked, best_h[:, :, :, None, :], axis=3)[:, :, :, 0, :]
-        w_of = xp.take_along_axis(best_w, best_h, axis=2)  # column of the maximum in that row
-        empty = (he[sl] <= hs[sl])[:, None, :, None] | (we[sl] <= ws[sl])[:, None, None, :]
-        found = ~empty & (value > lowest)
-        out[sl] = xp.where(found, value, 0)
-        argmax[sl] = xp.where(found, best_h * width + w_of, -1)
+    planes = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))  # (N, H, W, C): a window's channels side by side
+    first = 0
+    while first < num:
+        last, kh, kw = first + 1, int(bin_h[order[first]]), int(bin_w[order[first]])
+        while last < num:  # grow the group while its windows, padded to its largest, fit the budget
+            grown_h, grown_w = max(kh, int(bin_h[order[last]])), max(kw, int(bin_w[order[last]]))
+            if per_roi * grown_h * grown_w * (last + 1 - first) > max_elements:
+                break
+            last, kh, kw = last + 1, grown_h, grown_w
+        group = xp.asarray(order[first:last])
+        rows = hs[group][:, :, None] + xp.arange(kh)  # (g, PH, kh)
+        cols = ws[group][:, :, None] + xp.arange(kw)  # (g, PW, kw)
+        inside = (rows < he[group][:, :, None])[:, :, None, :, None] & (cols < we[group][:, :, None])[:, None, :, None, :]
+        windows = planes[batch[group][:, None, None, None, None],
+                         xp.minimum(rows, height - 1)[:, :, None, :, None],
+                         xp.minimum(cols, width - 1)[:, None, :, None, :]]  # (g, PH, PW, kh, kw, C)
+        windows = xp.where(inside[..., None], windows, lowest).reshape(len(group), pooled_h, pooled_w, kh * kw, channels)
+        best = windows.argmax(axis=3)  # (g, PH, PW, C): the first maximum, row-major
+        value = xp.take_along_axis(windows, best[:, :, :, None, :], axis=3)[:, :, :, 0, :]
+        h_at = xp.take_along_axis(rows[:, :, None, :], (best // kw).transpose(0, 1, 3, 2), axis=3)  # (g, PH, C, PW)
+        w_at = xp.take_along_axis(cols[:, None, :, :], (best % kw).transpose(0, 3, 2, 1), axis=3)  # (g, C, PW, PH)
+        index = h_at.transpose(0, 2, 1, 3) * width + w_at.transpose(0, 1, 3, 2)  # (g, C, PH, PW)
+        value = value.transpose(0, 3, 1, 2)
+        found = value > lowest  # not an empty bin
+        out[group] = xp.where(found, value, 0)
+        argmax[group] = xp.where(found, index, -1)
+        first = last
     return out, argmax
 
 
 def roi_pool_backward(xp, dy, argmax, batch, shape):
-    """The gradient of ROI max pooling: each output's diff added to the input element it took."""
+    """The gradient of ROI max pooling: each output's diff added to the input element it took
+    (a weighted bincount: the same element may be taken by many bins and ROIs)."""
     n, channels, height, width = shape
-    dx = xp.zeros((n, channels, height * width), dtype=dy.dtype)
     hit = argmax >= 0
-    flat = (batch[:, None, None, None] * channels + xp.arange(channels)[None, :, None, None]) * (height * width)
-    index = xp.where(hit, flat + argmax, 0)
-    xp.add.at(dx.reshape(-1), index.reshape(-1), xp.where(hit, dy, 0).reshape(-1))
-    return dx.reshape(shape)
+    plane = (batch[:, None, None, None] * channels + xp.arange(channels)[None, :, None, None]) * (height * width)
+    index = xp.where(hit, plane + argmax, 0).reshape(-1)
+    weights = xp.where(hit, dy, 0).reshape(-1)
+    dx = xp.bincount(index, weights=weights, minlength=n * channels * height * width)
+    return dx.astype(dy.dtype).reshape(shape)
