@@ -263,3 +263,31 @@ def test_prior_box_takes_one_bottom_when_the_image_size_is_given():
     numpy.testing.assert_allclose(top[0].data[0, 0, :4], [3 / 20, 3 / 20, 7 / 20, 7 / 20], rtol=1e-6)  # step 10
     with pytest.raises(LayerError, match="bottom 1"):
         run('name: "pb" type: "PriorBox" prior_box_param { min_size: 4 }', [numpy.zeros((1, 2, 2, 2))])
+
+
+def _roi_pool_by_loops(x, rois, pooled_h, pooled_w, scale):
+    """Fast R-CNN's CPU forward, bin by bin (the reference)."""
+    out = numpy.zeros((len(rois), x.shape[1], pooled_h, pooled_w))
+    for r, (b, *corners) in enumerate(rois):
+        x0, y0, x1, y1 = (int(numpy.sign(v * scale) * numpy.floor(abs(v * scale) + 0.5)) for v in corners)
+        bh, bw = max(y1 - y0 + 1, 1) / pooled_h, max(x1 - x0 + 1, 1) / pooled_w
+        for i in range(pooled_h):
+            for j in range(pooled_w):
+                h0 = min(max(int(numpy.floor(i * bh)) + y0, 0), x.shape[2])
+                h1 = min(max(int(numpy.ceil((i + 1) * bh)) + y0, 0), x.shape[2])
+                w0 = min(max(int(numpy.floor(j * bw)) + x0, 0), x.shape[3])
+                w1 = min(max(int(numpy.ceil((j + 1) * bw)) + x0, 0), x.shape[3])
+                if h1 > h0 and w1 > w0:
+                    out[r, :, i, j] = x[int(b), :, h0:h1, w0:w1].max(axis=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("budget", [1 << 23, 200])  # one group of ROIs, or many (windows padded per group)
+def test_roi_pooling_matches_the_bin_by_bin_loop(budget):
+    rng = numpy.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 9, 11))
+    corner = rng.uniform(-2, 20, (12, 2))
+    size = rng.uniform(0, 14, (12, 2)) * rng.choice([[1, 0.2], [0.2, 1], [1, 1]], 12)  # tall, wide and square
+    rois = numpy.concatenate([rng.integers(0, 2, (12, 1)), corner, corner + size], axis=1)
+    out, _ = kernels.roi_pool_forward(numpy, x, rois, 3, 2, 0.6, max_elements=budget)
+    numpy.testing.assert_array_equal(out, _roi_pool_by_loops(x, rois, 3, 2, 0.6))
