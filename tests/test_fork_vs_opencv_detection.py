@@ -109,8 +109,9 @@ PRIOR_SSD = f"min_size: 10 max_size: 20 aspect_ratio: 2 flip: true clip: false {
 
 
 def _layer(type_name, params, bottoms):
-    return (f'layer {{ name: "out" type: "{type_name}" {" ".join(f"bottom: {b!r}".replace(chr(39), chr(34)) for b in bottoms)} '
-            f'top: "out" {params} }}')
+    bottoms = " ".join(f'bottom: "{b}"' for b in bottoms)
+    return f'layer {{ name: "out" type: "{type_name}" {bottoms} top: "out" {params} }}\n'
+
 
 
 LAYER_CASES = {

@@ -84,10 +84,12 @@ def _draw_path(draw, image_path, count):
 @click.option("--weights", "--pretrained_model", "weights", required=True, help="Weights (.caffemodel/.h5).")
 @click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False),
               help="SSD labelmap prototxt, or a text file with one label per line (line 0: label 0).")
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="Print and draw detections scoring at least this.")
+@click.option("--threshold", type=float, default=0.5, show_default=True,
+              help="Print and draw detections scoring at least this.")
 @click.option("--mean", "--mean_file", "mean_file", help="Mean (.npy or .binaryproto).")
 @click.option("--mean-value", help="Per-channel mean, e.g. 127.5,127.5,127.5.")
-@click.option("--raw-scale", type=float, default=255.0, show_default=True, help="Scale applied to [0,1] pixels before the mean.")
+@click.option("--raw-scale", type=float, default=255.0, show_default=True,
+              help="Scale applied to [0,1] pixels before the mean.")
 @click.option("--input-scale", type=float, default=1.0, show_default=True, help="Scale applied after the mean.")
 @click.option("--channel-swap", help="Channel order, e.g. 2,1,0 (default for colour nets: RGB -> BGR).")
 @click.option("--ext", default=None, help="Image extension to take from a folder (default: every image extension).")
