@@ -208,6 +208,11 @@ class DetectionOutput(Layer):
     exact_tops = 1
     has_backward = False
 
+    def allow_force_backward(self, bottom_index):
+        # force_backward (`brewnet time` on a deploy net) passes over the detections, where SSD's
+        # Caffe would abort in this layer's NOT_IMPLEMENTED backward
+        return False
+
     def setup(self, bottom, top):
         p = self.param.detection_output_param
         if not p.HasField("num_classes"):

@@ -112,3 +112,10 @@ def test_detect_faces_with_a_public_model(fixtures, tmp_path):
     sides = numpy.array([[d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]] for d in detections])
     assert (sides > 10).all() and (sides < 60).all()  # faces, not the whole picture
     assert Image.open(tmp_path / "faces.png").size == (width, height)
+
+
+def test_time_runs_an_ssd_deploy_net(square_model):
+    # force_backward passes over DetectionOutput (no gradient) and PriorBox gives zeros
+    result = _run("time", "--model", square_model / "square.prototxt", "--iterations", "1")
+    assert result.exit_code == 0, result.output
+    assert "DetectionOutput" in result.output and "Average Forward pass" in result.output
