@@ -259,11 +259,11 @@ class DetectionOutput(Layer):
                                     self.nms_threshold, self.top_k, self.eta)
         kept = dict(zip(labels, found))
         total = sum(index.size for index in found)
-        if -1 < self.keep_top_k < total:
-            labels = numpy.concatenate([numpy.full(i.size, c) for c, i in kept.items()])
+        if -1 < self.keep_top_k < total:  # the best keep_top_k of all classes, still grouped by class
+            label_of = numpy.concatenate([numpy.full(i.size, c) for c, i in kept.items()])
             index = numpy.concatenate(list(kept.values()))
-            best = numpy.argsort(-scores[index, labels], kind="stable")[:self.keep_top_k]
-            kept = {c: index[best][labels[best] == c] for c in kept}
+            best = numpy.argsort(-scores[index, label_of], kind="stable")[:self.keep_top_k]
+            kept = {c: index[best][label_of[best] == c] for c in kept}
         return kept
 
     def forward(self, bottom, top):
