@@ -194,6 +194,19 @@ CASES = [
     Case("TanH"),
     Case("Threshold", "threshold_param { threshold: 0.1 }", backward=False),
     Case("Tile", "tile_param { axis: 1 tiles: 3 }", _b((2, 3, 2))),
+    # detection forks (SSD, Fast R-CNN): layers/families/detection.py
+    Case("Permute", "permute_param { order: 0 order: 2 order: 3 order: 1 }"),
+    Case("Normalize", "norm_param { across_spatial: false channel_shared: false }", params="p"),
+    Case("Normalize", "norm_param { across_spatial: true channel_shared: true }", params="p", label="shared"),
+    Case("PriorBox", "prior_box_param { min_size: 3 max_size: 6 aspect_ratio: 2 variance: 0.1 variance: 0.1 "
+                     "variance: 0.2 variance: 0.2 }", _b((1, 2, 3, 4), (1, 3, 12, 16))),
+    # CORNER boxes: any offsets against any (positive) priors decode; the NMS runs on the host
+    Case("DetectionOutput", "detection_output_param { num_classes: 3 code_type: CORNER keep_top_k: 10 "
+                            "confidence_threshold: 0.2 nms_param { nms_threshold: 0.5 top_k: 20 } }",
+         _b((2, 24), ((2, 18), "p"), ((1, 2, 24), "p")), backward=False),
+    Case("ROIPooling", "roi_pooling_param { pooled_h: 2 pooled_w: 2 spatial_scale: 1 }",
+         _b((2, 3, 4, 5), ((6, 5), ("int", 2)))),
+    Case("SmoothL1Loss", "smooth_l1_loss_param { sigma: 2 }", _b((3, 4), (3, 4))),
 ]
 
 # Registered types with no parity case, and why. A new layer type must land in one of the two.
