@@ -321,6 +321,35 @@ def test_mobilenet_ssd_style_net_matches_opencv(tmp_path):
     assert diffs["mbox_loc"] <= 1e-4 and diffs["detection_out"] <= 1e-5
 
 
+FAST_RCNN_STYLE = inputs(data=(1, 3, 32, 40), rois=(6, 5)) + """
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 8 kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2" convolution_param { num_output: 8 kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "pool5" type: "ROIPooling" bottom: "conv2" bottom: "rois" top: "pool5"
+  roi_pooling_param { pooled_h: 3 pooled_w: 3 spatial_scale: 0.25 } }
+layer { name: "fc6" type: "InnerProduct" bottom: "pool5" top: "fc6" inner_product_param { num_output: 16 } }
+layer { name: "relu6" type: "ReLU" bottom: "fc6" top: "fc6" }
+layer { name: "cls_score" type: "InnerProduct" bottom: "fc6" top: "cls_score" inner_product_param { num_output: 4 } }
+layer { name: "bbox_pred" type: "InnerProduct" bottom: "fc6" top: "bbox_pred" inner_product_param { num_output: 16 } }
+layer { name: "cls_prob" type: "Softmax" bottom: "cls_score" top: "cls_prob" }
+"""
+
+
+def fast_rcnn_style_diffs(tmp):
+    """A Fast R-CNN-shaped test net (convolutions, ROIPooling of given ROIs, fully connected heads)."""
+    rng = numpy.random.default_rng(4)
+    corner = rng.uniform(-4, 30, (6, 2))
+    rois = numpy.concatenate([numpy.zeros((6, 1)), corner, corner + rng.uniform(2, 24, (6, 2))], axis=1)
+    feeds = {"data": rng.uniform(-1, 1, (1, 3, 32, 40)).astype(numpy.float32), "rois": rois.astype(numpy.float32)}
+    got = run_both(tmp, FAST_RCNN_STYLE, feeds, ["pool5", "cls_prob", "bbox_pred"], seed=6)
+    return {name: float(numpy.abs(mine - theirs).max()) for name, (mine, theirs) in got.items()}
+
+
+def test_fast_rcnn_style_net_matches_opencv(tmp_path):
+    diffs = fast_rcnn_style_diffs(tmp_path)
+    assert diffs["pool5"] <= 1e-6 and diffs["cls_prob"] <= 1e-6 and diffs["bbox_pred"] <= 1e-5
+
+
 if __name__ == "__main__":
     import tempfile
 
@@ -334,6 +363,9 @@ if __name__ == "__main__":
         folder = pathlib.Path(tmp) / "mobilenet"
         folder.mkdir()
         print("MobileNet-SSD-style (random weights)", mobilenet_ssd_diffs(folder))
+        folder = pathlib.Path(tmp) / "fast_rcnn"
+        folder.mkdir()
+        print("Fast R-CNN-style (random weights)", fast_rcnn_style_diffs(folder))
         fixtures = os.environ.get("BREWNET_FIXTURES")
         if fixtures:
             for which in ("RFB-320", "Slim-320"):
