@@ -8,7 +8,7 @@ host arrays: each step is one array pass over the candidates, one step per box k
 
 import numpy
 
-from brewnet.layers.kernels import backend
+from brewnet.layers.kernels import backend, cpu_kernels
 
 CORNER, CENTER_SIZE, CORNER_SIZE = 1, 2, 3  # SSD's PriorBoxParameter.CodeType values
 
@@ -165,7 +165,7 @@ def roi_pool_forward(xp, x, rois, pooled_h, pooled_w, spatial_scale, max_element
     """Fast R-CNN's ROI max pooling: (R, C, pooled_h, pooled_w) maxima and the flat h * W + w
     index of each within its plane (-1 for an empty bin, whose output is 0).
 
-    Each bin's window is gathered whole from a channels-last copy of the map, padded to the
+    On the CPU a compiled loop scans each bin (detection_jit.py). In the array code, each bin's window is gathered whole from a channels-last copy of the map, padded to the
     largest bin of a group of ROIs (ROIs go by size, so the padding stays small, in groups
     bounded in memory), and the first maximum in row-major window order wins, as in Caffe's
     scan with its strict '>'."""
@@ -178,6 +178,11 @@ def roi_pool_forward(xp, x, rois, pooled_h, pooled_w, spatial_scale, max_element
     hs, he = roi_bins(xp, rois, spatial_scale, pooled_h, height, 2, x.dtype)
     ws, we = roi_bins(xp, rois, spatial_scale, pooled_w, width, 1, x.dtype)
     batch = rois[:, 0].astype(numpy.int64)
+    if cpu_kernels.enabled(xp):
+        from brewnet.layers.kernels import detection_jit
+
+        detection_jit.roi_pool_forward(numpy.ascontiguousarray(x), batch, hs, he, ws, we, out, argmax)
+        return out, argmax
     bin_h = numpy.maximum(backend.to_numpy((he - hs).max(axis=1)), 1)
     bin_w = numpy.maximum(backend.to_numpy((we - ws).max(axis=1)), 1)
     order = numpy.argsort(bin_h * bin_w, kind="stable")
@@ -217,6 +222,12 @@ def roi_pool_backward(xp, dy, argmax, batch, shape):
     """The gradient of ROI max pooling: each output's diff added to the input element it took
     (a weighted bincount: the same element may be taken by many bins and ROIs)."""
     n, channels, height, width = shape
+    if cpu_kernels.enabled(xp):
+        from brewnet.layers.kernels import detection_jit
+
+        dx = numpy.zeros((n, channels, height * width), dtype=dy.dtype)
+        detection_jit.roi_pool_backward(numpy.ascontiguousarray(dy), argmax, batch, dx)
+        return dx.reshape(shape)
     hit = argmax >= 0
     plane = (batch[:, None, None, None] * channels + xp.arange(channels)[None, :, None, None]) * (height * width)
     index = xp.where(hit, plane + argmax, 0).reshape(-1)

@@ -7,6 +7,7 @@ import pytest
 from family_helpers import randn, run
 
 from brewnet.layers.base import LayerError
+from brewnet.layers.kernels import cpu_kernels
 from brewnet.layers.kernels import detection as kernels
 from brewnet.netdef import caffe_pb2, parse_net
 from brewnet.netdef.errors import DefinitionError
@@ -282,12 +283,27 @@ def _roi_pool_by_loops(x, rois, pooled_h, pooled_w, scale):
     return out
 
 
-@pytest.mark.parametrize("budget", [1 << 23, 200])  # one group of ROIs, or many (windows padded per group)
-def test_roi_pooling_matches_the_bin_by_bin_loop(budget):
+@pytest.mark.parametrize("path, budget", [("compiled", None), ("array", 1 << 23), ("array", 200)])
+def test_roi_pooling_matches_the_bin_by_bin_loop(path, budget):
+    # the array code takes ROIs in one group, or in many (windows padded per group)
     rng = numpy.random.default_rng(3)
     x = rng.standard_normal((2, 3, 9, 11))
     corner = rng.uniform(-2, 20, (12, 2))
     size = rng.uniform(0, 14, (12, 2)) * rng.choice([[1, 0.2], [0.2, 1], [1, 1]], 12)  # tall, wide and square
     rois = numpy.concatenate([rng.integers(0, 2, (12, 1)), corner, corner + size], axis=1)
-    out, _ = kernels.roi_pool_forward(numpy, x, rois, 3, 2, 0.6, max_elements=budget)
+    if path == "compiled":
+        if cpu_kernels.kernels() is None:
+            pytest.skip("numba is not installed")
+        with cpu_kernels.enabled_for_test():
+            out, argmax = kernels.roi_pool_forward(numpy, x, rois, 3, 2, 0.6)
+            dx = kernels.roi_pool_backward(numpy, numpy.ones_like(out), argmax, rois[:, 0].astype(int), x.shape)
+    else:
+        with cpu_kernels.disabled():
+            out, argmax = kernels.roi_pool_forward(numpy, x, rois, 3, 2, 0.6, max_elements=budget)
+            dx = kernels.roi_pool_backward(numpy, numpy.ones_like(out), argmax, rois[:, 0].astype(int), x.shape)
     numpy.testing.assert_array_equal(out, _roi_pool_by_loops(x, rois, 3, 2, 0.6))
+    # each input element's gradient counts the bins that took it
+    counts = numpy.zeros(x.size)
+    planes = (rois[:, 0].astype(int)[:, None, None, None] * 3 + numpy.arange(3)[None, :, None, None]) * 99
+    numpy.add.at(counts, (planes + argmax)[argmax >= 0], 1)
+    numpy.testing.assert_array_equal(dx.reshape(-1), counts)
