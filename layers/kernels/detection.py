@@ -114,8 +114,10 @@ def nms_classes(boxes, scores, score_threshold, nms_threshold, top_k=-1, eta=1.0
     source = boxes if boxes.shape[0] == classes else numpy.broadcast_to(boxes, (classes,) + boxes.shape[1:])
     candidates = numpy.take_along_axis(source, order[:, :, None], axis=1)  # (C, K, 4)
     areas = box_area(numpy, candidates)
-    worst = numpy.zeros((classes, width), dtype=numpy.float64)  # largest overlap with a kept box
-    threshold = numpy.full(classes, float(nms_threshold))
+    # in the boxes' precision: float32 nets compare and multiply by eta in SSD's floats
+    real = candidates.dtype if candidates.dtype.kind == "f" else numpy.dtype(numpy.float64)
+    worst = numpy.zeros((classes, width), dtype=real)  # largest overlap with a kept box
+    threshold = numpy.full(classes, nms_threshold, dtype=real)
     start = numpy.zeros(classes, dtype=numpy.int64)
     kept = numpy.zeros((classes, width), dtype=bool)
     position = numpy.arange(width)
@@ -133,7 +135,7 @@ def nms_classes(boxes, scores, score_threshold, nms_threshold, top_k=-1, eta=1.0
         start[rows] = pick + 1
         if eta < 1:
             adapt = rows[threshold[rows] > 0.5]
-            threshold[adapt] *= eta
+            threshold[adapt] *= real.type(eta)
     return [order[c][kept[c]] for c in range(classes)]
 
 
