@@ -12,6 +12,7 @@ import numpy
 from brewnet.layers import fillers
 from brewnet.layers.base import Layer
 from brewnet.layers.kernels.conv_plan import ConvGeometry, ConvPlan, DeconvPlan
+from brewnet.layers.kernels.cuda import ops as cuda_ops
 from brewnet.layers.kernels.im2col import ConvEngine, conv_out_size, deconv_out_size
 from brewnet.layers.registry import register
 
@@ -134,22 +135,28 @@ class _BaseConv(_ConvParams):
     def _output(self, array):
         return array.reshape((self.num, self.num_output) + self.out_spatial)
 
+    def _steps(self):
+        """The plan that runs the steps: the CUDA one when BREWNET_CUDA_KERNELS asks and it applies."""
+        return cuda_ops.conv_plan(self.plan, self.reverse) or self.plan
+
     def forward(self, bottom, top):
         weight = self.blobs[0].data
         bias = self.blobs[1].data if self.bias_term else None
+        plan = self._steps()
         for i, (b, t) in enumerate(zip(bottom, top)):
-            self.plan.forward(self._input(b.data), weight, bias, self._output(t.data), slot=i)
+            plan.forward(self._input(b.data), weight, bias, self._output(t.data), slot=i)
 
     def backward(self, top, propagate_down, bottom):
         weight = self.blobs[0].data
         need_dw = self.param_needs_grad(0)
+        plan = self._steps()
         for i, (t, b) in enumerate(zip(top, bottom)):
             top_diff = self._output(t.diff)
             if self.bias_term and self.param_needs_grad(1):
-                self.blobs[1].diff += self.plan.bias_gradient(top_diff)
+                self.blobs[1].diff += plan.bias_gradient(top_diff)
             if need_dw or propagate_down[i]:
                 bottom_diff = self._input(b.diff) if propagate_down[i] else None
-                dW = self.plan.backward(self._input(b.data), weight, top_diff, bottom_diff, need_dw, slot=i)
+                dW = plan.backward(self._input(b.data), weight, top_diff, bottom_diff, need_dw, slot=i)
                 if dW is not None:
                     self.blobs[0].add_to_diff(dW)  # every bottom adds its share
 
