@@ -90,7 +90,7 @@ class Pooling(Layer):
     def forward(self, bottom, top):
         core, x, y = self._core, bottom[0].data, top[0].data
         if self.method != P.STOCHASTIC and cuda_ops.active(self.xp, x, y):  # BREWNET_CUDA_KERNELS
-            self._cuda = cuda_ops.pool_forward(self._cuda, self.method == P.MAX, x, y,
+            self._cuda = cuda_ops.pool_forward(self.xp, self._cuda, self.method == P.MAX, x, y,
                                                top[1].data if len(top) > 1 else None, self.kernel, self.stride, self.pad)
             return
         if self.method == P.MAX:

@@ -20,7 +20,6 @@ import os
 
 import numpy
 
-from brewnet.layers.kernels.backend import array_module_of
 from brewnet.layers.kernels.cuda import sources
 
 SWITCH = "BREWNET_CUDA_KERNELS"
@@ -254,9 +253,8 @@ class Pool:
         _launch(self.xp, "ave_pool_backward", dx.size, dy, *self.args, dx)
 
 
-def pool_forward(pool, is_max, x, y, mask_top, kernel, stride, pad):
+def pool_forward(xp, pool, is_max, x, y, mask_top, kernel, stride, pad):
     """Pooling's forward for the layer; returns the Pool to keep (``pool`` when it still fits)."""
-    xp = array_module_of(x)
     key = (kernel, stride, pad, x.shape[2:], y.shape[2:])
     if pool is None or pool.key != key:
         pool = Pool(xp, kernel, stride, pad, x.shape[2:], y.shape[2:])

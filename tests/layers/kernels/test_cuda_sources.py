@@ -18,6 +18,7 @@ import numpy
 import pytest
 
 from brewnet.layers.gradcheck import make_layer, setup_layer
+from brewnet.layers.kernels import backend
 from brewnet.layers.kernels.cuda import ops, sources
 from brewnet.netdef import caffe_pb2
 
@@ -51,9 +52,10 @@ def switch(host, monkeypatch):
     ops.use_host_kernels(None)
 
 
-def run_layer(prototxt, inputs, n_tops=1, phase=caffe_pb2.TEST, seed=0, in_place=False, top_diffs=None):
-    """(top data, bottom diffs, param diffs) of one forward and backward of a float32 layer."""
-    layer = make_layer(prototxt, phase=phase, dtype=numpy.float32, seed=seed)
+def run_layer(prototxt, inputs, n_tops=1, phase=caffe_pb2.TEST, seed=0, in_place=False, top_diffs=None, xp=numpy):
+    """(top data, bottom diffs, param diffs) of one forward and backward of a float32 layer
+    (numpy arrays; ``xp``: the module the layer computes with, cupy in tests/gpu)."""
+    layer = make_layer(prototxt, phase=phase, dtype=numpy.float32, seed=seed, xp=xp)
     bottom, top = setup_layer(layer, [numpy.asarray(a, numpy.float32) for a in inputs], n_tops, dtype=numpy.float32)
     if in_place:
         top = [bottom[0]]
@@ -62,12 +64,13 @@ def run_layer(prototxt, inputs, n_tops=1, phase=caffe_pb2.TEST, seed=0, in_place
     tops = [t.data.copy() for t in top]
     rng = numpy.random.default_rng(seed + 1)
     for i, t in enumerate(top):
-        t.diff[...] = top_diffs[i] if top_diffs else rng.standard_normal(t.shape).astype(numpy.float32)
+        t.diff[...] = xp.asarray(top_diffs[i] if top_diffs else rng.standard_normal(t.shape).astype(numpy.float32))
     for blob in layer.blobs:
         blob.diff[...] = 0
     propagate = [True] + [False] * (len(bottom) - 1)
     layer.backward(top, propagate, bottom)
-    return tops, [bottom[0].diff.copy()], [b.diff.copy() for b in layer.blobs]
+    host = backend.to_numpy
+    return [host(t) for t in tops], [host(bottom[0].diff).copy()], [host(b.diff).copy() for b in layer.blobs]
 
 
 def compare(switch, kernel_names, prototxt, inputs, rtol=RTOL, atol=ATOL, **kw):
@@ -111,7 +114,8 @@ def test_convolution(switch, shape, body):
 def test_convolution_in_chunks(switch, monkeypatch):
     # a column budget of two samples: the batch runs in chunks, partial weight gradients summed
     monkeypatch.setattr(ops.ConvPlan, "max_col_bytes", 2 * 4 * 3 * 9 * 25)
-    proto = 'name: "c" type: "Convolution" convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: "xavier" } }'
+    proto = ('name: "c" type: "Convolution" '
+             'convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: "xavier" } }')
     compare(switch, ["im2col", "col2im"], proto, [normal(5, 4, 7, 7)], rtol=1e-4, atol=1e-5)
 
 
