@@ -113,7 +113,7 @@ def test_convolution(switch, shape, body):
 @needs_gxx
 def test_convolution_in_chunks(switch, monkeypatch):
     # a column budget of two samples: the batch runs in chunks, partial weight gradients summed
-    monkeypatch.setattr(ops.ConvPlan, "max_col_bytes", 2 * 4 * 3 * 9 * 25)
+    monkeypatch.setattr(ops.ConvPlan, "max_col_bytes", 2 * 4 * (4 * 9) * 25)
     proto = ('name: "c" type: "Convolution" '
              'convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: "xavier" } }')
     compare(switch, ["im2col", "col2im"], proto, [normal(5, 4, 7, 7)], rtol=1e-4, atol=1e-5)
