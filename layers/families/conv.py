@@ -123,7 +123,8 @@ class _BaseConv(_ConvParams):
         geometry = ConvGeometry(numpy.dtype(bottom[0].dtype), num, self.channels, S, self.num_output, out,
                                 self.group, self.kernel, self.stride, self.pad, self.dilation)
         if self.plan is None or self.plan.geometry != geometry:
-            self.plan = self.plan_type(self.xp, geometry)
+            # BREWNET_CUDA_KERNELS: the CUDA plan where it applies (layers/kernels/cuda/ops.py)
+            self.plan = cuda_ops.conv_plan(self.xp, geometry, self.reverse) or self.plan_type(self.xp, geometry)
         top_shape = shape[:self.channel_axis] + (self.num_output,) + out
         for t in top:
             t.reshape(top_shape)
@@ -135,28 +136,22 @@ class _BaseConv(_ConvParams):
     def _output(self, array):
         return array.reshape((self.num, self.num_output) + self.out_spatial)
 
-    def _steps(self):
-        """The plan that runs the steps: the CUDA one when BREWNET_CUDA_KERNELS asks and it applies."""
-        return cuda_ops.conv_plan(self.plan, self.reverse) or self.plan
-
     def forward(self, bottom, top):
         weight = self.blobs[0].data
         bias = self.blobs[1].data if self.bias_term else None
-        plan = self._steps()
         for i, (b, t) in enumerate(zip(bottom, top)):
-            plan.forward(self._input(b.data), weight, bias, self._output(t.data), slot=i)
+            self.plan.forward(self._input(b.data), weight, bias, self._output(t.data), slot=i)
 
     def backward(self, top, propagate_down, bottom):
         weight = self.blobs[0].data
         need_dw = self.param_needs_grad(0)
-        plan = self._steps()
         for i, (t, b) in enumerate(zip(top, bottom)):
             top_diff = self._output(t.diff)
             if self.bias_term and self.param_needs_grad(1):
-                self.blobs[1].diff += plan.bias_gradient(top_diff)
+                self.blobs[1].diff += self.plan.bias_gradient(top_diff)
             if need_dw or propagate_down[i]:
                 bottom_diff = self._input(b.diff) if propagate_down[i] else None
-                dW = plan.backward(self._input(b.data), weight, top_diff, bottom_diff, need_dw, slot=i)
+                dW = self.plan.backward(self._input(b.data), weight, top_diff, bottom_diff, need_dw, slot=i)
                 if dW is not None:
                     self.blobs[0].add_to_diff(dW)  # every bottom adds its share
 

@@ -141,6 +141,7 @@ class ConvPlan:
 
     # bytes the column matrix may take; a bigger batch runs in chunks of samples
     max_col_bytes = 1 << 30
+    path = data_path = "cuda-im2col"  # what `layer.plan.path` says (the CPU plans: im2col, winograd, 1x1)
 
     def __init__(self, xp, geometry):
         self.xp, self.geometry = xp, geometry
@@ -212,17 +213,17 @@ class ConvPlan:
         return None if dw is None else dw.reshape(weight.shape)
 
     def bias_gradient(self, dy):
-        return dy.reshape(self.N, self.M, -1).sum(axis=(0, 2))
+        # a batched GEMV with ones, then a sum over samples: cheaper than a reduction over axes (0, 2)
+        if getattr(self, "_ones", None) is None:
+            self._ones = self.xp.ones(self.L, dtype=numpy.float32)
+        return (dy.reshape(self.N, self.M, self.L) @ self._ones).sum(axis=0)
 
 
-def conv_plan(base_plan, reverse):
-    """The CUDA plan standing in for ``base_plan`` (cached on it), or None where it does not apply."""
-    if not active(base_plan.xp) or not conv_supported(base_plan.geometry, reverse):
+def conv_plan(xp, geometry, reverse):
+    """A CUDA plan for this (de)convolution geometry, or None where it does not apply."""
+    if not active(xp) or not conv_supported(geometry, reverse):
         return None
-    plan = getattr(base_plan, "_cuda_plan", None)
-    if plan is None:
-        plan = base_plan._cuda_plan = ConvPlan(base_plan.xp, base_plan.geometry)
-    return plan
+    return ConvPlan(xp, geometry)
 
 
 # -- pooling ---------------------------------------------------------------------------------------
