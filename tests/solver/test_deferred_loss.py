@@ -70,6 +70,17 @@ def test_no_loss_is_read_between_displays(tiny, monkeypatch):
     assert seen == [0, 4, 6]
 
 
+def test_without_display_the_losses_are_read_every_max_pending_losses(tiny, monkeypatch):
+    s = solver.get_solver(tiny.solver('base_lr: 0.1 lr_policy: "fixed" max_iter: 8 display: 0'))
+    s.defer_loss, s.max_pending_losses = True, 3
+    seen = []
+    original = s.read_losses
+    monkeypatch.setattr(s, "read_losses", lambda: (seen.append(len(s._pending_losses)), original())[1])
+    s.step(8)
+    assert seen == [3, 3, 2]
+    assert isinstance(s.loss, float) and s.smoothed_loss == s.loss  # average_loss 1: the last loss
+
+
 def test_deferred_divergence_names_the_iteration_it_happened(tiny):
     (tiny.folder / "snaps").mkdir()
     rng = numpy.random.default_rng(1)
