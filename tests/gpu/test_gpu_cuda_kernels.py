@@ -66,6 +66,13 @@ def test_convolution(monkeypatch, launched, shape, body):
             rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,body", cpu.CONV_CASES)
+def test_deconvolution(monkeypatch, launched, shape, body):
+    proto = (f'name: "d" type: "Deconvolution" convolution_param {{ {body} weight_filler {{ type: "gaussian" '
+             f'std: 0.1 }} bias_filler {{ type: "gaussian" std: 0.1 }} }}')
+    compare(monkeypatch, launched, ["im2col", "col2im"], proto, [cpu.normal(*shape)], rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape,body", cpu.POOL_CASES)
 def test_pooling(monkeypatch, launched, shape, body):
     is_max = "MAX" in body

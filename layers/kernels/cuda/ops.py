@@ -126,9 +126,8 @@ def run_deferred_checks():
 # -- convolution -----------------------------------------------------------------------------------
 
 def conv_supported(geometry, reverse):
-    """The CUDA convolution covers 2-D float32 Convolution (any pad, stride, dilation, group)."""
-    return (not reverse and len(geometry.kernel) == 2
-            and numpy.dtype(geometry.dtype) == numpy.float32)
+    """The CUDA plans cover 2-D float32 Convolution and Deconvolution (any pad, stride, dilation, group)."""
+    return len(geometry.kernel) == 2 and numpy.dtype(geometry.dtype) == numpy.float32
 
 
 class ConvPlan:
@@ -219,11 +218,41 @@ class ConvPlan:
         return (dy.reshape(self.N, self.M, self.L) @ self._ones).sum(axis=0)
 
 
+class DeconvPlan:
+    """Deconvolution: the convolution from its output back to its input, run the other way round
+    (Caffe's DeconvolutionLayer): forward is that convolution's data gradient plus the bias,
+    backward its forward (data gradient) and its weight gradient with the roles of x and dy swapped."""
+
+    path = data_path = ConvPlan.path
+
+    def __init__(self, xp, geometry):
+        g = self.geometry = geometry
+        self.xp = xp
+        self.conv = ConvPlan(xp, g._replace(channels=g.num_output, in_spatial=g.out_spatial,
+                                            num_output=g.channels, out_spatial=g.in_spatial))
+
+    def forward(self, x, weight, bias, y, slot=0):
+        self.conv.backward(None, weight, x, y, need_dw=False)
+        if bias is not None:
+            y += bias.reshape(1, -1, 1, 1)
+
+    def backward(self, x, weight, dy, dx, need_dw, slot=0):
+        if dx is not None:
+            self.conv.forward(dy, weight, None, dx)
+        return self.conv.backward(dy, weight, x, None, need_dw) if need_dw else None
+
+    def bias_gradient(self, dy):
+        c = self.conv  # its input is the deconvolution's output
+        if getattr(self, "_ones", None) is None:
+            self._ones = self.xp.ones(c.H * c.W, dtype=numpy.float32)
+        return (dy.reshape(c.N, c.C, -1) @ self._ones).sum(axis=0)
+
+
 def conv_plan(xp, geometry, reverse):
     """A CUDA plan for this (de)convolution geometry, or None where it does not apply."""
     if not active(xp) or not conv_supported(geometry, reverse):
         return None
-    return ConvPlan(xp, geometry)
+    return (DeconvPlan if reverse else ConvPlan)(xp, geometry)
 
 
 # -- pooling ---------------------------------------------------------------------------------------

@@ -110,6 +110,14 @@ def test_convolution(switch, shape, body):
 
 
 @needs_gxx
+@pytest.mark.parametrize("shape,body", CONV_CASES)
+def test_deconvolution(switch, shape, body):
+    proto = (f'name: "d" type: "Deconvolution" convolution_param {{ {body} weight_filler {{ type: "gaussian" '
+             f'std: 0.3 }} bias_filler {{ type: "gaussian" std: 0.3 }} }}')
+    compare(switch, ["im2col", "col2im", "swap_leading_axes"], proto, [normal(*shape)], rtol=1e-4, atol=1e-5)
+
+
+@needs_gxx
 def test_convolution_in_chunks(switch, host, monkeypatch):
     # a column budget of two samples: the batch runs in chunks, partial weight gradients summed
     monkeypatch.setattr(ops.ConvPlan, "max_col_bytes", 2 * 4 * (4 * 9) * 25)
