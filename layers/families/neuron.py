@@ -389,13 +389,14 @@ class Dropout(_Neuron):
             raise self.error(f"dropout_ratio must be in [0, 1), got {ratio}")
         self.ratio = numpy.float32(ratio)
         self.scale = self.const(1.0 / (1.0 - self.ratio))
-        self._mask = None
+        self._mask = self._uniform = None
 
     def forward(self, bottom, top):
         x, y = bottom[0].data, top[0].data
         if self.train and cuda_ops.active(self.xp, x, y):  # BREWNET_CUDA_KERNELS: the same host draws
             self._uniform = self.xp.asarray(self.rng.random(x.shape, dtype=numpy.float32))
             return cuda_ops.dropout(self.xp, x, self._uniform, self.ratio, self.scale, y)
+        self._uniform = None
         super().forward(bottom, top)
 
     def compute(self, x):
@@ -409,7 +410,7 @@ class Dropout(_Neuron):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        if self.train and cuda_ops.active(self.xp, top[0].diff, bottom[0].diff):
+        if self.train and self._uniform is not None:  # the forward ran the kernels
             return cuda_ops.dropout_backward(self.xp, top[0].diff, self._uniform, self.ratio, self.scale,
                                              bottom[0].diff)
         if self.train:

@@ -184,8 +184,9 @@ class Scale(_ChannelOperand):
         x = bottom[0].data
         if top[0] is bottom[0]:
             self.x_saved = x.copy()  # the scale gradient needs the input
-        scale, bias = self._operand(bottom).data, self.blobs[self.bias_index].data if self.bias_index is not None else None
-        if cuda_ops.active(self.xp, x, top[0].data, scale, *([bias] if bias is not None else [])):  # BREWNET_CUDA_KERNELS
+        scale = self._operand(bottom).data
+        bias = None if self.bias_index is None else self.blobs[self.bias_index].data
+        if cuda_ops.active(self.xp, x, top[0].data, scale, *(() if bias is None else (bias,))):  # BREWNET_CUDA_KERNELS
             return cuda_ops.channel_scale(self.xp, x, scale, bias, self.dim, self.inner, top[0].data)
         y = self._odi(x) * self._operand(bottom).data.reshape(1, self.dim, 1)
         if self.bias_index is not None:

@@ -93,6 +93,7 @@ class Pooling(Layer):
             self._cuda = cuda_ops.pool_forward(self.xp, self._cuda, self.method == P.MAX, x, y,
                                                top[1].data if len(top) > 1 else None, self.kernel, self.stride, self.pad)
             return
+        self._cuda = None
         if self.method == P.MAX:
             core.forward_max(x, y)
             if len(top) > 1:
@@ -111,7 +112,7 @@ class Pooling(Layer):
         if not propagate_down[0]:
             return
         core, dy, dx = self._core, top[0].diff, bottom[0].diff
-        if self.method != P.STOCHASTIC and cuda_ops.active(self.xp, dy, dx):
+        if self._cuda is not None and cuda_ops.active(self.xp, dy, dx):  # the forward ran the kernels
             return cuda_ops.pool_backward(self._cuda, self.method == P.MAX, dy, dx)
         if self.method == P.AVE:
             core.backward_ave(dy, dx)
