@@ -372,3 +372,42 @@ def test_each_source_compiles_to_ptx(ptx_folder, file):
     for name, kernel in sources.kernel_table().items():
         if kernel.file == file:
             assert f".entry {name}(" in ptx
+
+
+# -- against real Caffe -------------------------------------------------------------------------------
+
+def _load_test_module(relative, name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, TESTS / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+caffe_layers = _load_test_module("test_caffe_reference.py", "cuda_sources_caffe_layers")
+caffe_solvers = _load_test_module("solver/test_solver_caffe_reference.py", "cuda_sources_caffe_solvers")
+solvers_dir = caffe_solvers.solvers_dir  # the solver cases' fixture (needs BREWNET_FIXTURES)
+
+
+# the layer types with kernels (the other cases run no kernel: tests/test_caffe_reference.py has them)
+HOOKED = {"Accuracy", "BatchNorm", "Convolution", "Deconvolution", "Dropout", "LRN", "Pooling", "ReLU", "Scale",
+          "Sigmoid", "Softmax", "SoftmaxWithLoss", "TanH"}
+
+
+@needs_gxx
+@pytest.mark.parametrize("case", [c for c in caffe_layers._cases() if c.values[0] is None
+                                  or c.values[0]["type"] in HOOKED])
+def test_caffe_reference_layer_cases_with_the_kernels(switch, fixtures, case):
+    """Caffe's own outputs and gradients (tests/test_caffe_reference.py's cases and tolerances)."""
+    switch(True)  # (Dropout in TEST and per-class Accuracy keep their array code)
+    caffe_layers.test_layer_case_matches_caffe(case, fixtures)
+
+
+@needs_gxx
+@pytest.mark.parametrize("case", caffe_solvers.CASES)
+def test_caffe_reference_solver_cases_with_the_kernels(switch, solvers_dir, case):
+    """Caffe's loss trajectories and final weights, with the fused solver steps and layer kernels."""
+    host = switch(True)
+    caffe_solvers.test_trajectory_matches_caffe(solvers_dir, case)
+    assert any(name.endswith("_step") for name in host.launches)
