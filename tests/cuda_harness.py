@@ -15,10 +15,12 @@ numpy arrays unchanged (ops.use_host_kernels). No pytest import here: this modul
 
 import ctypes
 import hashlib
+import os
 import pathlib
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import numpy
 
@@ -55,11 +57,18 @@ def have_compiler():
     return shutil.which("g++") is not None
 
 
+def shared_folder():
+    """A folder for compiled kernels that later runs reuse (file names carry a hash of the source)."""
+    folder = pathlib.Path(tempfile.gettempdir()) / f"brewnet-cuda-harness-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 class HostKernels:
     """The .cu kernels as CPU functions; each launch runs a grid of ``grid`` x ``block`` calls."""
 
     def __init__(self, workdir=None, grid=3, block=4):
-        self.workdir = pathlib.Path(workdir or tempfile.mkdtemp(prefix="brewnet-cuda-harness-"))
+        self.workdir = pathlib.Path(workdir or shared_folder())
         self.grid, self.block = grid, block
         self._libs = {}
         self.launches = []  # kernel names in launch order (tests check what ran)
@@ -71,11 +80,16 @@ class HostKernels:
             tag = hashlib.sha1(text.encode()).hexdigest()[:12]
             src = self.workdir / f"{pathlib.Path(file).stem}-{tag}.cpp"
             out = src.with_suffix(".so")
-            if not out.exists():
+            if not out.exists():  # named by content: a shared folder serves every run
+                unique = f"{os.getpid()}-{threading.get_ident()}"
+                src = src.with_name(f"{src.stem}.{unique}.cpp")
                 src.write_text(text)
-                done = subprocess.run(["g++", *GXX_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+                tmp = out.with_name(f"{out.stem}.{unique}.so")
+                done = subprocess.run(["g++", *GXX_FLAGS, str(src), "-o", str(tmp)], capture_output=True, text=True)
+                src.unlink()
                 if done.returncode:
                     raise RuntimeError(f"g++ could not compile {file}:\n{done.stderr}")
+                os.replace(tmp, out)  # whole or not at all, for a run loading it at the same time
             lib = self._libs[file] = ctypes.CDLL(str(out))
             lib.bn_set_launch.argtypes = [ctypes.c_uint] * 4
         return lib

@@ -121,7 +121,7 @@ def test_training_with_the_cuda_kernels_on_the_cpu_harness_matches(tiny, monkeyp
         return s, [numpy.array(b.data) for blobs in s.net.params.values() for b in blobs]
 
     ref, want = run(False)
-    host = cuda_harness.HostKernels(tiny.folder)
+    host = cuda_harness.HostKernels()
     ops.use_host_kernels(host)
     try:
         got, weights = run(True)

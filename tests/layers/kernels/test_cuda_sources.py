@@ -8,6 +8,7 @@ tops, bottom gradients and parameter gradients. A last group compiles every .cu 
 nvcc where it is installed.
 """
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ RTOL, ATOL = 1e-5, 1e-6
 def host(tmp_path_factory):
     if not cuda_harness.have_compiler():
         pytest.skip("g++ is not installed")
-    return cuda_harness.HostKernels(tmp_path_factory.mktemp("cuda-harness"))
+    return cuda_harness.HostKernels()
 
 
 @pytest.fixture
@@ -411,3 +412,16 @@ def test_caffe_reference_solver_cases_with_the_kernels(switch, solvers_dir, case
     host = switch(True)
     caffe_solvers.test_trajectory_matches_caffe(solvers_dir, case)
     assert any(name.endswith("_step") for name in host.launches)
+
+
+@needs_gxx
+def test_the_device_tests_run_on_the_cupy_stand_in():
+    """tests/gpu/test_gpu_cuda_kernels.py against tests/cuda_standin (numpy + these kernels on the
+    CPU): a device session must not be the first to find the file broken."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS / "cuda_standin"), os.environ.get("PYTHONPATH", "")]),
+           ops.SWITCH: "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(TESTS / "gpu" / "test_gpu_cuda_kernels.py")],
+                          capture_output=True, text=True, env=env, cwd=TESTS.parent, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]
