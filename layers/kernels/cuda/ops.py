@@ -123,6 +123,23 @@ def run_deferred_checks():
             raise make_error()
 
 
+# -- scratch -------------------------------------------------------------------------------------
+
+_workspaces = {}
+
+
+def workspace(xp, name, size):
+    """A float32 scratch array of ``size`` elements, one per name and device, shared by every layer:
+    what is launched on one stream runs in order, so a layer's use ends before the next one's."""
+    cuda = getattr(xp, "cuda", None)
+    key = (xp.__name__, cuda.Device().id if cuda is not None else None, name)
+    buf = _workspaces.get(key)
+    if buf is None or buf.size < size:
+        buf = _workspaces[key] = None  # let the old one go before the new one is allocated
+        buf = _workspaces[key] = xp.empty(size, dtype=numpy.float32)
+    return buf[:size]
+
+
 # -- convolution -----------------------------------------------------------------------------------
 
 def conv_supported(geometry, reverse):
@@ -152,14 +169,10 @@ class ConvPlan:
         self.K = self.C * self.kh * self.kw
         self.Kg, self.Mg = self.K // self.G, self.M // self.G
         self.chunk = max(1, min(self.N, self.max_col_bytes // max(1, self.K * self.L * 4)))
-        self._bufs = {}
         self._dummy = xp.zeros(1, dtype=numpy.float32)
 
     def _buf(self, name, size):
-        buf = self._bufs.get(name)
-        if buf is None or buf.size < size:
-            buf = self._bufs[name] = self.xp.empty(size, dtype=numpy.float32)
-        return buf[:size]
+        return workspace(self.xp, name, size)
 
     def _chunks(self):
         return [(a, min(a + self.chunk, self.N)) for a in range(0, self.N, self.chunk)]
