@@ -541,6 +541,10 @@ class Net:
     # -- running -------------------------------------------------------------------
     # Caffe's ForwardFromTo/BackwardFromTo. brewnet's own code (the solver, `brewnet time`)
     # calls these names: pycaffe's Net (brewnet.api) gives forward/backward pycaffe's meaning.
+    # a list to collect (loss weight, device sum) per loss top instead of summing on the host
+    # (the solver's deferred loss reading: solver/solver.py); None: forward returns the loss
+    loss_terms = None
+
     def forward_from_to(self, start=None, end=None):
         """Run layers start..end (inclusive; indices or names) and return the
         weighted loss they produce (Caffe's ForwardFromTo)."""
@@ -558,7 +562,10 @@ class Net:
                 blob = top[j]
                 # the loss weight reaches backward as the top diff, as in Caffe
                 blob.diff[...] = weight
-                loss += weight * float(blob.data.sum())
+                if self.loss_terms is not None:  # the reader (the solver) sums them later: no host read here
+                    self.loss_terms.append((weight, blob.data.sum()))
+                else:
+                    loss += weight * float(blob.data.sum())
             if self.debug_info:
                 self._debug_forward(i)
             for hook in after:

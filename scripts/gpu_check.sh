@@ -5,7 +5,9 @@
 #      CPU/GPU parity of every layer type, device selection, snapshots across devices)
 #   3. scripts/gpu_benchmark.py        (brewnet vs PyTorch CUDA, images/s and ratio)
 #   4. brewnet train --gpu 0 on a short LeNet run from HDF5 (configs/lenet_hdf5)
-#   5. a summary, one line per step
+#   5. issue #18's CUDA kernels (BREWNET_CUDA_KERNELS=1): tests/gpu, the benchmark, brewnet time
+#      on CaffeNet (off and on) and the LeNet training again, with the kernels
+#   6. a summary, one line per step
 #
 # The fixtures come from FIXTURES=${BREWNET_FIXTURES:-shared/fixtures}. The device tool
 # copies the repository without ../shared, so before calling it, in the repository root:
@@ -99,6 +101,45 @@ if [ -f runs/lenet_hdf5/lenet_iter_500.caffemodel ]; then
     python -m brewnet test --model configs/lenet_hdf5/lenet_train_test.prototxt \
         --weights runs/lenet_hdf5/lenet_iter_500.caffemodel --iterations 5 2>&1 | tail -2
     note "GPU-trained weights scored on CPU: rc=$?"
+fi
+
+# ---- issue #18: brewnet's CUDA kernels (layers/kernels/cuda), switched on with
+# BREWNET_CUDA_KERNELS=1; about 4 minutes. The steps above ran with the switch off (the
+# array code on cupy): their benchmark and tests/gpu are the "before". GPU_CHECK_CUDA_KERNELS=0 skips it.
+if [ "${GPU_CHECK_CUDA_KERNELS:-1}" = "1" ]; then
+    step "CUDA kernels: tests/gpu with BREWNET_CUDA_KERNELS=1 (test_gpu_cuda_kernels.py and every parity case)"
+    start=$(date +%s)
+    BREWNET_CUDA_KERNELS=1 timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu -rs 2>&1 \
+        | tee "$OUT/pytest_cuda.log" | tail -40
+    rc=${PIPESTATUS[0]}
+    note "tests/gpu, kernels on: rc=$rc, $(grep -E 'passed|failed' "$OUT/pytest_cuda.log" | tail -1) ($(( $(date +%s) - start ))s)"
+
+    step "CUDA kernels: benchmark with BREWNET_CUDA_KERNELS=1"
+    start=$(date +%s)
+    BREWNET_CUDA_KERNELS=1 timeout 150 python scripts/gpu_benchmark.py --nets "${GPU_CHECK_NETS:-lenet,cifar10_quick,caffenet}" \
+        --seconds "$SECONDS_PER_NET" --json "$OUT/benchmark_cuda.json" 2>&1 | tee "$OUT/benchmark_cuda.log"
+    rc=${PIPESTATUS[0]}
+    note "benchmark, kernels on: rc=$rc ($(( $(date +%s) - start ))s); $(grep -E '^(lenet|cifar10_quick|caffenet) ' \
+        "$OUT/benchmark_cuda.log" | awk '{printf "%s %s/%s img/s ratio %s %s; ", $1, $3, $4, $5, $6}')"
+
+    step "CUDA kernels: brewnet time --gpu 0, CaffeNet (batch 10), kernels off then on"
+    for on in 0 1; do
+        BREWNET_CUDA_KERNELS=$on timeout 60 python -m brewnet time --model configs/caffenet/caffenet_deploy.prototxt \
+            --iterations 10 --gpu 0 > "$OUT/time_caffenet_kernels$on.log" 2>&1
+        echo "-- BREWNET_CUDA_KERNELS=$on (rc=$?)"
+        grep -E "^(conv|pool|norm|relu|fc|drop|prob)[0-9]* |Average (Forward|Backward)" "$OUT/time_caffenet_kernels$on.log"
+        note "time CaffeNet, kernels $on: $(grep -E 'Average (Forward|Backward) pass' "$OUT/time_caffenet_kernels$on.log" \
+            | sed 's/Average //; s/ pass//' | tr '\n' ' ')"
+    done
+
+    step "CUDA kernels: brewnet train --gpu 0, LeNet from HDF5, kernels on"
+    start=$(date +%s)
+    rm -rf runs/lenet_hdf5
+    BREWNET_CUDA_KERNELS=1 timeout 150 python -m brewnet train --solver configs/lenet_hdf5/lenet_solver.prototxt \
+        --gpu 0 2>&1 | tee "$OUT/train_cuda.log" | grep -E "Iteration [0-9]+, loss|Test net output|error|Error" | tail -8
+    rc=${PIPESTATUS[0]}
+    acc=$(grep -E "Test net output #0: accuracy" "$OUT/train_cuda.log" | tail -1 | sed 's/.*accuracy = //')
+    note "train --gpu 0, kernels on: rc=$rc, final test accuracy ${acc:-?} ($(( $(date +%s) - start ))s)"
 fi
 
 step "summary"

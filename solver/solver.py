@@ -21,6 +21,7 @@ import numpy
 import brewnet.netdef.upgrade  # noqa: F401  (netdef.upgrade below)
 from brewnet import netdef
 from brewnet.layers.kernels import backend
+from brewnet.layers.kernels.cuda import ops as cuda_ops
 from brewnet.netdef import caffe_pb2
 from brewnet.netdef.errors import DefinitionError
 from brewnet.solver import lr_policy, updates
@@ -248,6 +249,11 @@ class Solver:
         self._loss_origin = 0  # iteration whose loss went into slot 0 of the window
         self._resume_window = None  # (losses, smoothed_loss, origin) from a resume file, for the next step()
         self.loss = None
+        # On a GPU the loss stays on the device and is read at display iterations (and snapshots,
+        # every max_pending_losses iterations and the end of step), all pending ones in one
+        # transfer: reading it every iteration would make the host wait for the device.
+        self.defer_loss = self.xp is not numpy
+        self._pending_losses = []  # (iteration, [[(loss weight, device sum) per loss top] per pass])
         # Caffe's root_solver: False on MPI ranks other than 0, which neither test nor snapshot
         self.root_solver = True
         self.snapshot_failure = None  # why the last snapshot the loop asked for failed, if it did
@@ -384,14 +390,14 @@ class Solver:
         self._callbacks.append((on_start, on_gradients_ready))
 
     # -- the loop -------------------------------------------------------------
-    def _update_smoothed_loss(self, loss):
+    def _update_smoothed_loss(self, loss, iteration=None):
         average = self.param.average_loss
         if len(self._losses) < average:
             self._losses.append(loss)
             size = len(self._losses)
             self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
         else:
-            slot = (self.iter - self._loss_origin) % average
+            slot = ((self.iter if iteration is None else iteration) - self._loss_origin) % average
             self.smoothed_loss += (loss - self._losses[slot]) / average
             self._losses[slot] = loss
 
@@ -418,15 +424,20 @@ class Solver:
                 if on_start is not None:
                     on_start()
             display = bool(p.display) and self.iter % p.display == 0
-            loss = 0.0
-            for _ in range(p.iter_size):
-                pass_loss = self.net.forward_backward()
-                if not math.isfinite(pass_loss):
-                    self._diverged(pass_loss)
-                loss += pass_loss
-            loss /= p.iter_size
-            self.loss = loss  # this iteration's loss (mean over iter_size passes)
-            self._update_smoothed_loss(loss)
+            if self.defer_loss:
+                self._pending_losses.append((self.iter, self._passes_on_device()))
+                if display or len(self._pending_losses) >= self.max_pending_losses:
+                    self.read_losses()
+            else:
+                loss = 0.0
+                for _ in range(p.iter_size):
+                    pass_loss = self.net.forward_backward()
+                    if not math.isfinite(pass_loss):
+                        self._diverged(pass_loss)
+                    loss += pass_loss
+                loss /= p.iter_size
+                self.loss = loss  # this iteration's loss (mean over iter_size passes)
+                self._update_smoothed_loss(loss)
             if display:
                 now = time.monotonic()
                 lapse = now - timer
@@ -447,12 +458,49 @@ class Solver:
             self.apply_update()
             request = self.requested_action()
             if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
+                self.read_losses()  # the snapshot's resume file holds the loss window
                 self._snapshot_or_carry_on()
             for hook in self.iteration_hooks:
                 hook(self)
             if request == STOP:
                 self.requested_early_exit = True
                 break
+        self.read_losses()
+
+    # iterations whose losses may wait on the device when display is off or far apart
+    max_pending_losses = 100
+
+    def _passes_on_device(self):
+        """One iteration's forward/backward passes, their losses left on the device."""
+        passes = []
+        try:
+            for _ in range(self.param.iter_size):
+                self.net.loss_terms = []
+                self.net.forward_backward()
+                passes.append(self.net.loss_terms)
+        finally:
+            self.net.loss_terms = None
+        return passes
+
+    def read_losses(self):
+        """Bring the pending iterations' losses to the host (one transfer) and account for them
+        as the per-iteration path does: divergence check, self.loss, the smoothed window."""
+        pending, self._pending_losses = self._pending_losses, []
+        cuda_ops.run_deferred_checks()  # bad labels the kernels flagged meanwhile
+        sums = [value for _, passes in pending for terms in passes for _, value in terms]
+        values = iter(backend.to_numpy(self.xp.stack(sums)).tolist() if sums else [])
+        for iteration, passes in pending:
+            loss = 0.0
+            for terms in passes:
+                pass_loss = 0.0
+                for weight, _ in terms:
+                    pass_loss += weight * float(next(values))
+                if not math.isfinite(pass_loss):
+                    self._diverged(pass_loss, iteration)
+                loss += pass_loss
+            loss /= self.param.iter_size
+            self.loss = loss
+            self._update_smoothed_loss(loss, iteration)
 
     def _log_outputs(self, net, kind):
         index = 0
@@ -463,20 +511,23 @@ class Solver:
                 log.info("    %s net output #%d: %s = %s%s", kind, index, name, fmt(value), note)
                 index += 1
 
-    def _diverged(self, loss):
-        where = ""
-        first = self.net.first_nonfinite() if hasattr(self.net, "first_nonfinite") else None
+    def _diverged(self, loss, iteration=None):
+        where, at = "", self.iter
+        if iteration is not None:
+            # read late (deferred): the weights have taken later steps since, so no snapshot of them
+            where, at = f" (read at iteration {self.iter}; no snapshot saved)", iteration
+        first = self.net.first_nonfinite() if hasattr(self.net, "first_nonfinite") and iteration is None else None
         if first:
             layer, blob = first
             where = f"; first non-finite output: layer '{layer}' (top '{blob}')"
         saved = ""
-        if self.param.snapshot_prefix and self.root_solver:
+        if self.param.snapshot_prefix and self.root_solver and iteration is None:
             try:
                 model_path, _ = self.snapshot()
                 saved = f"; state before this iteration saved as {model_path}"
             except OSError as exc:
                 saved = f"; could not save a snapshot: {exc}"
-        raise TrainingDivergedError(f"training diverged: loss = {fmt(loss)} at iteration {self.iter} of "
+        raise TrainingDivergedError(f"training diverged: loss = {fmt(loss)} at iteration {at} of "
                                     f"{self.net.name or 'the train net'}{where}{saved} (try a lower base_lr or "
                                     f"clip_gradients)")
 
@@ -497,6 +548,14 @@ class Solver:
         lrs, decays = self.net.params_lr, self.net.params_weight_decay
         from brewnet.layers.net import Net
 
+        if self._cuda_rule(params, Net):  # BREWNET_CUDA_KERNELS: one kernel per parameter does it all
+            for i, blob in enumerate(params):
+                cuda_ops.apply_step(xp, self._cuda_rule_name, blob.data, blob.diff, self.history[i::count],
+                                    p.iter_size, p.weight_decay * decays[i], p.regularization_type, rate * lrs[i],
+                                    p, self.iter)
+            self.iter += 1
+            return
+
         # plain SGD with L2 on host arrays: regularize, rule and update in one cache-blocked sweep
         # per parameter instead of eight passes over memory (parameters never alias: unique owners)
         fused = (type(self).rule is updates.sgd and p.regularization_type == "L2"
@@ -516,6 +575,18 @@ class Solver:
         if not fused:
             self.net.update()
         self.iter += 1
+
+    @property
+    def _cuda_rule_name(self):
+        """The name of this solver's rule in solver/updates.py (None for a rule of a user's own)."""
+        name = getattr(type(self).rule, "__name__", None)
+        return name if getattr(updates, name or "", None) is type(self).rule else None
+
+    def _cuda_rule(self, params, net_class):
+        """Whether this step runs as CUDA kernels (switch on, a known rule, float32, Net's own update)."""
+        arrays = [a for b in params for a in (b.data, b.diff)] + list(self.history)
+        return (cuda_ops.active(self.xp, *arrays) and type(self.net).update is net_class.update
+                and self._cuda_rule_name in cuda_ops.RULES and self.param.regularization_type in ("L1", "L2"))
 
     def _fused_scratch(self):
         scratch = getattr(self, "_scratch", None)

@@ -4,6 +4,7 @@ import numpy
 
 from brewnet.layers.base import Layer
 from brewnet.layers.families.axes import canonical_axis
+from brewnet.layers.kernels.cuda import ops as cuda_ops
 from brewnet.layers.registry import register
 from brewnet.netdef import caffe_pb2
 
@@ -18,9 +19,15 @@ class Softmax(Layer):
         if top[0] is not bottom[0]:
             top[0].reshape(bottom[0].shape)
 
+    def _outer_c_inner(self, blob):
+        a = self.axis
+        return blob.count_range(0, a), blob.shape[a], blob.count_range(a + 1)
+
     def forward(self, bottom, top):
         xp = self.xp
         x = bottom[0].data
+        if cuda_ops.active(xp, x, top[0].data):  # BREWNET_CUDA_KERNELS
+            return cuda_ops.softmax(xp, x, top[0].data, *self._outer_c_inner(bottom[0]))
         e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
         e /= e.sum(axis=self.axis, keepdims=True)
         top[0].data[...] = e
@@ -29,6 +36,8 @@ class Softmax(Layer):
         if not propagate_down[0]:
             return
         y, dy = top[0].data, top[0].diff
+        if cuda_ops.active(self.xp, y, dy, bottom[0].diff):
+            return cuda_ops.softmax_backward(self.xp, y, dy, bottom[0].diff, *self._outer_c_inner(bottom[0]))
         dot = (dy * y).sum(axis=self.axis, keepdims=True)
         bottom[0].diff[...] = (dy - dot) * y
 

@@ -12,6 +12,7 @@ import numpy
 from brewnet.layers import fillers
 from brewnet.layers.base import Layer
 from brewnet.layers.kernels.conv_plan import ConvGeometry, ConvPlan, DeconvPlan
+from brewnet.layers.kernels.cuda import ops as cuda_ops
 from brewnet.layers.kernels.im2col import ConvEngine, conv_out_size, deconv_out_size
 from brewnet.layers.registry import register
 
@@ -122,7 +123,8 @@ class _BaseConv(_ConvParams):
         geometry = ConvGeometry(numpy.dtype(bottom[0].dtype), num, self.channels, S, self.num_output, out,
                                 self.group, self.kernel, self.stride, self.pad, self.dilation)
         if self.plan is None or self.plan.geometry != geometry:
-            self.plan = self.plan_type(self.xp, geometry)
+            # BREWNET_CUDA_KERNELS: the CUDA plan where it applies (layers/kernels/cuda/ops.py)
+            self.plan = cuda_ops.conv_plan(self.xp, geometry, self.reverse) or self.plan_type(self.xp, geometry)
         top_shape = shape[:self.channel_axis] + (self.num_output,) + out
         for t in top:
             t.reshape(top_shape)

@@ -9,6 +9,7 @@ except for the label range check, which needs one boolean back.
 import numpy
 
 from brewnet.layers.base import Layer
+from brewnet.layers.kernels.cuda import ops as cuda_ops
 from brewnet.layers.registry import register
 from brewnet.netdef import caffe_pb2
 from brewnet.netdef.errors import DefinitionError
@@ -149,6 +150,7 @@ class SoftmaxWithLoss(_Loss):
     exact_tops = None
     min_tops = 1
     max_tops = 2
+    _cuda = False  # whether the last forward ran the CUDA kernels
 
     def setup(self, bottom, top):
         self.read_ignore_label()
@@ -163,6 +165,18 @@ class SoftmaxWithLoss(_Loss):
 
     def forward(self, bottom, top):
         xp = self.xp
+        x, label = bottom[0].data, bottom[1].data
+        self._cuda = cuda_ops.active(xp, x, label)  # BREWNET_CUDA_KERNELS: no host reads
+        if self._cuda:
+            classes = bottom[0].shape[self.axis]
+            self._prob, total, self._valid, count, bad = cuda_ops.softmax_loss_forward(
+                xp, x, label, self.outer, classes, self.inner, self.ignore_label)
+            cuda_ops.defer_check(bad, lambda: self.error(f"a label is outside [0, {classes})"))
+            self._norm = self.normalizer(self.outer, self.inner, None if self.ignore_label is None else count)
+            top[0].data[...] = total / self._norm
+            if len(top) > 1:
+                top[1].data[...] = self._prob
+            return
         prob, prob3, labels, valid = self.softmax_and_labels(bottom)
         p = xp.take_along_axis(prob3, labels[:, None, :], axis=1)[:, 0, :]
         nll = -xp.log(xp.maximum(p, self.const(FLT_MIN)))
@@ -178,6 +192,10 @@ class SoftmaxWithLoss(_Loss):
         self.check_label_grad(propagate_down)
         if not propagate_down[0]:
             return
+        if self._cuda:
+            return cuda_ops.softmax_loss_backward(self.xp, self._prob, bottom[1].data, self._valid,
+                                                  top[0].diff / self._norm, bottom[0].diff,
+                                                  bottom[0].shape[self.axis], self.inner)
         grad = self._prob3 - _one_hot(self.xp, self._labels, self._prob3.shape[1])
         self.write_class_grad(grad, top, bottom)
 
@@ -487,6 +505,13 @@ class Accuracy(_Labeled):
     def forward(self, bottom, top):
         xp = self.xp
         num_classes = bottom[0].shape[self.axis]
+        if len(top) == 1 and cuda_ops.active(xp, bottom[0].data, bottom[1].data):  # BREWNET_CUDA_KERNELS
+            correct, count, bad = cuda_ops.accuracy(xp, bottom[0].data, bottom[1].data, self.outer, num_classes,
+                                                    self.inner, self.top_k, self.ignore_label)
+            cuda_ops.defer_check(bad, lambda: self.error(f"a label is outside [0, {num_classes})"))
+            total = self.const(max(self.outer * self.inner, 1)) if self.ignore_label is None else xp.maximum(count, 1)
+            top[0].data[...] = correct / total
+            return
         scores = bottom[0].data.reshape(self.outer, num_classes, self.inner)
         labels, valid = self.read_labels(bottom[1].data, self.outer, self.inner, num_classes)
         true_score = xp.take_along_axis(scores, labels[:, None, :], axis=1)

@@ -10,6 +10,7 @@ WITHIN_CHANNEL:  Caffe builds it from Power/Pooling(AVE)/Power/Eltwise layers:
 
 from brewnet.layers.base import Layer
 from brewnet.layers.kernels import parallel
+from brewnet.layers.kernels.cuda import ops as cuda_ops
 from brewnet.layers.kernels.lrn import window_sum
 from brewnet.layers.registry import register
 from brewnet.netdef import caffe_pb2
@@ -45,6 +46,9 @@ class LRN(Layer):
         c = lambda v: self._const(v, x)  # noqa: E731  (keep float32 math float32)
         if getattr(self, "scale", None) is None or self.scale.shape != x.shape or self.scale.dtype != x.dtype:
             self.scale, self.power = xp.empty_like(x), xp.empty_like(x)  # kept for backward
+        if cuda_ops.active(xp, x, y):  # BREWNET_CUDA_KERNELS
+            return cuda_ops.lrn_forward(xp, x, y, self.scale, self.power, self.size, self.alpha, self.beta, self.k,
+                                        self.within)
 
         def job(a, b):
             xs = x[a:b]
@@ -66,6 +70,9 @@ class LRN(Layer):
             return
         xp, x, dy, dx = self.xp, bottom[0].data, top[0].diff, bottom[0].diff
         c = lambda v: self._const(v, x)  # noqa: E731
+        if cuda_ops.active(xp, x, dy, dx):
+            return cuda_ops.lrn_backward(xp, x, dy, self.scale, self.power, dx, self.size, self.alpha, self.beta,
+                                         self.within)
 
         # d/dx of x * s^-beta where s depends on x^2 over the window (symmetric, so its transpose
         # is the same window sum): dx = dy * s^-beta - 2 * beta * a' * x * window(dy * x * s^-beta / s)

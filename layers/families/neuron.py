@@ -11,6 +11,7 @@ import numpy
 from brewnet.layers.base import Layer
 from brewnet.layers.fillers import fill
 from brewnet.layers.kernels import parallel
+from brewnet.layers.kernels.cuda import ops as cuda_ops
 from brewnet.layers.registry import register
 from brewnet.netdef import caffe_pb2
 
@@ -20,6 +21,8 @@ class _Neuron(Layer):
     exact_tops = 1
     # backward reads the input x (not only the output): keep a copy when in place
     needs_input = False
+    # the layer's kernels in layers/kernels/cuda/neuron.cu (backward from the output y), if any
+    cuda_activation = None
 
     def setup(self, bottom, top):
         self._saved_input = None
@@ -37,6 +40,8 @@ class _Neuron(Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].data
+        if self.cuda_activation and cuda_ops.active(self.xp, x, top[0].data):  # BREWNET_CUDA_KERNELS
+            return cuda_ops.activation(self.xp, self.cuda_activation, x, top[0].data)
         if self.needs_input and top[0] is bottom[0]:
             saved = self._saved_input
             if saved is None or saved.shape != x.shape:
@@ -54,6 +59,9 @@ class _Neuron(Layer):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
+        y, dy, dx = top[0].data, top[0].diff, bottom[0].diff
+        if self.cuda_activation and cuda_ops.active(self.xp, y, dy, dx):
+            return cuda_ops.activation_backward(self.xp, self.cuda_activation, dy, y, dx)
         x = self.input_data(bottom, top)
         bottom[0].diff[...] = top[0].diff * self.derivative(x, top[0].data)
 
@@ -71,6 +79,8 @@ class ReLU(_Neuron):
         self.slope = self.const(self.param.relu_param.negative_slope)
 
     def forward(self, bottom, top):
+        if cuda_ops.active(self.xp, bottom[0].data, top[0].data):  # BREWNET_CUDA_KERNELS
+            return cuda_ops.relu(self.xp, bottom[0].data, top[0].data, self.slope)
         if self.slope != 0:
             return super().forward(bottom, top)
         # the plain ReLU straight into the top, no temporaries, across the CPU threads
@@ -78,6 +88,9 @@ class ReLU(_Neuron):
         parallel.elementwise(lambda a, b: self.xp.maximum(x[a:b], 0, out=y[a:b]), x.size, self.xp)
 
     def backward(self, top, propagate_down, bottom):
+        x, dy, dx = self.input_data(bottom, top), top[0].diff, bottom[0].diff
+        if propagate_down[0] and cuda_ops.active(self.xp, x, dy, dx):
+            return cuda_ops.relu_backward(self.xp, dy, x, dx, self.slope)
         if self.slope != 0 or not propagate_down[0]:
             return super().backward(top, propagate_down, bottom)
         # in place, the input is the output: their signs agree
@@ -174,6 +187,8 @@ def _sigmoid(xp, x, half):
 
 @register("Sigmoid", v1="SIGMOID")
 class Sigmoid(_Neuron):
+    cuda_activation = "sigmoid"
+
     def compute(self, x):
         return _sigmoid(self.xp, x, self.const(0.5))
 
@@ -183,6 +198,8 @@ class Sigmoid(_Neuron):
 
 @register("TanH", v1="TANH")
 class TanH(_Neuron):
+    cuda_activation = "tanh"
+
     def compute(self, x):
         return self.xp.tanh(x)
 
@@ -372,7 +389,15 @@ class Dropout(_Neuron):
             raise self.error(f"dropout_ratio must be in [0, 1), got {ratio}")
         self.ratio = numpy.float32(ratio)
         self.scale = self.const(1.0 / (1.0 - self.ratio))
-        self._mask = None
+        self._mask = self._uniform = None
+
+    def forward(self, bottom, top):
+        x, y = bottom[0].data, top[0].data
+        if self.train and cuda_ops.active(self.xp, x, y):  # BREWNET_CUDA_KERNELS: the same host draws
+            self._uniform = self.xp.asarray(self.rng.random(x.shape, dtype=numpy.float32))
+            return cuda_ops.dropout(self.xp, x, self._uniform, self.ratio, self.scale, y)
+        self._uniform = None
+        super().forward(bottom, top)
 
     def compute(self, x):
         if not self.train:
@@ -385,6 +410,9 @@ class Dropout(_Neuron):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
+        if self.train and self._uniform is not None:  # the forward ran the kernels
+            return cuda_ops.dropout_backward(self.xp, top[0].diff, self._uniform, self.ratio, self.scale,
+                                             bottom[0].diff)
         if self.train:
             bottom[0].diff[...] = top[0].diff * self._mask
         elif bottom[0] is not top[0]:

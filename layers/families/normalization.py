@@ -9,6 +9,7 @@ Bias broadcast a blob over bottom[0] axes [axis, axis + num_axes), viewed as
 from brewnet.layers.base import Layer
 from brewnet.layers.families.axes import canonical_axis
 from brewnet.layers.fillers import fill
+from brewnet.layers.kernels.cuda import ops as cuda_ops
 from brewnet.layers.registry import register
 
 
@@ -93,7 +94,11 @@ class BatchNorm(Layer):
             var_b += var * correction
         self.std = xp.sqrt(var + self.eps)
         # cached: a later in-place layer may overwrite the top
-        self.x_norm = centered / self.std[None, :, None]
+        if cuda_ops.active(xp, x, mean, self.std):  # BREWNET_CUDA_KERNELS
+            self.x_norm = xp.empty_like(x)
+            cuda_ops.channel_normalize(xp, x, mean, 1 / self.std, self.channels, self.spatial, self.x_norm)
+        else:
+            self.x_norm = centered / self.std[None, :, None]
         top[0].data[...] = self.x_norm.reshape(top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
@@ -103,6 +108,10 @@ class BatchNorm(Layer):
         std = self.std[None, :, None]
         if self.use_global_stats:
             dx = dy / std
+        elif cuda_ops.active(self.xp, dy, self.x_norm, self.std, bottom[0].diff):
+            y = self.x_norm
+            return cuda_ops.batch_norm_backward(self.xp, dy, y, dy.mean(axis=(0, 2)), (dy * y).mean(axis=(0, 2)),
+                                                1 / self.std, self.channels, self.spatial, bottom[0].diff)
         else:
             y = self.x_norm
             mean_dy = dy.mean(axis=(0, 2), keepdims=True)
@@ -175,6 +184,10 @@ class Scale(_ChannelOperand):
         x = bottom[0].data
         if top[0] is bottom[0]:
             self.x_saved = x.copy()  # the scale gradient needs the input
+        scale = self._operand(bottom).data
+        bias = None if self.bias_index is None else self.blobs[self.bias_index].data
+        if cuda_ops.active(self.xp, x, top[0].data, scale, *(() if bias is None else (bias,))):  # BREWNET_CUDA_KERNELS
+            return cuda_ops.channel_scale(self.xp, x, scale, bias, self.dim, self.inner, top[0].data)
         y = self._odi(x) * self._operand(bottom).data.reshape(1, self.dim, 1)
         if self.bias_index is not None:
             y += self.blobs[self.bias_index].data.reshape(1, self.dim, 1)
@@ -190,6 +203,9 @@ class Scale(_ChannelOperand):
             return (dy * self._odi(x)).sum(axis=(0, 2))
 
         self._operand_backward(bottom, propagate_down, scale_grad)
+        scale = self._operand(bottom).data
+        if propagate_down[0] and cuda_ops.active(self.xp, dy, scale, bottom[0].diff):
+            return cuda_ops.channel_scale(self.xp, dy, scale, None, self.dim, self.inner, bottom[0].diff)
         if propagate_down[0]:
             dx = dy * self._operand(bottom).data.reshape(1, self.dim, 1)
             bottom[0].diff[...] = dx.reshape(bottom[0].shape)

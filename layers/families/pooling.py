@@ -9,6 +9,7 @@ first maximum in row-major window order wins).
 import numpy
 
 from brewnet.layers.base import Layer
+from brewnet.layers.kernels.cuda import ops as cuda_ops
 from brewnet.layers.kernels.pooling import PoolCore, pooled_size
 from brewnet.layers.registry import register
 from brewnet.netdef import caffe_pb2
@@ -70,7 +71,7 @@ class Pooling(Layer):
         self.global_pooling = pp.global_pooling
         self.ceil_mode = pp.round_mode == P.CEIL
         self.kernel, self.stride, self.pad = _pool_geometry(self, pp, bottom[0].shape[2:])
-        self._core = None
+        self._core = self._cuda = None
 
     def reshape(self, bottom, top):
         if bottom[0].num_axes != 4:
@@ -88,6 +89,11 @@ class Pooling(Layer):
 
     def forward(self, bottom, top):
         core, x, y = self._core, bottom[0].data, top[0].data
+        if self.method != P.STOCHASTIC and cuda_ops.active(self.xp, x, y):  # BREWNET_CUDA_KERNELS
+            self._cuda = cuda_ops.pool_forward(self.xp, self._cuda, self.method == P.MAX, x, y,
+                                               top[1].data if len(top) > 1 else None, self.kernel, self.stride, self.pad)
+            return
+        self._cuda = None
         if self.method == P.MAX:
             core.forward_max(x, y)
             if len(top) > 1:
@@ -106,6 +112,8 @@ class Pooling(Layer):
         if not propagate_down[0]:
             return
         core, dy, dx = self._core, top[0].diff, bottom[0].diff
+        if self._cuda is not None and cuda_ops.active(self.xp, dy, dx):  # the forward ran the kernels
+            return cuda_ops.pool_backward(self._cuda, self.method == P.MAX, dy, dx)
         if self.method == P.AVE:
             core.backward_ave(dy, dx)
         elif self.method == P.STOCHASTIC and not self.train:
