@@ -93,8 +93,10 @@ def compare(prototxt_text, inputs=None, weights=None, seed=0, outputs=None):
     net.forward()
     names = list(outputs or net.outputs)
     # OpenCV names a layer's output by the layer; a blob's final value is its last writer's
+    # (it sometimes renames a layer after its top, hence the fallback)
     writer = {top: layer.name for layer in parse_net(prototxt_text).layer for top in layer.top}
-    cv_outs = cv_net.forward([writer.get(name, name) for name in names])
+    cv_layers = set(cv_net.getLayerNames())
+    cv_outs = cv_net.forward([writer[n] if writer.get(n) in cv_layers else n for n in names])
     result = {}
     for name, want in zip(names, cv_outs):
         got = to_numpy(net.blobs[name].data)
@@ -103,12 +105,70 @@ def compare(prototxt_text, inputs=None, weights=None, seed=0, outputs=None):
     return result
 
 
+def _input(name, *dims):
+    shape = " ".join(f"dim: {d}" for d in dims)
+    return f'layer {{ name: "{name}" type: "Input" top: "{name}" input_param {{ shape {{ {shape} }} }} }}\n'
+
+
+FILLERS = 'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 }'
+# (label, small net) of every fork layer of this branch that OpenCV runs; ``compare`` fills the weights
+LAYER_NETS = [
+    ("ShuffleChannel group 3", _input("x", 2, 6, 4, 5) +
+     'layer { name: "s" type: "ShuffleChannel" bottom: "x" top: "y" shuffle_channel_param { group: 3 } }'),
+    ("DepthwiseConvolution 3x3 s2", _input("x", 2, 8, 9, 10) +
+     'layer { name: "d" type: "DepthwiseConvolution" bottom: "x" top: "y" convolution_param { num_output: 8 '
+     f'kernel_size: 3 stride: 2 pad: 1 {FILLERS} }} }}'),
+    ("ConvolutionDepthwise 3x3", _input("x", 2, 8, 9, 10) +
+     'layer { name: "d" type: "ConvolutionDepthwise" bottom: "x" top: "y" convolution_param { num_output: 8 '
+     f'kernel_size: 3 pad: 1 {FILLERS} }} }}'),
+    ("Convolution group = channels, 2 outputs each, dilation 2", _input("x", 2, 4, 11, 9) +
+     'layer { name: "d" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 8 group: 4 '
+     f'kernel_size: 3 pad: 2 dilation: 2 {FILLERS} }} }}'),
+    # batch 1: OpenCV's Scale (its Axpy is Scale + Eltwise) takes a 4-D scale only so
+    ("Axpy (SE block)", _input("x", 1, 6, 5, 4) + _input("r", 1, 6, 5, 4) +
+     'layer { name: "g" type: "Pooling" bottom: "x" top: "g" pooling_param { pool: AVE global_pooling: true } }\n'
+     'layer { name: "p" type: "Sigmoid" bottom: "g" top: "p" }\n'
+     'layer { name: "a" type: "Axpy" bottom: "p" bottom: "x" bottom: "r" top: "y" }'),
+    ("ReLU6", _input("x", 2, 3, 4, 5) +
+     'layer { name: "s" type: "Power" bottom: "x" top: "s" power_param { scale: 5 } }\n'
+     'layer { name: "r" type: "ReLU6" bottom: "s" top: "y" }'),
+    ("Pooling MAX 3x3 s2 ceil_mode: false", _input("x", 2, 3, 8, 9) +
+     'layer { name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param { pool: MAX kernel_size: 3 stride: 2 '
+     'ceil_mode: false } }'),
+    ("Pooling AVE 3x3 s2 pad 1 ceil_mode: false", _input("x", 2, 3, 8, 9) +
+     'layer { name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param { pool: AVE kernel_size: 3 stride: 2 '
+     'pad: 1 ceil_mode: false } }'),
+    ("Pooling MAX 2x2 s2 ceil_mode: true", _input("x", 2, 3, 7, 9) +
+     'layer { name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param { pool: MAX kernel_size: 2 stride: 2 '
+     'ceil_mode: true } }'),
+    ("Interp zoom_factor 3", _input("x", 2, 3, 5, 6) +
+     'layer { name: "i" type: "Interp" bottom: "x" top: "y" interp_param { zoom_factor: 3 } }'),
+    ("Interp height 17 width 11", _input("x", 2, 3, 5, 6) +
+     'layer { name: "i" type: "Interp" bottom: "x" top: "y" interp_param { height: 17 width: 11 } }'),
+    # OpenCV ignores pad_beg/pad_end: tests/layers/families/test_segmentation.py checks the cropping
+]
+
+
+def layers_table(seed=0):
+    """[(label, max |diff|, max |value|)] of every LAYER_NETS net."""
+    rows = []
+    for label, text in LAYER_NETS:
+        (diff, scale), = compare('name: "t"\n' + text, seed=seed, outputs=["y"]).values()
+        rows.append((label, diff, scale))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("prototxt")
+    parser.add_argument("prototxt", nargs="?", help="omit it with --layers")
+    parser.add_argument("--layers", action="store_true", help="the small per-layer nets instead")
     parser.add_argument("weights", nargs="?")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.layers:
+        for label, diff, scale in layers_table(args.seed):
+            print(f"{label}: max |brewnet - OpenCV| {diff:.3g} (max |value| {scale:.3g})")
+        return
     text = pathlib.Path(args.prototxt).read_text(encoding="utf-8")
     for name, (diff, scale) in compare(text, weights=args.weights, seed=args.seed).items():
         print(f"{args.prototxt}: {name}: max |brewnet - OpenCV| {diff:.3g} (max |value| {scale:.3g}, "
