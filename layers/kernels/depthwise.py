@@ -5,13 +5,24 @@ all bookkeeping, no arithmetic. Here each of the kh*kw kernel offsets is one str
 the padded input, multiplied by that offset's weights and added into the output, over the whole
 batch at once. The channels are cut into ranges, one job each on brewnet's CPU threads; a range
 owns its outputs, input gradient and weight gradient, so no partial sums are merged and a run
-gives the same floats whatever the thread count. The same array code runs on cupy.
+gives the same floats whatever the thread count. On the CPU the per-offset passes are numba
+loops instead (layers/kernels/depthwise_jit.py: one visit per output and tap, no temporaries);
+the array code runs on cupy, without numba and under BREWNET_JIT=0 (cpu_kernels.enabled).
 
 Shapes: x (n, C, H, W); W (C * M, 1, kh, kw) with M outputs per channel (Caffe's order: output
 channel o reads input channel o // M); y (n, C * M, OH, OW).
 """
 
-from brewnet.layers.kernels import parallel
+import numpy
+
+from brewnet.layers.kernels import cpu_kernels, parallel
+
+
+def _jit():
+    # imported with numba on the first compiled call (cpu_kernels.py tells why)
+    from brewnet.layers.kernels import depthwise_jit
+
+    return depthwise_jit
 
 
 def is_depthwise(geometry):
@@ -54,6 +65,10 @@ class DepthwisePlan:
         kh, kw = self.kernel
         return W.reshape(self.channels, self.multiplier, kh, kw)
 
+    def _geometry_args(self):
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.pad, self.dilation
+        return self.multiplier, sh, sw, ph, pw, dh, dw
+
     def _over_channels(self, fn, x):
         # many channels and a big enough batch: a few jobs per thread
         big = x.size >= (1 << 16)
@@ -61,6 +76,12 @@ class DepthwisePlan:
 
     # -- the plan's steps ------------------------------------------------------------------
     def forward(self, x, W, bias, y, slot=0):
+        if cpu_kernels.enabled(self.xp):
+            kernel, args = _jit().forward, self._geometry_args()
+            x, w = numpy.ascontiguousarray(x), numpy.ascontiguousarray(W.reshape(W.shape[0], *self.kernel))
+            b = numpy.zeros(0, dtype=x.dtype) if bias is None else numpy.ascontiguousarray(bias)
+            self._over_channels(lambda a, c: kernel(x, w, b, y, *args, a, c), x)
+            return
         n, m = x.shape[0], self.multiplier
         w = self._weights(W)
         out = y.reshape((n, self.channels, m) + self.out_hw)
@@ -83,6 +104,8 @@ class DepthwisePlan:
 
     def backward(self, x, W, dy, dx, need_dw, slot=0):
         """Writes dx (unless None); returns dW (C*M, 1, kh, kw) if need_dw, else None."""
+        if cpu_kernels.enabled(self.xp):
+            return self._backward_jit(x, W, dy, dx, need_dw)
         xp, n, m = self.xp, x.shape[0], self.multiplier
         (kh, kw), (ph, pw), (h, w_) = self.kernel, self.pad, self.in_hw
         w = self._weights(W)
@@ -103,6 +126,21 @@ class DepthwisePlan:
                         contrib = xp.einsum("ncmhw,cm->nchw", g, w[a:c, :, i, j])
                         self._window(dpad, i, j)[...] += contrib
                 dx[:, a:c] = dpad[:, :, ph:ph + h, pw:pw + w_]
+
+        self._over_channels(channels, x)
+        return None if dW is None else dW.reshape(W.shape)
+
+    def _backward_jit(self, x, W, dy, dx, need_dw):
+        jit, args = _jit(), self._geometry_args()
+        x, dy = numpy.ascontiguousarray(x), numpy.ascontiguousarray(dy)
+        w = numpy.ascontiguousarray(W.reshape(W.shape[0], *self.kernel))
+        dW = numpy.empty_like(w) if need_dw else None
+
+        def channels(a, c):
+            if need_dw:
+                jit.backward_weight(x, dy, dW, *args, a, c)
+            if dx is not None:
+                jit.backward_data(dy, w, dx, *args, a, c)
 
         self._over_channels(channels, x)
         return None if dW is None else dW.reshape(W.shape)

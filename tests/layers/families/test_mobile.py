@@ -7,7 +7,7 @@ from family_helpers import randn, run
 
 from brewnet.layers.base import LayerError
 from brewnet.layers.families.conv import Convolution
-from brewnet.layers.kernels import parallel
+from brewnet.layers.kernels import cpu_kernels, parallel
 from brewnet.layers.kernels.depthwise import DepthwisePlan
 
 FILLERS = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
@@ -26,6 +26,7 @@ def _conv_pass(params, x, dy, depthwise, monkeypatch, type_name="Convolution"):
     return [numpy.array(a) for a in (top[0].data, bottom[0].diff, layer.blobs[0].diff, layer.blobs[1].diff)]
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "array-code"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("params, shape", [
     ("num_output: 8 group: 8 kernel_size: 3 pad: 1", (3, 8, 9, 7)),
@@ -34,14 +35,15 @@ def _conv_pass(params, x, dy, depthwise, monkeypatch, type_name="Convolution"):
      (2, 5, 11, 10)),
     ("num_output: 6 group: 6 kernel_size: 2 stride: 3", (1, 6, 7, 8)),
 ])
-def test_depthwise_kernel_matches_im2col(params, shape, threads, monkeypatch):
+def test_depthwise_kernel_matches_im2col(params, shape, threads, compiled, monkeypatch):
     before = parallel.thread_count()
     parallel.set_thread_count(threads)
     try:
         x = randn(*shape).astype(numpy.float32)
-        plain = _conv_pass(params, x, None, False, monkeypatch)[0]
+        plain = _conv_pass(params, x, 0, False, monkeypatch)[0]
         dy = randn(*plain.shape).astype(numpy.float32)
-        fast = _conv_pass(params, x, dy, True, monkeypatch)
+        with cpu_kernels.enabled_for_test() if compiled else cpu_kernels.disabled():
+            fast = _conv_pass(params, x, dy, True, monkeypatch)
         slow = _conv_pass(params, x, dy, False, monkeypatch)
     finally:
         parallel.set_thread_count(before)
