@@ -105,6 +105,81 @@ def compare(prototxt_text, inputs=None, weights=None, seed=0, outputs=None):
     return result
 
 
+def torch_forward(net_param, net, inputs):
+    """An independent forward of a SegNet-style net in torch (test/benchmark only), reading the
+    weights from brewnet's net: {blob: array}. Knows only the layer types such nets use."""
+    import torch
+    import torch.nn.functional as F
+
+    from brewnet.layers.kernels.backend import to_numpy
+    from brewnet.netdef import caffe_pb2
+
+    blobs = {name: torch.tensor(array, dtype=torch.float64) for name, array in inputs.items()}
+    for layer in net_param.layer:
+        if layer.type in ("Input", "Dropout", "Silence"):
+            continue
+        weights = [torch.tensor(to_numpy(b.data), dtype=torch.float64) for b in net.layer_by_name(layer.name).blobs]
+        x = blobs[layer.bottom[0]] if layer.bottom else None
+        if layer.type == "Convolution":
+            cp = layer.convolution_param
+            y = F.conv2d(x, weights[0], weights[1] if cp.bias_term else None, stride=cp.stride[0] if cp.stride else 1,
+                         padding=cp.pad[0] if cp.pad else 0, dilation=cp.dilation[0] if cp.dilation else 1,
+                         groups=cp.group)
+        elif layer.type == "BN":
+            scale, shift = (w.reshape(-1) for w in weights)
+            if layer.bn_param.bn_mode == caffe_pb2.BNParameter.INFERENCE:
+                y = x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+            else:
+                y = F.batch_norm(x, None, None, scale, shift, training=True, eps=1e-9)
+        elif layer.type == "ReLU":
+            y = F.relu(x)
+        elif layer.type == "Pooling" and len(layer.top) == 2:  # MAX with its mask, Caffe's ceil rounding
+            pp = layer.pooling_param
+            y, mask = F.max_pool2d(x, pp.kernel_size, pp.stride, ceil_mode=True, return_indices=True)
+            blobs[layer.top[1]] = mask
+        elif layer.type == "Upsample":
+            up = layer.upsample_param
+            size = (up.upsample_h, up.upsample_w) if up.HasField("upsample_h") else \
+                (x.shape[2] * up.scale, x.shape[3] * up.scale)
+            y = F.max_unpool2d(x, blobs[layer.bottom[1]], up.scale, up.scale, output_size=size)
+        elif layer.type == "Softmax":
+            y = F.softmax(x, dim=1)
+        elif layer.type == "ArgMax":
+            y = x.argmax(dim=1, keepdim=True).to(torch.float64)
+        else:
+            raise SystemExit(f"torch_forward: layer type {layer.type} is not in its list")
+        blobs[layer.top[0]] = y
+    return {name: value.numpy() for name, value in blobs.items()}
+
+
+def compare_torch(prototxt_text, seed=0, skip_types=("ArgMax",)):
+    """{blob: (max |diff|, max |torch value|)} of the outputs of brewnet's forward against
+    torch_forward's, both in float64, with seeded random weights."""
+    from brewnet.layers.kernels.backend import to_numpy
+    from brewnet.layers.net import Net
+    from brewnet.netdef import parse_net
+
+    rng = numpy.random.default_rng(seed)
+    net_param = parse_net(prototxt_text)
+    kept = [layer for layer in net_param.layer if layer.type not in skip_types]
+    del net_param.layer[:]
+    net_param.layer.extend(kept)
+    # float64 on both sides: in float32 a near-tie in a max pooling window may pick the other
+    # maximum, and Upsample then puts its value elsewhere (a true difference of the precisions)
+    net = Net(net_param, dtype=numpy.float64)
+    randomize(net, rng)
+    inputs = {name: rng.standard_normal(net.blobs[name].shape) for name in net.inputs}
+    for name, array in inputs.items():
+        net.blobs[name].data[...] = array
+    net.forward()
+    want = torch_forward(net.to_proto(), net, inputs)
+    result = {}
+    for name in net.outputs:
+        got = to_numpy(net.blobs[name].data)
+        result[name] = (float(numpy.abs(got - want[name]).max()), float(numpy.abs(want[name]).max()))
+    return result
+
+
 def _input(name, *dims):
     shape = " ".join(f"dim: {d}" for d in dims)
     return f'layer {{ name: "{name}" type: "Input" top: "{name}" input_param {{ shape {{ {shape} }} }} }}\n'
@@ -162,6 +237,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prototxt", nargs="?", help="omit it with --layers")
     parser.add_argument("--layers", action="store_true", help="the small per-layer nets instead")
+    parser.add_argument("--torch", action="store_true", help="against torch_forward instead of OpenCV "
+                        "(SegNet's BN and Upsample, which OpenCV lacks)")
     parser.add_argument("weights", nargs="?")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -170,8 +247,10 @@ def main(argv=None):
             print(f"{label}: max |brewnet - OpenCV| {diff:.3g} (max |value| {scale:.3g})")
         return
     text = pathlib.Path(args.prototxt).read_text(encoding="utf-8")
-    for name, (diff, scale) in compare(text, weights=args.weights, seed=args.seed).items():
-        print(f"{args.prototxt}: {name}: max |brewnet - OpenCV| {diff:.3g} (max |value| {scale:.3g}, "
+    result = compare_torch(text, args.seed) if args.torch else compare(text, weights=args.weights, seed=args.seed)
+    for name, (diff, scale) in result.items():
+        print(f"{args.prototxt}: {name}: max |brewnet - {'torch' if args.torch else 'OpenCV'}| {diff:.3g} "
+              f"(max |value| {scale:.3g}, "
               f"relative {diff / max(scale, 1e-30):.3g})")
 
 
