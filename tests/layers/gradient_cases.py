@@ -291,3 +291,6 @@ CASES.update({
                 top_weights=[normal(4, 3, 2, 2), numpy.zeros((1, 3, 1, 1)), numpy.zeros((1, 3, 1, 1))]),
            case(f"bn_param {{ bn_mode: INFERENCE {BN_FILLERS} }}", [(2, 3, 2, 2)])],
 })
+# the forks' ceil_mode: false (floor rounding: the last partial window is dropped)
+CASES["Pooling"] += [case("pooling_param { pool: MAX kernel_size: 3 stride: 2 ceil_mode: false }", [distinct(2, 2, 6, 8)]),
+                     case("pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 ceil_mode: false }", [(2, 2, 6, 8)])]
