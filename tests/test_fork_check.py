@@ -32,15 +32,31 @@ def test_check_names_the_fork_of_each_fork_layer_type(tmp_path):
     assert "fork layer type ReLU " not in out  # BVLC's own types are not named
 
 
-def test_a_fork_type_without_an_implementation_names_its_fork(tmp_path):
-    text = ('name: "segnet"\nlayer { name: "data" type: "DenseImageData" top: "data" top: "label" '
-            'dense_image_data_param { source: "train.txt" batch_size: 2 } }\n')
-    result, path = _check(tmp_path, text)
-    from brewnet.layers.registry import known_types
+def test_a_fork_type_without_an_implementation_names_its_fork(tmp_path, monkeypatch):
+    from brewnet.netdef import forks
 
-    if "DenseImageData" in known_types():
-        return  # implemented since: nothing left to name
+    fragment = tmp_path / "someone.proto"
+    fragment.write_text("// fork: Someone's\n// repo: someone/caffe\n// layers: Frobnicate\n", encoding="utf-8")
+    known = forks.forks()
+    monkeypatch.setattr(forks, "forks", lambda: known + (forks.Fork(str(fragment)),))
+    text = 'name: "n"\nlayer { name: "f" type: "Frobnicate" top: "x" }\n'
+    result, path = _check(tmp_path, text)
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0], result.output
-    assert "comes from the SegNet (alexgkendall/caffe-segnet) fork" in lines[0]
+    assert "layer 'f': type 'Frobnicate' comes from the Someone's (someone/caffe) fork" in lines[0]
+
+
+def test_segnet_data_layer_is_named_too(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (5, 4)).save(tmp_path / "a.png")
+    Image.new("L", (5, 4)).save(tmp_path / "a_label.png")
+    (tmp_path / "list.txt").write_text("a.png a_label.png\n")
+    text = ('name: "segnet"\nlayer { name: "data" type: "DenseImageData" top: "data" top: "label" '
+            f'dense_image_data_param {{ source: "{tmp_path}/list.txt" root_folder: "{tmp_path}/" batch_size: 2 }} }}\n')
+    result, _ = _check(tmp_path, text)
+    assert result.exit_code == 0, result.output
+    assert "fork layer type DenseImageData (1 layer): from the SegNet (alexgkendall/caffe-segnet) fork" \
+        in result.output
+    assert "2x3x4x5, 2x1x4x5" in result.output  # the real layer read the first pair

@@ -1,4 +1,4 @@
-"""Layers of the segmentation forks: Interp (DeepLab/PSPNet), Upsample and BN (SegNet).
+"""Layers of the segmentation forks: Interp (DeepLab/PSPNet), Upsample, BN, DenseImageData (SegNet).
 
 - Interp: bilinear resize with aligned corners (the first and last pixels of input and output
   coincide), output size from height/width, zoom_factor and/or shrink_factor, after cropping
@@ -12,12 +12,21 @@
   variance, eps 1e-9) in every phase and keeps no running averages (SegNet computes them
   afterwards with a script and folds them into scale and shift); INFERENCE is y = scale * x +
   shift. Optional tops 2 and 3 are the batch mean and variance (1, C, 1, 1).
+- DenseImageData: SegNet's image list of "IMAGE LABEL_IMAGE" pairs: data (N, C, H, W) through
+  transform_param (mean, scale) and a label map (N, 1, H, W) of the label image's gray values,
+  resized with nearest neighbours (labels are classes, never blended); its own mirror and
+  crop_height/crop_width cut image and label alike (transform_param's crop and mirror would
+  not, so they are refused, as in the fork).
 """
+
+import os
 
 import numpy
 
 from brewnet.layers import fillers
-from brewnet.layers.base import Layer
+from brewnet.layers.base import Layer, layer_error, set_rng_state
+from brewnet.layers.dataio.images import read_image
+from brewnet.layers.families.data import _child_rng, _PrefetchingDataLayer, _rng_state
 from brewnet.layers.registry import register
 from brewnet.netdef import caffe_pb2
 
@@ -233,3 +242,140 @@ class BN(Layer):
         # the batch statistics depend on x too: remove the mean and the x_norm component
         dx[...] = (d_norm - d_norm.mean(axis=(0, 2), keepdims=True)
                    - normed * (d_norm * normed).mean(axis=(0, 2), keepdims=True)) * self._inv_std
+
+
+# -- DenseImageData (SegNet) ----------------------------------------------------------------
+def read_pair_list(path, where):
+    """[(image, label image)] of a SegNet list file: two whitespace-separated names a line."""
+    from brewnet.netdef import DefinitionError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DefinitionError(f"{where}: cannot read the image list {path}: {exc}") from None
+    pairs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        names = line.split()
+        if not names:
+            continue
+        if len(names) != 2:
+            raise DefinitionError(f"{where}: expected 'IMAGE LABEL_IMAGE', got {line!r}", path=path, line=number)
+        pairs.append((names[0], names[1]))
+    if not pairs:
+        raise DefinitionError(f"{where}: the image list {path} is empty")
+    return pairs
+
+
+def resize_nearest(img, height, width):
+    """cv::resize with INTER_NEAREST of an HWC image: source index floor(i * src / dst)."""
+    h, w = img.shape[:2]
+    if (h, w) == (height, width) or height <= 0 or width <= 0:
+        return img
+    rows = numpy.minimum((numpy.arange(height) * (h / height)).astype(numpy.int64), h - 1)
+    cols = numpy.minimum((numpy.arange(width) * (w / width)).astype(numpy.int64), w - 1)
+    return img[rows[:, None], cols[None, :]]
+
+
+@register("DenseImageData")
+class DenseImageData(_PrefetchingDataLayer):
+    exact_tops = 2
+    min_tops = None
+    max_tops = None
+
+    def setup(self, bottom, top):
+        p = self.param.dense_image_data_param
+        if (p.new_height > 0) != (p.new_width > 0):
+            raise self.error("new_height and new_width must be set together")
+        if (p.crop_height > 0) != (p.crop_width > 0):
+            raise self.error("crop_height and crop_width must be set together")
+        if p.batch_size <= 0:
+            raise self.error("dense_image_data_param.batch_size must be positive")
+        tp = self.param.transform_param
+        if tp.crop_size or tp.mirror:
+            raise self.error("transform_param's crop_size and mirror would cut the image and not its label: "
+                             "use dense_image_data_param's crop_height/crop_width and mirror")
+        if not p.source or not os.path.isfile(p.source):
+            raise self.error(f"image list {p.source or '(source not set)'} does not exist")
+        pairs = read_pair_list(p.source, self.where)
+        self.epoch_size = len(pairs)
+        rng = _child_rng(self.rng)
+        order_rng = _rng_state(rng)
+        order = rng.permutation(len(pairs)) if p.shuffle else numpy.arange(len(pairs))
+        position = int(self.rng.integers(0, p.rand_skip)) if p.rand_skip else 0
+        if position >= len(pairs):
+            raise self.error(f"rand_skip {p.rand_skip}: not enough images ({len(pairs)}) to skip {position}")
+        root, size, color = p.root_folder, (int(p.new_height), int(p.new_width)), bool(p.is_color)
+        crop = (int(p.crop_height), int(p.crop_width))
+        name, type_name = self.name, self.type  # the loader holds no reference to the layer
+
+        def read(i):
+            image_path, label_path = root + pairs[i][0], root + pairs[i][1]
+            img = read_image(image_path, size[0], size[1], color)
+            label = read_image(label_path, 0, 0, False)
+            for path, loaded in ((image_path, img), (label_path, label)):
+                if loaded is None:
+                    raise layer_error(name, type_name, f"could not load image {path}")
+            label = resize_nearest(label, *size)
+            if label.shape[:2] != img.shape[:2]:
+                raise layer_error(name, type_name, f"label image {label_path} is {label.shape[1]}x{label.shape[0]}, "
+                                  f"its image {img.shape[1]}x{img.shape[0]}")
+            if crop[0] and (img.shape[0] < crop[0] or img.shape[1] < crop[1]):
+                raise layer_error(name, type_name, f"image {image_path} is smaller than the crop {crop[1]}x{crop[0]}")
+            return img, label
+
+        transform = self._transformer()
+        first, _ = read(order[position])
+        c, h, w = first.shape[2], crop[0] or first.shape[0], crop[1] or first.shape[1]
+        batch_size = int(p.batch_size)
+        self._shapes = ((batch_size, c, h, w), (batch_size, 1, h, w))
+        state = {"order": order, "pos": position, "order_rng": order_rng}
+        dtype = self.dtype
+        rank, ranks = self._shard()
+        draw = _child_rng(self.rng)  # mirror and crop offsets
+
+        def load():
+            picks = []
+            for _ in range(batch_size * ranks):
+                picks.append(int(state["order"][state["pos"]]))
+                state["pos"] += 1
+                if state["pos"] >= len(pairs):  # epoch done: start over, reshuffled
+                    state["pos"] = 0
+                    if p.shuffle:
+                        state["order_rng"] = _rng_state(rng)
+                        state["order"] = rng.permutation(len(pairs))
+            images, labels = [], []
+            for i in picks[rank::ranks]:
+                img, label = read(i)
+                if p.mirror and draw.integers(0, 2):
+                    img, label = img[:, ::-1], label[:, ::-1]
+                if crop[0]:
+                    top_ = int(draw.integers(0, img.shape[0] - crop[0] + 1))
+                    left = int(draw.integers(0, img.shape[1] - crop[1] + 1))
+                    img = img[top_:top_ + crop[0], left:left + crop[1]]
+                    label = label[top_:top_ + crop[0], left:left + crop[1]]
+                if img.shape[:2] != (h, w):
+                    raise layer_error(name, type_name, f"image {root + pairs[i][0]} is {img.shape[1]}x{img.shape[0]}, "
+                                      f"the batch's is {w}x{h} (set new_height/new_width or crop_height/crop_width)")
+                images.append(img)
+                labels.append(label)
+            data = transform(numpy.stack(images).transpose(0, 3, 1, 2))
+            return data, numpy.stack(labels).transpose(0, 3, 1, 2).astype(dtype)
+
+        def capture():
+            return {"position": state["pos"], "images": len(pairs),
+                    "order_rng": state["order_rng"] if p.shuffle else None,
+                    "draw_rng": _rng_state(draw), "transform_rng": _rng_state(transform.rng)}
+
+        def apply(saved):
+            if saved["images"] != len(pairs) or not 0 <= saved["position"] < len(pairs):
+                raise ValueError(f"saved for a list of {saved['images']} images, {p.source} has {len(pairs)}")
+            if p.shuffle:
+                set_rng_state(rng, saved["order_rng"], name, type_name)
+                state["order_rng"] = saved["order_rng"]
+                state["order"] = rng.permutation(len(pairs))
+            state["pos"] = int(saved["position"])
+            set_rng_state(draw, saved["draw_rng"], name, type_name)
+            set_rng_state(transform.rng, saved["transform_rng"], name, type_name)
+
+        self._start(load, self.param.data_param.prefetch, capture, apply)

@@ -134,3 +134,53 @@ def test_pooling_ceil_mode_and_round_mode_together_are_refused():
     with pytest.raises(LayerError, match="not both"):
         run('name: "p" type: "Pooling" pooling_param { pool: MAX kernel_size: 2 round_mode: FLOOR ceil_mode: false }',
             [randn(1, 1, 4, 4)])
+
+
+# -- DenseImageData ------------------------------------------------------------------------
+def _dense_dataset(tmp_path, n=3, hw=(6, 8)):
+    """n gray images whose every pixel is 10 * label + 5, and their label images."""
+    from PIL import Image
+
+    rng = numpy.random.default_rng(7)
+    lines = []
+    for i in range(n):
+        label = rng.integers(0, 4, size=hw).astype(numpy.uint8)
+        Image.fromarray(label * 10 + 5).convert("RGB").save(tmp_path / f"img{i}.png")
+        Image.fromarray(label).save(tmp_path / f"lab{i}.png")
+        lines.append(f"img{i}.png lab{i}.png")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path / "list.txt"
+
+
+def _dense_net(tmp_path, params, transform=""):
+    from brewnet.layers.net import Net
+    from brewnet.netdef import parse_net
+
+    source = _dense_dataset(tmp_path)
+    text = (f'name: "d" layer {{ name: "data" type: "DenseImageData" top: "data" top: "label" '
+            f'{transform} dense_image_data_param {{ source: "{source}" root_folder: "{tmp_path}/" {params} }} }}')
+    return Net(parse_net(text), phase=caffe_pb2.TRAIN)
+
+
+def test_dense_image_data_cuts_image_and_label_alike(tmp_path):
+    net = _dense_net(tmp_path, "batch_size: 2 crop_height: 4 crop_width: 5 mirror: true shuffle: true",
+                     "transform_param { mean_value: 5 scale: 0.5 }")
+    for _ in range(4):  # past the end of the list, reshuffled
+        net.forward()
+        data, label = net.blobs["data"].data, net.blobs["label"].data
+        assert data.shape == (2, 3, 4, 5) and label.shape == (2, 1, 4, 5)
+        assert set(numpy.unique(label)) <= {0, 1, 2, 3}
+        # every channel of every pixel is (10 * label + 5 - mean 5) * scale 0.5
+        numpy.testing.assert_array_equal(data, numpy.broadcast_to(label * 5, data.shape))
+
+
+def test_dense_image_data_resizes_labels_with_nearest_neighbours(tmp_path):
+    net = _dense_net(tmp_path, "batch_size: 3 new_height: 9 new_width: 11")
+    net.forward()
+    label = net.blobs["label"].data
+    assert label.shape == (3, 1, 9, 11) and set(numpy.unique(label)) <= {0, 1, 2, 3}
+
+
+def test_dense_image_data_refuses_transform_crops(tmp_path):
+    with pytest.raises(LayerError, match="crop_height/crop_width and mirror"):
+        _dense_net(tmp_path, "batch_size: 1", "transform_param { crop_size: 3 }")
