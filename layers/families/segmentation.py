@@ -181,6 +181,11 @@ class BN(Layer):
     max_tops = 3
     eps = 1e-9  # SegNet's, fixed
 
+    def __init__(self, param, *args, **kwargs):
+        super().__init__(param, *args, **kwargs)
+        if param.bn_param.bn_mode != caffe_pb2.BNParameter.LEARN:
+            self.max_tops = 1  # the statistics tops exist in LEARN only, as in the fork
+
     def setup(self, bottom, top):
         p = self.param.bn_param
         self.learn = p.bn_mode == caffe_pb2.BNParameter.LEARN
