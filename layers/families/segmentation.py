@@ -78,6 +78,8 @@ class Interp(Layer):
     def reshape(self, bottom, top):
         if bottom[0].num_axes != 4:
             raise self.error(f"input must have 4 axes, got {bottom[0].shape}")
+        if top[0] is bottom[0]:
+            raise self.error("cannot run in place (the output has another size)")
         n, c, h, w = bottom[0].shape
         crop = self.pad_beg + self.pad_end
         h_eff, w_eff = h + crop, w + crop
@@ -143,6 +145,8 @@ class Upsample(Layer):
             raise self.error(f"input must have 4 axes, got {shape}")
         if mask != shape:
             raise self.error(f"the mask {mask} must have the input's shape {shape}")
+        if top[0] is bottom[0] or top[0] is bottom[1]:
+            raise self.error("cannot run in place (the output has another size)")
         n, c, h, w = shape
         if self.size is None:
             out = (h * self.scale[0] - self.pad_out[0], w * self.scale[1] - self.pad_out[1])

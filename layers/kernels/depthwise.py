@@ -1,9 +1,9 @@
 """Depthwise convolution: one small filter bank per input channel (group == channels).
 
-im2col with group == channels builds a column matrix per channel and runs a GEMM of one row:
-all bookkeeping, no arithmetic. Here each of the kh*kw kernel offsets is one strided slice of
-the padded input, multiplied by that offset's weights and added into the output, over the whole
-batch at once. The channels are cut into ranges, one job each on brewnet's CPU threads; a range
+im2col with group == channels spends its time building a column matrix and running one tiny
+GEMM per channel (a single row of weights). Here each of the kh*kw kernel offsets is one
+strided slice of the padded input, multiplied by that offset's weights and added into the
+output, over the whole batch at once. The channels are cut into ranges, one job each on brewnet's CPU threads; a range
 owns its outputs, input gradient and weight gradient, so no partial sums are merged and a run
 gives the same floats whatever the thread count. On the CPU the per-offset passes are numba
 loops instead (layers/kernels/depthwise_jit.py: one visit per output and tap, no temporaries);
@@ -44,7 +44,6 @@ class DepthwisePlan:
         self.multiplier = g.num_output // g.channels
         self.kernel, self.stride, self.pad, self.dilation = g.kernel, g.stride, g.pad, g.dilation
         self.in_hw, self.out_hw = tuple(g.in_spatial), tuple(g.out_spatial)
-        self._padded = None
 
     # -- helpers ----------------------------------------------------------------------------
     def _window(self, padded, i, j):
