@@ -345,7 +345,7 @@ def forward_flops(lp, layer, bottoms, tops):
         return 0
     out = sum(t.count for t in tops)
     weights = [b for b in getattr(layer, "blobs", [])]
-    if kind == "Convolution" and weights:
+    if kind in ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise") and weights:  # the forks too
         return tops[0].count * 2 * _count(weights[0].shape[1:]) + (tops[0].count if len(weights) > 1 else 0)
     if kind == "Deconvolution" and weights:
         return bottoms[0].count * 2 * _count(weights[0].shape[1:]) + (tops[0].count if len(weights) > 1 else 0)

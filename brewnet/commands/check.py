@@ -8,6 +8,7 @@ import click
 from brewnet import netdef
 from brewnet.netdef import caffe_pb2
 from brewnet.netdef.errors import DefinitionError
+from brewnet.netdef.forks import fork_of_layer
 
 
 @contextlib.contextmanager
@@ -53,7 +54,21 @@ def _check_layer_type(layer, path):
     try:
         return get_layer_class(layer.type, layer.name)
     except DefinitionError as exc:
+        fork = fork_of_layer(layer.type)
+        if fork is not None:  # a fork's layer brewnet reads but does not run
+            raise DefinitionError(f"layer {layer.name!r}: type {layer.type!r} comes from the {fork.describe()} "
+                                  "fork; brewnet reads its parameters but has no implementation of it", path) from None
         raise DefinitionError(exc.reason, path) from None
+
+
+def _fork_lines(layers):
+    """One line per fork layer type the net uses: how many layers, and which fork it comes from."""
+    counts = {}
+    for layer in layers:
+        if fork_of_layer(layer.type) is not None:
+            counts[layer.type] = counts.get(layer.type, 0) + 1
+    return [f"fork layer type {name} ({count} layer{'s' if count > 1 else ''}): from the "
+            f"{fork_of_layer(name).describe()} fork (docs/FORKS.md)" for name, count in counts.items()]
 
 
 def _check_blobs(index, layer, produced, path):
@@ -183,7 +198,7 @@ def _report(title, message, state, path, history=1, training=None, extra=None):
         summary = summarize(message, state)
     training = state.phase == caffe_pb2.TRAIN if training is None else training
     lines = ["", f"{title}: {len(filtered.layer)} of {len(message.layer)} layers", *_table(summary.rows)]
-    notes = _summary_lines(summary, history, training) + (extra(summary) if extra else [])
+    notes = _fork_lines(filtered.layer) + _summary_lines(summary, history, training) + (extra(summary) if extra else [])
     warnings = _warnings(summary)
     lines += [f"  {line}" for line in notes + [f"warning: {w}" for w in warnings]]
     note = f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})" if warnings else ""

@@ -13,11 +13,13 @@ from brewnet.layers.families import (  # noqa: F401  (registration)
     inner_product,
     loss,
     lrn,
+    mobile,
     neuron,
     normalization,
     plumbing,
     pooling,
     python_layer,
     recurrent,
+    segmentation,
     sources,
 )

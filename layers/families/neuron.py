@@ -356,6 +356,18 @@ class Clip(_Neuron):
         return ((x >= self.lo) & (x <= self.hi)).astype(self.dtype)
 
 
+@register("ReLU6")
+class ReLU6(_Neuron):
+    """y = min(max(x, 0), 6), a type of the mobile forks (no parameters)."""
+
+    def compute(self, x):
+        return self.xp.clip(x, self.const(0), self.const(6))
+
+    def derivative(self, x, y):
+        # from the output, which also holds in place: inside (0, 6) exactly where x is
+        return ((y > 0) & (y < 6)).astype(self.dtype)
+
+
 @register("Swish")
 class Swish(_Neuron):
     """y = x * sigmoid(beta * x)."""

@@ -70,6 +70,10 @@ class Pooling(Layer):
             raise self.error(f"input must have 4 axes (num, channels, height, width), got {bottom[0].shape}")
         self.global_pooling = pp.global_pooling
         self.ceil_mode = pp.round_mode == P.CEIL
+        if pp.HasField("ceil_mode"):  # the forks' bool (BVLC PR 3057, OpenCV): false is floor rounding
+            if pp.HasField("round_mode"):
+                raise self.error("give round_mode (BVLC) or ceil_mode (the forks' field), not both")
+            self.ceil_mode = pp.ceil_mode
         self.kernel, self.stride, self.pad = _pool_geometry(self, pp, bottom[0].shape[2:])
         self._core = self._cuda = None
 

@@ -31,7 +31,8 @@ class Case:
     """type: layer type; body: text inside layer { } after type/bottom/top;
     bottoms: list of (shape, kind) with kind one of "n" (normal), "p" (positive),
     "prob" (rows summing to 1 along axis 1), "bin" (0/1), "sel" (0/1 with at
-    least one 1), "cont" (0 at t=0, then 1), ("int", K) (integers below K)."""
+    least one 1), "cont" (0 at t=0, then 1), ("int", K) (integers below K), "mask2x2" (a 2x2/2 max
+    pooling's mask top)."""
 
     type: str
     body: str = ""
@@ -210,6 +211,38 @@ CASES = [
 ]
 
 # Registered types with no parity case, and why. A new layer type must land in one of the two.
+def _dense_files(folder):
+    from PIL import Image
+
+    rng = numpy.random.default_rng(8)
+    lines = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, size=(5, 6, 3), dtype=numpy.uint8)).save(folder / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 4, size=(5, 6), dtype=numpy.uint8)).save(folder / f"lab{i}.png")
+        lines.append(f"im{i}.png lab{i}.png")
+    (folder / "pairs.txt").write_text("\n".join(lines) + "\n")
+    return {"list": folder / "pairs.txt", "root": str(folder) + "/"}
+
+
+# the segmentation and mobile fork layers (docs/FORKS.md)
+BN_FILLERS = 'scale_filler { type: "uniform" min: 0.5 max: 1.5 } shift_filler { type: "gaussian" }'
+CASES += [
+    Case("ReLU6", "", _b((2, 3, 4, 5))),
+    Case("ShuffleChannel", "shuffle_channel_param { group: 3 }", _b((2, 6, 3, 2))),
+    Case("Axpy", "", _b((2, 3, 1, 1), (2, 3, 4, 5), (2, 3, 4, 5))),
+    Case("DepthwiseConvolution", f"convolution_param {{ num_output: 6 kernel_size: 3 pad: 1 stride: 2 {W} }}",
+         _b((2, 3, 7, 6))),
+    Case("ConvolutionDepthwise", f"convolution_param {{ num_output: 3 kernel_size: 3 pad: 1 {W} }}", _b((2, 3, 6, 5))),
+    Case("Convolution", f"convolution_param {{ num_output: 4 group: 4 kernel_size: 3 pad: 1 {W} }}", _b((2, 4, 6, 5)),
+         label="depthwise"),
+    Case("Interp", "interp_param { zoom_factor: 2 pad_beg: -1 }", _b((2, 3, 5, 6))),
+    Case("Upsample", "upsample_param { scale: 2 }", _b((2, 3, 3, 4), ((2, 3, 3, 4), "mask2x2"))),
+    Case("BN", f"bn_param {{ {BN_FILLERS} }}", _b((4, 3, 2, 2)), phase=TRAIN, tops=3, label="learn"),
+    Case("BN", f"bn_param {{ bn_mode: INFERENCE {BN_FILLERS} }}", _b((2, 3, 2, 2)), label="inference"),
+    Case("DenseImageData", 'dense_image_data_param { source: "%(list)s" root_folder: "%(root)s" batch_size: 2 '
+         "mirror: true crop_height: 4 crop_width: 4 }", [], tops=2, backward=False, files=_dense_files),
+]
+
 SKIPPED = {
     "Data": "reads LMDB/LevelDB (lmdb is optional and absent on the GPU machine); its batches take the same "
             "prefetch-then-copy path as ImageData, which is compared",
@@ -252,6 +285,11 @@ def _input(shape, kind, rng):
         return x
     if isinstance(kind, tuple) and kind[0] == "int":
         return rng.integers(0, kind[1], size=shape)
+    if kind == "mask2x2":  # a 2x2/2 MAX pooling's mask top for an (h, w) output: one index per block
+        h, w = shape[-2:]
+        rows = 2 * numpy.arange(h)[:, None] + rng.integers(0, 2, size=shape)
+        cols = 2 * numpy.arange(w)[None, :] + rng.integers(0, 2, size=shape)
+        return rows * (2 * w) + cols
     raise ValueError(f"unknown input kind {kind!r}")
 
 

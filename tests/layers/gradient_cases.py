@@ -200,7 +200,10 @@ CASES.update({
         case(f"convolution_param {{ num_output: 4 kernel_size: 3 group: 2 pad: 1 stride: 2 {CONV_FILLERS} }}",
              [(2, 4, 5, 5)]),
         case(f"convolution_param {{ num_output: 2 kernel_size: 2 {CONV_FILLERS} }}", [(2, 2, 3, 3)] * 2,
-             n_tops=2)],  # two bottoms through the same weights
+             n_tops=2),  # two bottoms through the same weights
+        # group == channels: the depthwise kernel (layers/kernels/depthwise.py)
+        case(f"convolution_param {{ num_output: 6 group: 3 kernel_size: 3 pad: 1 stride: 2 {CONV_FILLERS} }}",
+             [(2, 3, 5, 4)])],
     "Deconvolution": [case(f"convolution_param {{ num_output: 2 kernel_size: 4 stride: 2 pad: 1 {CONV_FILLERS} }}",
                            [(1, 2, 3, 3)])],
     "Im2col": [case("convolution_param { kernel_size: 2 stride: 1 pad: 1 }", [(2, 2, 3, 3)]),
@@ -274,3 +277,42 @@ CASES.update({
                                                                 RNG.uniform(0, 2, (2, 8))],
                           top_weights=W, check_bottoms=[0, 1])],
 })
+# -- fork layers: segmentation and mobile (netdef/forks, docs/FORKS.md) -------------------------
+# an Upsample mask as a MAX pooling 2x2/2 of a 4x6 plane makes it: one index per 2x2 block
+UPSAMPLE_MASK = numpy.array([[(2 * i + RNG.integers(0, 2)) * 6 + 2 * j + RNG.integers(0, 2)
+                              for j in range(3)] for i in range(2)], dtype=float)
+# the same for a 4x5 plane (ceil rounding: the last column block is one pixel wide)
+UPSAMPLE_MASK_4x5 = numpy.array([[(2 * i + 1) * 5 + min(2 * j + 1, 4) for j in range(3)] for i in range(2)],
+                                dtype=float)
+DW = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
+BN_FILLERS = 'scale_filler { type: "gaussian" std: 1 } shift_filler { type: "gaussian" std: 1 }'
+CASES.update({
+    "ReLU6": [case("", [X * 4], kink=near(0, 6))],
+    "ShuffleChannel": [case("shuffle_channel_param { group: 3 }", [(2, 6, 2, 3)]),
+                       case("shuffle_channel_param { group: 2 }", [(2, 4, 3)])],
+    "Axpy": [case("", [(2, 3), (2, 3, 2, 2), (2, 3, 2, 2)]),
+             case("", [(2, 3, 1, 1), (2, 3, 4), (2, 3, 4)])],
+    "DepthwiseConvolution": [
+        case(f"convolution_param {{ num_output: 3 kernel_size: 3 pad: 1 {DW} }}", [(2, 3, 4, 5)]),
+        case(f"convolution_param {{ num_output: 6 kernel_size: 3 stride: 2 pad: 1 dilation: 2 {DW} }}",
+             [(2, 3, 5, 5)])],
+    "ConvolutionDepthwise": [case(f"convolution_param {{ num_output: 4 kernel_h: 2 kernel_w: 3 stride: 2 {DW} }}",
+                                  [(1, 4, 5, 6)])],
+    "Interp": [case(f"interp_param {{ {params} }}", [(2, 2, 3, 4)]) for params in (
+        "zoom_factor: 2", "height: 5 width: 2", "shrink_factor: 2", "zoom_factor: 3 shrink_factor: 2",
+        "zoom_factor: 2 pad_beg: -1 pad_end: 0")],
+    # the mask (bottom 1) holds indices: no gradient
+    "Upsample": [case("upsample_param { scale: 2 }", [(2, 3, 2, 3), numpy.broadcast_to(UPSAMPLE_MASK, (2, 3, 2, 3))],
+                      check_bottoms=[0]),
+                 case("upsample_param { upsample_h: 4 upsample_w: 5 }",
+                      [(1, 2, 2, 3), numpy.broadcast_to(UPSAMPLE_MASK_4x5, (1, 2, 2, 3))],
+                      check_bottoms=[0])],
+    # LEARN normalizes by the batch in every phase; mean and variance tops carry no gradient
+    "BN": [case(f"bn_param {{ {BN_FILLERS} }}", [normal(3, 2, 2, 3) * 2 + 1]),
+           case(f"bn_param {{ {BN_FILLERS} }}", [normal(4, 3, 2, 2)], n_tops=3,
+                top_weights=[normal(4, 3, 2, 2), numpy.zeros((1, 3, 1, 1)), numpy.zeros((1, 3, 1, 1))]),
+           case(f"bn_param {{ bn_mode: INFERENCE {BN_FILLERS} }}", [(2, 3, 2, 2)])],
+})
+# the forks' ceil_mode: false (floor rounding: the last partial window is dropped)
+CASES["Pooling"] += [case("pooling_param { pool: MAX kernel_size: 3 stride: 2 ceil_mode: false }", [distinct(2, 2, 6, 8)]),
+                     case("pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 ceil_mode: false }", [(2, 2, 6, 8)])]

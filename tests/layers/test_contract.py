@@ -62,6 +62,19 @@ CAFFE_COUNTS = {
     "ROIPooling": (None, 2, 2, None, 1, 1, False, False),
     "SmoothL1Loss": (None, 2, 4, 1, None, None, False, True),
 }
+# the fork layers (docs/FORKS.md): their fork's own declarations
+CAFFE_COUNTS.update({
+    "ReLU6": NEURON,
+    "Axpy": (3, None, None, 1, None, None, False, False),
+    "Interp": (1, None, None, 1, None, None, False, False),
+    "Upsample": (2, None, None, 1, None, None, False, False),
+    "BN": (1, None, None, None, 1, 3, False, False),  # LEARN: mean and variance tops; INFERENCE: 1 top
+    "DenseImageData": (0, None, None, 2, None, None, False, False),
+    "DepthwiseConvolution": (None, 1, None, None, 1, None, True, False),  # BaseConvolutionLayer's
+    "ConvolutionDepthwise": (None, 1, None, None, 1, None, True, False),
+    # the ShuffleNet fork declares none, yet reads one bottom and writes one top: brewnet says so
+    "ShuffleChannel": (1, None, None, 1, None, None, False, False),
+})
 FIELDS = ("exact_bottoms", "min_bottoms", "max_bottoms", "exact_tops", "min_tops", "max_tops", "equal_bottom_top",
           "auto_top_blobs")
 # conv.py belongs to another change: it still checks len(bottom) == len(top) in setup by hand
@@ -88,6 +101,8 @@ def test_counts_that_depend_on_the_parameters():
     # Caffe's PoolingLayer::MaxTopBlobs: 2 for MAX (the mask), else 1
     assert make_layer('name: "p" type: "Pooling" pooling_param { pool: AVE }').max_tops == 1
     assert make_layer('name: "p" type: "Pooling" pooling_param { pool: MAX }').max_tops == 2
+    # SegNet's BN: only LEARN has the batch mean and variance tops
+    assert make_layer('name: "b" type: "BN" bn_param { bn_mode: INFERENCE }').max_tops == 1
     # RecurrentLayer: expose_hidden adds the initial states as bottoms and the last ones as tops
     for kind, states in (("LSTM", 2), ("RNN", 1)):
         layer = make_layer(f'name: "r" type: "{kind}" recurrent_param {{ num_output: 2 expose_hidden: true }}')
