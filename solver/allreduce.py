@@ -9,11 +9,13 @@ needed before or after the reduction. A layer that replaces a diff array
 Two reducers sum the buffers over the ranks and scale them by 1/N:
 
 - ``HostReducer``: MPI's Allreduce on host memory (device buffers go to the
-  host and back, one copy each way); the two signal counters ride in the tail
-  of the first buffer, so the iteration needs one message;
+  host and back, one copy each way);
 - ``NcclReducer``: NCCL's in-place allReduce on the device buffer on the
-  current stream (no host synchronization), with the counters in a tiny host
-  Allreduce of their own.
+  current stream (no host synchronization).
+
+The signal requests of the ranks are not in these buffers: ``agree_requests``
+takes the maximum of each rank's running count in a tiny host Allreduce, so
+a signal that reaches the ranks an iteration apart acts once.
 
 ``choose_path`` decides which, from what every rank says of itself (gathered
 by ``select_reducer``), so all ranks take the same path.
@@ -27,21 +29,14 @@ import numpy
 
 log = logging.getLogger("brewnet.solver")
 
-COUNTERS = 2  # ranks asking for a snapshot, ranks asking to stop
-
-
 def _module_of(array):
     return type(array).__module__.split(".")[0]
 
 
 class FlatGradients:
-    """The diffs of ``blobs`` as views into one flat buffer per (array module, dtype).
+    """The diffs of ``blobs`` as views into one flat buffer per (array module, dtype)."""
 
-    The first buffer has ``tail`` spare elements after the gradients (room for
-    counters that travel with them).
-    """
-
-    def __init__(self, blobs, tail=0):
+    def __init__(self, blobs):
         self.blobs = list(blobs)
         order, members = [], {}
         for blob in self.blobs:
@@ -52,11 +47,11 @@ class FlatGradients:
             members[key].append(blob)
         self.groups = []  # (buffer, count of gradient values, blobs)
         self.views = {}
-        for index, key in enumerate(order):
+        for key in order:
             group = members[key]
             xp = group[0].xp
             count = sum(int(b.count) for b in group)
-            buffer = xp.zeros(count + (tail if index == 0 else 0), dtype=group[0].dtype)
+            buffer = xp.zeros(count, dtype=group[0].dtype)
             offset = 0
             for blob in group:
                 n = int(blob.count)
@@ -66,8 +61,6 @@ class FlatGradients:
                 self.views[id(blob)] = view
                 offset += n
             self.groups.append((buffer, count, group))
-        if not self.groups and tail:
-            self.groups.append((numpy.zeros(tail, numpy.float32), 0, []))
         self.count = sum(count for _, count, _ in self.groups)
         self.nbytes = sum(count * buffer.itemsize for buffer, count, _ in self.groups)
         self.copies = 0  # diffs that had to be copied in (a layer replaced the array)
@@ -99,24 +92,18 @@ class HostReducer:
         self.world = world
         self._staging = {}
 
-    def allreduce(self, flat, counters):
-        """Sum ``flat``'s gradients over the ranks and scale them by 1/N; returns the summed
-        counters (a sequence of COUNTERS numbers)."""
+    def allreduce(self, flat):
+        """Sum ``flat``'s gradients over the ranks and scale them by 1/N, in place."""
         world = self.world
-        summed = list(counters)
-        for index, (buffer, count, _) in enumerate(flat.groups):
+        if world.size == 1:
+            return
+        for index, (buffer, _, _) in enumerate(flat.groups):
             on_host = isinstance(buffer, numpy.ndarray)
             host = buffer if on_host else self._stage(index, buffer)
-            if index == 0:
-                host[count:count + COUNTERS] = counters
-            if world.size > 1:
-                world.comm.Allreduce(world.MPI.IN_PLACE, host, op=world.MPI.SUM)
-                host[:count] *= host.dtype.type(1.0 / world.size)
-            if index == 0:
-                summed = [float(v) for v in host[count:count + COUNTERS]]
+            world.comm.Allreduce(world.MPI.IN_PLACE, host, op=world.MPI.SUM)
+            host *= host.dtype.type(1.0 / world.size)
             if not on_host:
                 buffer.set(host)
-        return summed
 
     def _stage(self, index, buffer):
         host = self._staging.get(index)
@@ -135,8 +122,8 @@ def _nccl_dtype(nccl, dtype):
 
 
 class NcclReducer:
-    """NCCL allReduce in place on each device buffer, on the current stream; host buffers (if
-    any) and the counters go through MPI."""
+    """NCCL allReduce in place on each device buffer, on the current stream (host buffers, if
+    any, go through MPI)."""
 
     name = "nccl"
 
@@ -149,24 +136,27 @@ class NcclReducer:
         self.comm = nccl.NcclCommunicator(world.size, unique_id, world.rank)
         self._host = HostReducer(world)
 
-    def allreduce(self, flat, counters):
+    def allreduce(self, flat):
         import cupy
 
         world, nccl = self.world, self.nccl
         stream = cupy.cuda.get_current_stream().ptr
         for buffer, count, _ in flat.groups:
             if isinstance(buffer, numpy.ndarray):
-                if count:
-                    world.comm.Allreduce(world.MPI.IN_PLACE, buffer[:count], op=world.MPI.SUM)
-                    buffer[:count] *= buffer.dtype.type(1.0 / world.size)
-                continue
-            if count:
+                world.comm.Allreduce(world.MPI.IN_PLACE, buffer, op=world.MPI.SUM)
+            else:
                 self.comm.allReduce(buffer.data.ptr, buffer.data.ptr, count, _nccl_dtype(nccl, buffer.dtype),
                                     nccl.NCCL_SUM, stream)
-                buffer[:count] *= buffer.dtype.type(1.0 / world.size)  # queued on the same stream
-        total = numpy.asarray(counters, dtype=numpy.int64)
-        world.comm.Allreduce(world.MPI.IN_PLACE, total, op=world.MPI.SUM)
-        return [float(v) for v in total]
+            buffer *= buffer.dtype.type(1.0 / world.size)  # on a device: queued on the same stream
+
+
+def agree_requests(world, counts):
+    """The element-wise maximum over the ranks of ``counts`` (each rank's running count of
+    snapshot and stop requests), in one small host Allreduce."""
+    counts = numpy.array(counts, dtype=numpy.int64)  # a copy: the caller's counts stay its own
+    if world.size > 1:
+        world.comm.Allreduce(world.MPI.IN_PLACE, counts, op=world.MPI.MAX)
+    return counts
 
 
 # -- choosing the path, the same on every rank ---------------------------------------------
@@ -200,6 +190,8 @@ def choose_path(entries):
     if any(forced for _, _, forced, _ in entries):
         return "host", "BREWNET_NCCL=0"
     cpu = [rank for rank, (_, key, _, _) in enumerate(entries) if key is None]
+    if len(cpu) == len(entries):
+        return "host", "CPU ranks"
     if cpu:
         return "host", f"rank {cpu[0]} is on the CPU"
     seen = {}

@@ -88,8 +88,10 @@ class DataParallel:
 
     The learnable diffs live in one flat buffer (``allreduce.FlatGradients``); a
     reducer (host MPI or NCCL, ``allreduce.select_reducer``) sums it over the
-    ranks with two counters (ranks asking for a snapshot, ranks asking to stop),
-    so a signal seen by any rank acts on every rank at the same iteration.
+    ranks. Each rank counts the snapshot and stop requests its signals made, and
+    the ranks act when the largest count grows: a signal seen by any rank acts on
+    every rank at the same iteration, and once, though mpiexec's copies of it
+    reach the ranks an iteration apart.
     """
 
     def __init__(self, world, solver, reducer=None):
@@ -97,12 +99,14 @@ class DataParallel:
 
         self.world, self.solver = world, solver
         self.params = solver.net.learnable_params
-        self.flat = allreduce.FlatGradients(self.params, tail=allreduce.COUNTERS)
+        self.flat = allreduce.FlatGradients(self.params)
         self.total = self.flat.count
         self.bytes_per_iter = self.flat.nbytes
         self.reducer = reducer if reducer is not None else allreduce.select_reducer(world, solver.xp)
         self._local_action = solver._action_function
         self._agreed = _NONE
+        self._requests = numpy.zeros(2, numpy.int64)  # this rank's snapshot and stop requests so far
+        self._acted = numpy.zeros(2, numpy.int64)  # the agreed counts already acted on
         solver.set_action_function(self._action)
         solver.add_callback(on_gradients_ready=self.allreduce_gradients)
         solver.root_solver = world.root  # rank 0 alone tests and saves
@@ -138,10 +142,16 @@ class DataParallel:
                 layer.rng = numpy.random.default_rng([self.world.rank, int(layer.rng.integers(0, 2**63))])
 
     def allreduce_gradients(self):
+        from brewnet.solver import allreduce
+
         self.flat.gather()
+        self.reducer.allreduce(self.flat)
         action = self._local_action() if self._local_action is not None else _NONE
-        snapshots, stops = self.reducer.allreduce(self.flat, [action == _SNAPSHOT, action == _STOP])
-        self._agreed = _STOP if stops > 0 else _SNAPSHOT if snapshots > 0 else _NONE
+        self._requests += (action == _SNAPSHOT, action == _STOP)
+        agreed = allreduce.agree_requests(self.world, self._requests)
+        snapshot, stop = agreed > self._acted
+        self._acted = agreed
+        self._agreed = _STOP if stop else _SNAPSHOT if snapshot else _NONE
 
     def _action(self):
         # asked after each update (and by rank 0's test passes): the action all ranks agreed on
