@@ -33,6 +33,16 @@ def _module_of(array):
     return type(array).__module__.split(".")[0]
 
 
+def _address(array):
+    return array.data.ptr if hasattr(array.data, "ptr") else array.__array_interface__["data"][0]
+
+
+def _same_memory(a, b):
+    """a is b, or another array object over the same elements (an asarray that made a view)."""
+    return a is b or (type(a) is type(b) and a.shape == b.shape and a.strides == b.strides
+                      and _address(a) == _address(b))
+
+
 class FlatGradients:
     """The diffs of ``blobs`` as views into one flat buffer per (array module, dtype)."""
 
@@ -72,7 +82,7 @@ class FlatGradients:
             for blob in group:
                 view = self.views[id(blob)]
                 diff = blob.diff  # writes a pending lazy clear into the view
-                if diff is not view:
+                if not _same_memory(diff, view):
                     view[...] = diff
                     blob.diff = view
                     self.copies += 1
