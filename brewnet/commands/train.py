@@ -141,7 +141,7 @@ def train(solver_path, weights, snapshot, gpu, ranks, stages, level, sigint_effe
         return
     world = mpi.init()
     try:
-        if ranks is not None and ranks != world.size:
+        if ranks is not None and ranks != world.size and world.root:  # one line, from rank 0
             raise DefinitionError(f"--ranks {ranks}, but the MPI launcher started {world.size} rank(s)")
         _train_command(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, log_path,
                        tensorboard_dir, world)
