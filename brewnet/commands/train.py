@@ -168,6 +168,13 @@ def _launch_ranks_if_asked(gpu, ranks, args):
     count = launch.rank_count(ids, ranks)
     if count == 1:
         return
+    if ids:  # say it here, once, rather than from every rank
+        from brewnet.layers.kernels import backend
+
+        visible = backend.get_array_module("gpu").cuda.runtime.getDeviceCount()  # DeviceError without a GPU
+        missing = [i for i in ids if not 0 <= i < visible]
+        if missing:
+            raise DefinitionError(f"--gpu {gpu}: GPU {missing[0]} does not exist: {visible} CUDA device(s) visible")
     launch.check_mpi4py()
     mpiexec = launch.find_mpiexec()
     forwarded = []

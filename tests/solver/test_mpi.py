@@ -376,6 +376,23 @@ def test_missing_mpiexec_is_one_line_error(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("brewnet: error: BREWNET_MPIEXEC="), result.stderr
 
 
+def test_gpu_list_without_a_gpu_is_one_line_error_before_any_rank(tmp_path):
+    pytest.importorskip("mpi4py")
+    try:
+        import cupy  # noqa: F401
+
+        pytest.skip("cupy is installed: this checks a machine without one")
+    except ImportError:
+        pass
+    (tmp_path / "s.prototxt").write_text("")
+    env = dict(_env(), BREWNET_MPIEXEC=str(tmp_path / "no_mpiexec"))  # never reached
+    result = subprocess.run([sys.executable, "-m", "brewnet", "train", "--solver", "s.prototxt", "--gpu", "0,1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "brewnet[gpu]" in lines[0] and lines[0].startswith("brewnet: error:"), result.stderr
+
+
 @needs_mpi
 def test_ranks_flag_trains_as_mpiexec_does(tmp_path):
     _data(tmp_path)
