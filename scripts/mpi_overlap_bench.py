@@ -16,7 +16,8 @@ layer, the same on every run. Four ways to reduce, per iteration:
              library can progress the transfers (MPICH has no progress thread by default).
 
 The modes take turns within each repetition. Rank 0 prints the median and best
-iteration time of each and the communication left exposed (median - compute's). Needs mpi4py (pip install 'brewnet[mpi]').
+iteration time of each and the communication left exposed (median - compute's).
+Needs mpi4py (pip install 'brewnet[mpi]').
 """
 
 import argparse

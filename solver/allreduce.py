@@ -29,6 +29,7 @@ import numpy
 
 log = logging.getLogger("brewnet.solver")
 
+
 def _module_of(array):
     return type(array).__module__.split(".")[0]
 
@@ -88,9 +89,8 @@ class FlatGradients:
                     self.copies += 1
 
     def scale(self, factor):
-        for buffer, count, _ in self.groups:
-            if count:
-                buffer[:count] *= buffer.dtype.type(factor)
+        for buffer, _, _ in self.groups:
+            buffer *= buffer.dtype.type(factor)
 
 
 class HostReducer:

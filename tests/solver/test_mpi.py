@@ -363,7 +363,8 @@ def test_ranks_share_the_cores_and_run_brewnet_train():
     assert launch.rank_environment(2, {"BREWNET_THREADS": "3"}, cpus=8)["BREWNET_THREADS"] == "3"
     assert launch.command("mpiexec", 2, ["--solver", "s"], "py") == [
         "mpiexec", "-n", "2", "py", "-m", "brewnet", "train", "--solver", "s"]
-    assert launch.rank_count([0, 1], None) == 2 and launch.rank_count([0], 3) == 3 and launch.rank_count(None, None) == 1
+    assert launch.rank_count([0, 1], None) == 2 and launch.rank_count([0], 3) == 3
+    assert launch.rank_count(None, None) == 1
 
 
 def test_missing_mpiexec_is_one_line_error(tmp_path):
