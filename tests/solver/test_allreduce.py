@@ -244,3 +244,44 @@ def test_a_signal_reaching_the_ranks_an_iteration_apart_acts_once():
     assert agreed == ["none", "snapshot", "none", "none", "stop"]
     numpy.testing.assert_array_equal(solver.net.learnable_params[0].diff, 1.0)  # summed over 2, averaged
     assert parallel.bytes_per_iter == 12
+
+
+def test_nccl_reducer_reduces_each_device_buffer_in_place_on_the_current_stream(monkeypatch):
+    # no GPU here: a stand-in device buffer and NCCL module record what the reducer asks for
+    calls = []
+
+    class DeviceBuffer:
+        def __init__(self, values):
+            self.values, self.dtype = values, values.dtype
+            self.data = type("Memory", (), {"ptr": 4096})()
+
+        def __imul__(self, factor):
+            calls.append(("scale", float(factor)))
+            self.values *= factor
+            return self
+
+    class FakeNccl:
+        NCCL_FLOAT32, NCCL_SUM = 7, 0
+
+        @staticmethod
+        def get_unique_id():
+            return (1,)
+
+        class NcclCommunicator:
+            def __init__(self, ndev, unique_id, rank):
+                pass
+
+            def allReduce(self, send, recv, count, dtype, op, stream):  # noqa: N802 (NCCL's name)
+                calls.append(("allReduce", send, recv, count, dtype, op, stream))
+
+    fake_cupy = type(sys)("cupy")
+    fake_cupy.cuda = type("cuda", (), {"get_current_stream": staticmethod(
+        lambda: type("Stream", (), {"ptr": 99})())})
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    world = _FakeWorld([None, None])
+    reducer = allreduce.NcclReducer(world, nccl=FakeNccl)
+    device = DeviceBuffer(numpy.full(5, 4.0, numpy.float32))
+    flat = type("Flat", (), {"groups": [(device, 5, [])]})()
+    reducer.allreduce(flat)
+    assert calls == [("allReduce", 4096, 4096, 5, 7, 0, 99), ("scale", 0.5)]
+    numpy.testing.assert_array_equal(device.values, 2.0)
