@@ -81,11 +81,24 @@ def command(mpiexec, ranks, train_args, executable=None):
     return [mpiexec, "-n", str(ranks), executable or sys.executable, "-m", "brewnet", "train", *train_args]
 
 
+def _end_with_parent():
+    # in the child before exec: mpiexec has a session of its own, so without this a launcher
+    # killed outright (SIGKILL) would leave it and the ranks running; Linux's PR_SET_PDEATHSIG
+    # sends it SIGTERM, which it passes on to the ranks
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run(argv, env=None):
     """Run ``argv`` (mpiexec and its ranks) to its end, passing signals on; its exit status
     (128 + signal number when a signal ended it)."""
     # a session of its own: a terminal's Ctrl-C reaches mpiexec once, through us, not twice
-    child = subprocess.Popen(argv, env=env, start_new_session=True)
+    child = subprocess.Popen(argv, env=env, start_new_session=True,
+                             preexec_fn=_end_with_parent if sys.platform.startswith("linux") else None)
     previous = {}
 
     def forward(signum, frame):

@@ -458,3 +458,42 @@ def test_launcher_passes_sighup_and_sigint_to_the_ranks(tmp_path):
     wait_for("Optimization stopped early")
     states = sorted((tmp_path / "snaps").glob("double_iter_*.solverstate"))
     assert len(states) == 2, states  # one from SIGHUP, one from SIGINT (snapshot_after_train)
+
+
+def _processes_running(text):
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+@needs_mpi
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_launcher_killed_outright_leaves_no_ranks(tmp_path):
+    import signal
+
+    _data(tmp_path)
+    solver = Path(_solver(tmp_path, "orphans", 2, "SGD", 1))
+    solver.write_text(solver.read_text().replace("max_iter: 5 display: 1", "max_iter: 1000000 display: 20"))
+    run = subprocess.Popen([sys.executable, "-m", "brewnet", "train", "--solver", str(solver), "--log", "none",
+                            "--ranks", "2"], cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        for line in run.stderr:
+            if "Iteration 20," in line:
+                break
+        assert _processes_running(str(solver)), "no ranks running"
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while _processes_running(str(solver)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _processes_running(str(solver))
+        assert not left, f"still running: {left}"
+    finally:
+        for pid in _processes_running(str(solver)):
+            os.kill(pid, signal.SIGKILL)
