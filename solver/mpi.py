@@ -20,6 +20,7 @@ import numpy
 from brewnet.layers.dataio import shard
 from brewnet.layers.kernels.backend import to_numpy
 from brewnet.netdef.errors import DefinitionError
+from brewnet.solver import allreduce
 
 log = logging.getLogger("brewnet.solver")
 
@@ -95,8 +96,6 @@ class DataParallel:
     """
 
     def __init__(self, world, solver, reducer=None):
-        from brewnet.solver import allreduce
-
         self.world, self.solver = world, solver
         self.params = solver.net.learnable_params
         self.flat = allreduce.FlatGradients(self.params)
@@ -142,8 +141,6 @@ class DataParallel:
                 layer.rng = numpy.random.default_rng([self.world.rank, int(layer.rng.integers(0, 2**63))])
 
     def allreduce_gradients(self):
-        from brewnet.solver import allreduce
-
         self.flat.gather()
         self.reducer.allreduce(self.flat)
         action = self._local_action() if self._local_action is not None else _NONE
