@@ -144,3 +144,12 @@ fi
 
 step "summary"
 for line in "${SUMMARY[@]}"; do echo "  $line"; done
+
+# -- data-parallel training on the GPU (docs/PARALLEL.md): two ranks sharing GPU 0 through the
+#    host path (`brewnet train --ranks 2 --gpu 0`) against one process at twice the batch, and
+#    the NCCL reducer on a one-rank communicator; NCCL between GPUs needs a machine with several
+step "data-parallel on the GPU (tests/gpu/test_gpu_mpi.py)"
+start=$(date +%s)
+python -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_mpi.py -rs 2>&1 | tee "$OUT/mpi.log" | tail -15
+rc=${PIPESTATUS[0]}
+echo "  gpu mpi: rc=$rc, $(grep -E 'passed|failed|skipped' "$OUT/mpi.log" | tail -1) ($(( $(date +%s) - start ))s)"

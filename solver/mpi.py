@@ -1,10 +1,10 @@
-"""Data-parallel training over MPI on the CPU (Caffe's P2PSync, with MPI's Allreduce).
+"""Data-parallel training over MPI (Caffe's P2PSync, with an Allreduce of MPI or NCCL).
 
 Every rank builds the same solver; rank r's TRAIN data layers read records
 r, r+N, ... of each global batch (``brewnet.layers.dataio.shard``), so N ranks
 at batch B train on exactly the batches one process at batch N*B reads. After
 the backward pass(es) of an iteration the learnable diffs are summed over the
-ranks by one Allreduce of one flat buffer and scaled by 1/N, then every rank
+ranks by one Allreduce of one flat buffer (``allreduce``) and scaled by 1/N, then every rank
 applies the same update. Rank 0 broadcasts its parameters once at the start
 (fillers and ``--weights`` agree everywhere), alone logs at INFO, tests and
 writes snapshots.
@@ -20,6 +20,7 @@ import numpy
 from brewnet.layers.dataio import shard
 from brewnet.layers.kernels.backend import to_numpy
 from brewnet.netdef.errors import DefinitionError
+from brewnet.solver import allreduce
 
 log = logging.getLogger("brewnet.solver")
 
@@ -86,22 +87,25 @@ _NONE, _SNAPSHOT, _STOP = "none", "snapshot", "stop"
 class DataParallel:
     """Ties a solver to an MPI world: initial broadcast, gradient Allreduce, agreed signal actions.
 
-    The Allreduce buffer is one flat array of every learnable diff plus two
-    counters (ranks asking for a snapshot, ranks asking to stop), so a signal
-    seen by any rank acts on every rank at the same iteration without a message
-    of its own.
+    The learnable diffs live in one flat buffer (``allreduce.FlatGradients``); a
+    reducer (host MPI or NCCL, ``allreduce.select_reducer``) sums it over the
+    ranks. Each rank counts the snapshot and stop requests its signals made, and
+    the ranks act when the largest count grows: a signal seen by any rank acts on
+    every rank at the same iteration, and once, though mpiexec's copies of it
+    reach the ranks an iteration apart.
     """
 
-    def __init__(self, world, solver):
+    def __init__(self, world, solver, reducer=None):
         self.world, self.solver = world, solver
-        params = solver.net.learnable_params
-        self.params = params
-        self.total = sum(int(b.count) for b in params)
-        self.buffer = numpy.zeros(self.total + 2, dtype=solver.dtype)
-        self.scale = solver.dtype.type(1.0 / world.size)
-        self.bytes_per_iter = self.total * solver.dtype.itemsize
+        self.params = solver.net.learnable_params
+        self.flat = allreduce.FlatGradients(self.params)
+        self.total = self.flat.count
+        self.bytes_per_iter = self.flat.nbytes
+        self.reducer = reducer if reducer is not None else allreduce.select_reducer(world, solver.xp)
         self._local_action = solver._action_function
         self._agreed = _NONE
+        self._requests = numpy.zeros(2, numpy.int64)  # this rank's snapshot and stop requests so far
+        self._acted = numpy.zeros(2, numpy.int64)  # the agreed counts already acted on
         solver.set_action_function(self._action)
         solver.add_callback(on_gradients_ready=self.allreduce_gradients)
         solver.root_solver = world.root  # rank 0 alone tests and saves
@@ -137,23 +141,14 @@ class DataParallel:
                 layer.rng = numpy.random.default_rng([self.world.rank, int(layer.rng.integers(0, 2**63))])
 
     def allreduce_gradients(self):
-        # through host memory: on GPUs this is the host path (one copy each way per iteration)
-        buf, offset = self.buffer, 0
-        for blob in self.params:
-            n = int(blob.count)
-            buf[offset:offset + n] = to_numpy(blob.diff).ravel()
-            offset += n
+        self.flat.gather()
+        self.reducer.allreduce(self.flat)
         action = self._local_action() if self._local_action is not None else _NONE
-        buf[-2] = action == _SNAPSHOT
-        buf[-1] = action == _STOP
-        self.world.comm.Allreduce(self.world.MPI.IN_PLACE, buf, op=self.world.MPI.SUM)
-        buf[:self.total] *= self.scale
-        offset = 0
-        for blob in self.params:
-            n = int(blob.count)
-            blob.diff[...] = blob.xp.asarray(buf[offset:offset + n].reshape(blob.diff.shape))
-            offset += n
-        self._agreed = _STOP if buf[-1] > 0 else _SNAPSHOT if buf[-2] > 0 else _NONE
+        self._requests += (action == _SNAPSHOT, action == _STOP)
+        agreed = allreduce.agree_requests(self.world, self._requests)
+        snapshot, stop = agreed > self._acted
+        self._acted = agreed
+        self._agreed = _STOP if stop else _SNAPSHOT if snapshot else _NONE
 
     def _action(self):
         # asked after each update (and by rank 0's test passes): the action all ranks agreed on

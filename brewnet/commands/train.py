@@ -52,7 +52,7 @@ def _use_gpu(flag, local_rank=None):
         return
     if len(ids) > 1:
         if flag != "all":
-            raise DefinitionError(f"--gpu {flag}: brewnet trains on one GPU; give a single device id")
+            raise DefinitionError(f"--gpu {flag} with --ranks 1: one process trains on one GPU")
         log.warning("brewnet trains on one GPU: using GPU %d of %d", ids[0], len(ids))
     backend.set_mode_gpu()
     backend.set_device(ids[0])
@@ -94,10 +94,15 @@ def _fail(message):
               help="Weights to finetune from (.caffemodel, .caffemodel.h5 or zoo:NAME); comma-separated files "
                    "are copied in order. Not with --snapshot.")
 @click.option("--snapshot", metavar="S.solverstate", help="Resume training from a solver state. Not with --weights.")
-@click.option("--gpu", metavar="ID|all",
-              help="Train on this GPU (needs cupy: pip install 'brewnet[gpu]'); fails when it cannot. Without it, "
+@click.option("--gpu", metavar="ID[,ID...]|all",
+              help="Train on this GPU (needs cupy: pip install 'brewnet[gpu]'); fails when it cannot. Several ids "
+                   "or 'all' (Caffe's -gpu 0,1 / -gpu all) start one rank per GPU under mpiexec (needs "
+                   "pip install 'brewnet[mpi]'; batch_size is per GPU). Without it, "
                    "solver_mode: GPU in the solver file selects device_id, falling back to CPU with a warning "
                    "when no GPU is usable; an unset solver_mode trains on CPU, as `caffe train` does.")
+@click.option("--ranks", type=int, default=None, metavar="N",
+              help="Start N data-parallel ranks under mpiexec (CPU ranks, or ranks sharing the --gpu list: "
+                   "--ranks 2 --gpu 0 puts two ranks on GPU 0); batch_size is per rank. See docs/PARALLEL.md.")
 @click.option("--stage", "stages", multiple=True, metavar="STAGE",
               help="Add a stage to the train net's state (repeatable, or comma-separated).")
 @click.option("--level", type=int, default=None, help="The train net's level.")
@@ -116,7 +121,7 @@ def _fail(message):
               help="Data-parallel training over MPI (needs pip install 'brewnet[mpi]'); implied when an MPI "
                    "launcher (mpiexec, srun) started this process. Each of N ranks reads every N-th record of "
                    "each global batch, so batch_size is per rank. See docs/PARALLEL.md.")
-def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, log_path,
+def train(solver_path, weights, snapshot, gpu, ranks, stages, level, sigint_effect, sighup_effect, log_path,
           tensorboard_dir, use_mpi):
     """Train or finetune a net from a solver prototxt (like `caffe train`).
 
@@ -127,11 +132,17 @@ def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sig
     from brewnet.solver import mpi
 
     if not (use_mpi or mpi.launched()):
+        args = dict(solver=solver_path, weights=weights, snapshot=snapshot, stage=list(stages), level=level,
+                    sigint_effect=sigint_effect, sighup_effect=sighup_effect, log=log_path,
+                    tensorboard=tensorboard_dir)
+        _launch_ranks_if_asked(gpu, ranks, args)
         _train_command(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, log_path,
                        tensorboard_dir, None)
         return
     world = mpi.init()
     try:
+        if ranks is not None and ranks != world.size and world.root:  # one line, from rank 0
+            raise DefinitionError(f"--ranks {ranks}, but the MPI launcher started {world.size} rank(s)")
         _train_command(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, log_path,
                        tensorboard_dir, world)
     except SystemExit as exc:
@@ -146,6 +157,37 @@ def train(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sig
         click.echo(f"brewnet: error: rank {world.rank}: {message}", err=True)
         sys.stderr.flush()
         world.abort(1)
+
+
+def _launch_ranks_if_asked(gpu, ranks, args):
+    """With several GPUs (--gpu 0,1 / all) or --ranks N > 1: run this training as N ranks under
+    mpiexec (brewnet/launch.py), one per GPU of the list, and exit with its status."""
+    from brewnet import launch
+
+    ids = _gpu_ids(gpu) if gpu else None
+    count = launch.rank_count(ids, ranks)
+    if count == 1:
+        return
+    if ids:  # say it here, once, rather than from every rank
+        from brewnet.layers.kernels import backend
+
+        visible = backend.get_array_module("gpu").cuda.runtime.getDeviceCount()  # DeviceError without a GPU
+        missing = [i for i in ids if not 0 <= i < visible]
+        if missing:
+            raise DefinitionError(f"--gpu {gpu}: GPU {missing[0]} does not exist: {visible} CUDA device(s) visible")
+    launch.check_mpi4py()
+    mpiexec = launch.find_mpiexec()
+    forwarded = []
+    for name, value in args.items():
+        flag = "--" + name.replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:
+                forwarded += [flag, str(item)]
+    if ids:
+        forwarded += ["--gpu", ",".join(str(i) for i in ids)]
+    argv = launch.command(mpiexec, count, forwarded)
+    click.echo(f"brewnet: starting {count} ranks: {' '.join(argv)}", err=True)
+    sys.exit(launch.run(argv, env=launch.rank_environment(count)))
 
 
 def _train_command(solver_path, weights, snapshot, gpu, stages, level, sigint_effect, sighup_effect, log_path,
@@ -240,7 +282,7 @@ def _train(solver_path, param, weights, snapshot, gpu, stages, level, sigint_eff
         if param.random_seed < 0:  # every rank must draw the same shuffles and fillers
             param.random_seed = world.comm.bcast(int(numpy.random.SeedSequence().entropy % 2**31)
                                                  if world.root else None, root=0)
-    with SignalHandler(sigint_effect, sighup_effect) as signals:
+    with SignalHandler(sigint_effect, sighup_effect) as signals, _usr1_as_sighup(signals, world):
         solver = get_solver(param, source=solver_path)
         solver.set_action_function(signals.check)
         parallel = None
@@ -265,6 +307,23 @@ def _train(solver_path, param, weights, snapshot, gpu, stages, level, sigint_eff
         finally:
             progress.close()
             handler.progress = None
+
+
+@contextlib.contextmanager
+def _usr1_as_sighup(signals, world):
+    """Under MPI, SIGUSR1 acts as SIGHUP: MPICH's mpiexec passes SIGUSR1 on to the ranks but ends
+    itself on SIGHUP (brewnet's own launcher turns its SIGHUP into SIGUSR1)."""
+    import signal
+    import threading
+
+    usable = (world is not None and hasattr(signal, "SIGUSR1") and hasattr(signal, "SIGHUP")
+              and threading.current_thread() is threading.main_thread())
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: signals.handle(signal.SIGHUP)) if usable else None
+    try:
+        yield
+    finally:
+        if usable:
+            signal.signal(signal.SIGUSR1, previous)
 
 
 @click.command("test")

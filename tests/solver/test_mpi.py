@@ -203,7 +203,7 @@ needs_mpi = pytest.mark.skipif(_mpiexec() is None, reason="needs mpi4py and mpie
 
 def _env():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", BREWNET_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", BREWNET_THREADS="1")
     return {k: v for k, v in env.items() if not mpi.launched({k: v})}
 
 
@@ -323,3 +323,177 @@ def test_window_data_shards(window_data_dir, tmp_path):
         for r in range(2):
             numpy.testing.assert_array_equal(halves[r][i][0], data[r::2])
             numpy.testing.assert_array_equal(halves[r][i][1], labels[r::2])
+
+
+# -- brewnet's own launcher: --ranks N, --gpu 0,1 (brewnet/launch.py) -------------------------
+
+def test_find_mpiexec_order_and_one_line_error(tmp_path):
+    from brewnet import launch
+    from brewnet.netdef.errors import DefinitionError
+
+    bin_dir, path_dir = tmp_path / "venv_bin", tmp_path / "path_bin"
+    bin_dir.mkdir()
+    path_dir.mkdir()
+    python = bin_dir / "python"
+    python.write_text("")
+    for folder in (bin_dir, path_dir):
+        tool = folder / "mpiexec"
+        tool.write_text("#!/bin/sh\n")
+        tool.chmod(0o755)
+    env = {"PATH": str(path_dir)}
+    assert launch.find_mpiexec(env, str(python)) == str(bin_dir / "mpiexec")  # beside Python first
+    (bin_dir / "mpiexec").unlink()
+    assert launch.find_mpiexec(env, str(python)) == str(path_dir / "mpiexec")  # then PATH
+    chosen = tmp_path / "my_mpirun"
+    chosen.write_text("#!/bin/sh\n")
+    chosen.chmod(0o755)
+    assert launch.find_mpiexec(dict(env, BREWNET_MPIEXEC=str(chosen)), str(python)) == str(chosen)
+    (path_dir / "mpiexec").unlink()
+    with pytest.raises(DefinitionError, match=r"brewnet\[mpi\]"):
+        launch.find_mpiexec(env, str(python))
+    with pytest.raises(DefinitionError, match="BREWNET_MPIEXEC"):
+        launch.find_mpiexec(dict(env, BREWNET_MPIEXEC=str(tmp_path / "missing")), str(python))
+
+
+def test_ranks_share_the_cores_and_run_brewnet_train():
+    from brewnet import launch
+
+    assert launch.rank_environment(2, {}, cpus=8)["BREWNET_THREADS"] == "4"
+    assert launch.rank_environment(16, {}, cpus=8)["BREWNET_THREADS"] == "1"
+    assert launch.rank_environment(2, {"BREWNET_THREADS": "3"}, cpus=8)["BREWNET_THREADS"] == "3"
+    assert launch.command("mpiexec", 2, ["--solver", "s"], "py") == [
+        "mpiexec", "-n", "2", "py", "-m", "brewnet", "train", "--solver", "s"]
+    assert launch.rank_count([0, 1], None) == 2 and launch.rank_count([0], 3) == 3
+    assert launch.rank_count(None, None) == 1
+
+
+def test_missing_mpiexec_is_one_line_error(tmp_path):
+    (tmp_path / "s.prototxt").write_text("")
+    env = dict(_env(), BREWNET_MPIEXEC=str(tmp_path / "no_mpiexec"))
+    result = subprocess.run([sys.executable, "-m", "brewnet", "train", "--solver", "s.prototxt", "--ranks", "2"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("brewnet: error: BREWNET_MPIEXEC="), result.stderr
+
+
+def test_gpu_list_without_a_gpu_is_one_line_error_before_any_rank(tmp_path):
+    pytest.importorskip("mpi4py")
+    try:
+        import cupy  # noqa: F401
+
+        pytest.skip("cupy is installed: this checks a machine without one")
+    except ImportError:
+        pass
+    (tmp_path / "s.prototxt").write_text("")
+    env = dict(_env(), BREWNET_MPIEXEC=str(tmp_path / "no_mpiexec"))  # never reached
+    result = subprocess.run([sys.executable, "-m", "brewnet", "train", "--solver", "s.prototxt", "--gpu", "0,1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "brewnet[gpu]" in lines[0] and lines[0].startswith("brewnet: error:"), result.stderr
+
+
+@needs_mpi
+def test_ranks_flag_trains_as_mpiexec_does(tmp_path):
+    _data(tmp_path)
+    solver = _solver(tmp_path, "double", 2, "SGD", 2)
+    base = [sys.executable, "-m", "brewnet", "train", "--solver", solver, "--log", "none"]
+    env = dict(_env(), BREWNET_THREADS="1")  # the same threads in both runs: the same float sums
+    result = subprocess.run([_mpiexec(), "-n", "2", *base], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    by_mpiexec = _weights(tmp_path, "double")
+    (tmp_path / "snaps" / "double_iter_5.caffemodel").unlink()
+    result = subprocess.run([*base, "--ranks", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "starting 2 ranks" in result.stderr and "Data-parallel training on 2 MPI ranks" in result.stderr
+    assert "Gradient reduction: host MPI (CPU ranks)" in result.stderr
+    by_launcher = _weights(tmp_path, "double")
+    for name in by_mpiexec:
+        for a, b in zip(by_mpiexec[name], by_launcher[name]):
+            numpy.testing.assert_array_equal(b, a, err_msg=name)
+
+
+@needs_mpi
+def test_launcher_passes_sighup_and_sigint_to_the_ranks(tmp_path):
+    import queue
+    import signal
+    import threading
+
+    _data(tmp_path)
+    solver = Path(_solver(tmp_path, "double", 2, "SGD", 1))
+    solver.write_text(solver.read_text().replace("max_iter: 5 display: 1", "max_iter: 1000000 display: 20"))
+    run = subprocess.Popen([sys.executable, "-m", "brewnet", "train", "--solver", str(solver), "--log", "none",
+                            "--ranks", "2"], cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in run.stderr], daemon=True).start()
+    seen = []
+
+    def wait_for(text):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            if text in line:
+                return
+        run.kill()
+        pytest.fail(f"no '{text}' in the output:\n" + "".join(seen))
+
+    try:
+        wait_for("Iteration 20,")
+        run.send_signal(signal.SIGHUP)  # the ranks snapshot and go on (--sighup-effect snapshot)
+        wait_for("Snapshotting solver state")
+        wait_for("Iteration")
+        run.send_signal(signal.SIGINT)  # the ranks stop; rank 0 writes the final snapshot
+        assert run.wait(timeout=60) == 0, "".join(seen)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    wait_for("Optimization stopped early")
+    states = sorted((tmp_path / "snaps").glob("double_iter_*.solverstate"))
+    assert len(states) == 2, states  # one from SIGHUP, one from SIGINT (snapshot_after_train)
+
+
+def _processes_running(text):
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+@needs_mpi
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_launcher_killed_outright_leaves_no_ranks(tmp_path):
+    import signal
+
+    _data(tmp_path)
+    solver = Path(_solver(tmp_path, "orphans", 2, "SGD", 1))
+    solver.write_text(solver.read_text().replace("max_iter: 5 display: 1", "max_iter: 1000000 display: 20"))
+    run = subprocess.Popen([sys.executable, "-m", "brewnet", "train", "--solver", str(solver), "--log", "none",
+                            "--ranks", "2"], cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        for line in run.stderr:
+            if "Iteration 20," in line:
+                break
+        assert _processes_running(str(solver)), "no ranks running"
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while _processes_running(str(solver)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _processes_running(str(solver))
+        assert not left, f"still running: {left}"
+    finally:
+        for pid in _processes_running(str(solver)):
+            os.kill(pid, signal.SIGKILL)
