@@ -54,3 +54,19 @@ def test_committed_prototxts_match_the_generator():
     proc = subprocess.run([sys.executable, str(MODERN / "make_nets.py"), "--check"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", ["googlenet", "mobilenet_v2", "squeezenet11"])
+def test_pytorch_translation_has_the_same_parameters_and_classes(name):
+    # scripts/torch_net.py (benchmarks only) translates the same DAG: same parameter count, 1000 logits
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(MODERN.parent.parent / "scripts"))
+    try:
+        from torch_net import torch_model
+    finally:
+        sys.path.pop(0)
+    model, shape = torch_model(netdef.read_net(str(MODERN / f"{name}.prototxt")))
+    assert shape[1:] == list(build(name).blobs["data"].shape[1:])
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name][0]
+    with torch.no_grad():
+        assert tuple(model.eval()(torch.zeros([2] + shape[1:])).shape) == (2, 1000)
