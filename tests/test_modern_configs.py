@@ -70,3 +70,19 @@ def test_pytorch_translation_has_the_same_parameters_and_classes(name):
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name][0]
     with torch.no_grad():
         assert tuple(model.eval()(torch.zeros([2] + shape[1:])).shape) == (2, 1000)
+
+
+def test_benchmark_knows_the_modern_nets_and_their_groups():
+    import importlib.util
+
+    path = MODERN.parent.parent / "scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("benchmark_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert set(bench.NET_GROUPS["modern"]) == set(PUBLISHED)
+    assert bench.NET_GROUPS["all"] == bench.NET_GROUPS["classic"] + bench.NET_GROUPS["modern"]
+    for name in PUBLISHED:
+        assert bench.NETS[name]["batch"] == 8
+        train = bench.train_net_param(bench.NETS[name], 8)
+        assert train.layer[0].input_param.shape[0].dim[0] == 8
+        assert train.layer[-1].type == "SoftmaxWithLoss"
