@@ -82,6 +82,15 @@ class BatchNorm(Layer):
             factor = xp.where(zero, 0, 1 / xp.where(zero, 1, factor_b))
             mean = mean_b * factor
             var = var_b * factor
+            y = self._nc_s(top[0].data)
+            jit = channel_ops.kernels(xp, x, y)
+            if jit is not None:
+                # an affine map per channel (Scale's kernel), in place or not; backward needs only std
+                self.std = xp.sqrt(var + self.eps)
+                inv = (1 / self.std).astype(x.dtype)
+                shift = (-mean * inv).astype(x.dtype)
+                channel_ops.over_channels(jit.scale_forward, self.channels, x.size, x, inv, shift, y, x, False)
+                return
             centered = x - mean[None, :, None]
         else:
             y = self._nc_s(top[0].data)
@@ -130,21 +139,21 @@ class BatchNorm(Layer):
             return
         dy = self._nc_s(top[0].diff)
         std = self.std[None, :, None]
+        dx_out = self._nc_s(bottom[0].diff)
         if self.use_global_stats:
-            dx = dy / std
-        else:
-            dx_out = self._nc_s(bottom[0].diff)
-            jit = channel_ops.kernels(self.xp, dy, self.x_norm, dx_out)
-            if jit is not None:
-                inv_std = (1 / self.std).astype(dy.dtype)
-                channel_ops.over_channels(jit.batch_norm_train_backward, self.channels, dy.size, dy, self.x_norm,
-                                          dx_out, inv_std)
-                return
-            y = self.x_norm
-            mean_dy = dy.mean(axis=(0, 2), keepdims=True)
-            mean_dy_y = (dy * y).mean(axis=(0, 2), keepdims=True)
-            dx = (dy - mean_dy - y * mean_dy_y) / std
-        bottom[0].diff[...] = dx.reshape(bottom[0].shape)
+            # straight into the bottom's diff (dy itself when in place)
+            self.xp.divide(dy, std, out=dx_out)
+            return
+        jit = channel_ops.kernels(self.xp, dy, self.x_norm, dx_out)
+        if jit is not None:
+            inv_std = (1 / self.std).astype(dy.dtype)
+            channel_ops.over_channels(jit.batch_norm_train_backward, self.channels, dy.size, dy, self.x_norm,
+                                      dx_out, inv_std)
+            return
+        y = self.x_norm
+        mean_dy = dy.mean(axis=(0, 2), keepdims=True)
+        mean_dy_y = (dy * y).mean(axis=(0, 2), keepdims=True)
+        dx_out[...] = (dy - mean_dy - y * mean_dy_y) / std
 
 
 class _ChannelOperand(Layer):

@@ -20,10 +20,12 @@ def many_jobs(monkeypatch):
     monkeypatch.setattr(parallel, "jobs_for", lambda xp=numpy, big=True, per_thread=4: 3 if big else 1)
 
 
-def _run(proto, x, dy, in_place, dtype, phase=caffe_pb2.TRAIN, iterations=2):
+def _run(proto, x, dy, in_place, dtype, phase=caffe_pb2.TRAIN, iterations=2, blobs=None):
     """Forward and backward (twice: buffers reused) of a fresh layer; returns what came out."""
     layer = make_layer(proto, phase=phase, dtype=dtype)
     bottom, top = setup_layer(layer, [x.astype(dtype)])
+    for blob, value in zip(layer.blobs, blobs or []):
+        blob.data[...] = value
     if in_place:
         top = bottom
     for _ in range(iterations):
@@ -41,7 +43,16 @@ SCALE = ('name: "s" type: "Scale" scale_param { bias_term: true filler { type: "
 SCALE_NO_BIAS = 'name: "s" type: "Scale" scale_param { filler { type: "gaussian" std: 1 } }'
 
 
-@pytest.mark.parametrize("proto", [BN, SCALE, SCALE_NO_BIAS])
+BN_GLOBAL = 'name: "bn" type: "BatchNorm" batch_norm_param { use_global_stats: true eps: 0.001 }'
+
+
+def _with_statistics(proto, dtype):
+    """A TEST BatchNorm's blobs: stored sums and a scale factor, as a trained net has them."""
+    blobs = [RNG.standard_normal(5) * 3, RNG.uniform(0.5, 4, 5) * 3, numpy.array([3.0])]
+    return [b.astype(dtype) for b in blobs]
+
+
+@pytest.mark.parametrize("proto", [BN, BN_GLOBAL, SCALE, SCALE_NO_BIAS])
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
 def test_compiled_matches_array_code(proto, in_place, dtype):
@@ -49,11 +60,12 @@ def test_compiled_matches_array_code(proto, in_place, dtype):
         pytest.skip("numba is not installed")
     x = RNG.standard_normal((3, 5, 4, 6)) * 2 + 1
     dy = RNG.standard_normal(x.shape)
+    blobs = _with_statistics(proto, dtype) if proto == BN_GLOBAL else None
     with cpu_kernels.enabled_for_test():
-        got = _run(proto, x, dy, in_place, dtype)
+        got = _run(proto, x, dy, in_place, dtype, blobs=blobs)
     with cpu_kernels.disabled():
-        want = _run(proto, x, dy, in_place, dtype)
-    tol = 1e-5 if dtype == numpy.float32 else 1e-12
+        want = _run(proto, x, dy, in_place, dtype, blobs=blobs)
+    tol = 2e-5 if dtype == numpy.float32 else 1e-12
     for a, b in zip(got, want):
         numpy.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
