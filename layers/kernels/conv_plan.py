@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy
 
-from brewnet.layers.kernels import blas, parallel, winograd
+from brewnet.layers.kernels import parallel, winograd
 from brewnet.layers.kernels.depthwise import depthwise_backward, depthwise_forward
 from brewnet.layers.kernels.im2col import ConvEngine
 from brewnet.layers.kernels.scratch import WORKSPACE, Scratch
@@ -139,6 +139,9 @@ class ConvPlan(BaseConvPlan):
     use_depthwise = True
     # columns of one 1x1 job at least (smaller jobs lose more to calls than they gain in balance)
     pointwise_min_columns = 512
+    # 1x1 weight gradient: up to this many positions per sample, a chunk's samples are gathered
+    # side by side for one GEMM (ResNet's 14x14 and 7x7 stages); longer rows take a GEMM each
+    pointwise_gather_max_columns = 1024
 
     @staticmethod
     def is_depthwise(g):
@@ -367,19 +370,29 @@ class ConvPlan(BaseConvPlan):
             parallel.run(data_job, len(jobs), xp)
         if not need_dw:
             return None
-        # dW = sum over samples of dy_i x_i^T: chunks of samples add into their own partial sum
-        # (in place, no temporary), then the partials add up in chunk order
+        # dW = sum over samples of dy_i x_i^T: per chunk of samples one GEMM over the chunk's
+        # positions side by side (gathered into thread buffers), then the chunks' partial sums
+        # add up in chunk order. (numpy's matmul lets the threads run at once; scipy's BLAS
+        # wrappers hold the GIL.)
         chunks = parallel.chunk_ranges(n, max(1, n // parallel.jobs_for(xp, n > 1, 2)), xp)
         parts = [None] * len(chunks)
+        L = int(numpy.prod(self.geometry.out_spatial))
 
         def weight_job(j, worker):
             a, z = chunks[j]
-            acc = xp.zeros((G, Mg, Cg), dtype=dy.dtype)
-            for i in range(a, z):
-                xi = self._pointwise_input(x, i, worker)
-                for g in range(G):
-                    blas.matmul_acc(dyg[i, g], xi[g].T, acc[g])
-            parts[j] = acc
+            if z - a == 1 or L >= self.pointwise_gather_max_columns:
+                # long rows: a GEMM per sample runs as well, and its small sum costs less than gathering
+                acc = gemm(xp, dyg[a], self._pointwise_input(x, a, worker).transpose(0, 2, 1))
+                for i in range(a + 1, z):
+                    acc += gemm(xp, dyg[i], self._pointwise_input(x, i, worker).transpose(0, 2, 1))
+                parts[j] = acc
+                return
+            rows = self._bufs.get("dy_rows", (G, Mg, z - a, L), dy.dtype, worker)
+            rows[...] = dyg[a:z].transpose(1, 2, 0, 3)
+            cols = self._bufs.get("x_rows", (G, Cg, z - a, L), x.dtype, worker)
+            xs = self._strided_input(x[a:z]).reshape(z - a, G, Cg, L)
+            cols[...] = xs.transpose(1, 2, 0, 3)
+            parts[j] = gemm(xp, rows.reshape(G, Mg, -1), cols.reshape(G, Cg, -1).transpose(0, 2, 1))
 
         parallel.run(weight_job, len(chunks), xp)
         return _sum_in_order(parts).reshape(W.shape)

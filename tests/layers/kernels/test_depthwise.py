@@ -130,3 +130,21 @@ def test_pointwise_paths_match_im2col_and_gradcheck(params, shape, monkeypatch):
         "gmc,ngml->ngcl", W.reshape(G, -1, x.shape[1] // G), dyg).reshape(xs.shape)
     numpy.testing.assert_allclose(bottom[0].diff, dx_want, rtol=1e-11, atol=1e-11)
     check_gradient(_layer(params), [x[:1, :, :8, :8] if shape[0] == 1 else x])
+
+
+@pytest.mark.parametrize("gather_max", [1024, 0])  # chunks gathered for one GEMM / a GEMM per sample
+@pytest.mark.parametrize("params", ["num_output: 6 kernel_size: 1 stride: 2 group: 2", "num_output: 5 kernel_size: 1"])
+def test_pointwise_weight_gradient_over_chunks_of_samples(params, gather_max, monkeypatch):
+    monkeypatch.setattr(ConvPlan, "pointwise_gather_max_columns", gather_max)
+    monkeypatch.setattr(parallel, "jobs_for", lambda xp=numpy, big=True, per_thread=4: 2 if big else 1)
+    x = RNG.standard_normal((6, 4, 5, 7))
+    layer = _layer(params)
+    bottom, top = setup_layer(layer, [x])
+    layer.forward(bottom, top)
+    top[0].diff[...] = RNG.standard_normal(top[0].shape)
+    layer.backward(top, [False], bottom)
+    stride, G = layer.stride, layer.group
+    xg = x[:, :, ::stride[0], ::stride[1]].reshape(6, G, 4 // G, -1)
+    dyg = top[0].diff.reshape(6, G, -1, xg.shape[-1])
+    numpy.testing.assert_allclose(layer.blobs[0].diff.reshape(G, -1, 4 // G),
+                                  numpy.einsum("ngml,ngcl->gmc", dyg, xg), rtol=1e-11, atol=1e-11)
