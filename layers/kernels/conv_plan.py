@@ -134,6 +134,9 @@ class ConvPlan(BaseConvPlan):
     # of wide layers (256-384 channels) run at 40 GFLOP/s with 32 rows and 70 with 128.
     winograd_chunk_bytes = 2 << 20
     winograd_min_tiles = 128
+    # Winograd only while the output channels per group are at most this many times the tiles of
+    # the batch (None: whatever the count)
+    winograd_max_filters_per_tile = 4
 
     # False: grouped im2col even for depthwise convolutions (tests compare the two)
     use_depthwise = True
@@ -170,6 +173,13 @@ class ConvPlan(BaseConvPlan):
             self.winograd, self.winograd_data = winograd.plan(xp, self.dtype, g.channels, g.in_spatial, g.num_output,
                                                               g.group, g.kernel, g.stride, g.pad, g.dilation,
                                                               g.out_spatial)
+            limit = self.winograd_max_filters_per_tile
+            if (self.winograd is not None and limit is not None
+                    and g.num_output // g.group > limit * g.batch * self.winograd.tiles_per_sample):
+                # few tiles for many filters (ResNet's 7x7 stage at batch 8, 14x14 at batch 1): the
+                # transformed weights and the weight gradient's transform-domain sums, one per filter
+                # pair, cost more than the tiles save (res5's 3x3: 5x slower than im2col backward)
+                self.winograd = self.winograd_data = None
         self.path = "im2col" if self.winograd is None else "winograd"
         if self.winograd_data is not None:
             self.data_path = "winograd"
