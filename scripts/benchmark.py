@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Training throughput of brewnet next to PyTorch (CPU), on LeNet, CIFAR-10-quick and CaffeNet.
+"""Training throughput of brewnet next to PyTorch (CPU), on LeNet, CIFAR-10-quick and CaffeNet,
+and (--nets modern) ResNet-50, GoogLeNet, Inception-v3, MobileNet v1/v2 and SqueezeNet 1.1 at batch 8.
 
 One command: measures the float32 GEMM peak, then runs interleaved rounds (brewnet then
 PyTorch, then PyTorch then brewnet, ...) in which every measurement is a fresh subprocess, so
@@ -14,6 +15,7 @@ the load average at start and end goes into the JSON so noisy runs can be told a
 
   python scripts/benchmark.py                       # all nets, 5 rounds
   python scripts/benchmark.py --nets lenet --rounds 3
+  python scripts/benchmark.py --nets modern --rounds 2   # configs/modern/ (or --nets all)
   python scripts/benchmark.py --quick --no-torch    # a smoke run
 """
 
@@ -42,7 +44,14 @@ NETS = {
                           min_seconds=4.0, warmup=3),
     "caffenet": dict(deploy="configs/caffenet/caffenet_deploy.prototxt", batch=10, min_seconds=6.0, warmup=2),
 }
+# the modern ImageNet nets of configs/modern/ (made by its make_nets.py), trained at batch 8
+MODERN_NETS = ("resnet50", "googlenet", "inception_v3", "mobilenet_v1", "mobilenet_v2", "squeezenet11")
+for _name in MODERN_NETS:
+    NETS[_name] = dict(deploy=f"configs/modern/{_name}.prototxt", batch=8, min_seconds=8.0, warmup=1)
 DEFAULT_NETS = "lenet,lenet_lmdb,cifar10_quick,caffenet"
+# --nets accepts these group names beside net names
+NET_GROUPS = {"classic": DEFAULT_NETS.split(","), "modern": list(MODERN_NETS),
+              "all": DEFAULT_NETS.split(",") + list(MODERN_NETS)}
 # figures measured on this machine kind (issue #8), shown for reference only
 REFERENCE = {
     "lenet": {"caffe": 2690, "pytorch": 2920, "chainer": 920},
@@ -187,57 +196,12 @@ def worker_brewnet(job):
 
 
 def torch_model(net_param, who="benchmark"):
-    """nn.Sequential from a chain-shaped train NetParameter (the nets benchmarked here);
-    ``who`` names the script in the error for a layer type it cannot translate."""
-    import torch
-    from torch import nn
+    """(PyTorch module, input shape) translated from a train NetParameter by scripts/torch_net.py
+    (chains and branching nets alike); ``who`` names the script in the error for a layer type
+    it cannot translate."""
+    from torch_net import torch_model as translate
 
-    from brewnet.netdef import caffe_pb2
-
-    P = caffe_pb2.PoolingParameter
-    mods, channels, flat = [], None, None
-    shape = None
-    for lp in net_param.layer:
-        t = lp.type
-        if t == "Input":
-            shape = list(lp.input_param.shape[0].dim)
-            channels = shape[1]
-            continue
-        if t == "SoftmaxWithLoss":
-            break
-        if t == "Convolution":
-            cp = lp.convolution_param
-            k = cp.kernel_size[0]
-            s = cp.stride[0] if len(cp.stride) else 1
-            p = cp.pad[0] if len(cp.pad) else 0
-            mods.append(nn.Conv2d(channels, cp.num_output, k, s, p, groups=cp.group, bias=cp.bias_term))
-            channels = cp.num_output
-        elif t == "Pooling":
-            pp = lp.pooling_param
-            k, s, p = pp.kernel_size, pp.stride, pp.pad
-            # Caffe rounds the output size up: ceil_mode
-            if pp.pool == P.MAX:
-                mods.append(nn.MaxPool2d(k, s, p, ceil_mode=True))
-            else:
-                mods.append(nn.AvgPool2d(k, s, p, ceil_mode=True))
-        elif t == "ReLU":
-            mods.append(nn.ReLU(inplace=True))
-        elif t == "LRN":
-            q = lp.lrn_param
-            mods.append(nn.LocalResponseNorm(q.local_size, q.alpha, q.beta, q.k))
-        elif t == "Dropout":
-            mods.append(nn.Dropout(lp.dropout_param.dropout_ratio))
-        elif t == "InnerProduct":
-            if flat is None:
-                mods.append(nn.Flatten())
-                with torch.no_grad():
-                    probe = nn.Sequential(*mods)(torch.zeros([1] + shape[1:]))
-                flat = probe.shape[1]
-            mods.append(nn.Linear(flat, lp.inner_product_param.num_output))
-            flat = lp.inner_product_param.num_output
-        else:
-            raise SystemExit(f"{who}: no PyTorch translation for layer type {t}")
-    return nn.Sequential(*mods), shape
+    return translate(net_param, who)
 
 
 def torch_training_step(net_param, device="cpu", who="benchmark"):
@@ -411,7 +375,7 @@ def print_table(results, peak):
 
 @click.command()
 @click.option("--nets", default=DEFAULT_NETS, show_default=True,
-              help=f"Comma-separated nets from: {', '.join(NETS)}.")
+              help=f"Comma-separated nets from: {', '.join(NETS)}; or a group: {', '.join(NET_GROUPS)}.")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(min=1),
               help="Interleaved rounds (brewnet, PyTorch, brewnet, ...); medians are reported.")
 @click.option("--quick", is_flag=True, help="A smoke run: one round, a couple of iterations each.")
@@ -426,7 +390,11 @@ def main(nets, rounds, quick, use_torch, json_out, worker):
         job = json.loads(worker)
         click.echo(json.dumps(WORKERS[job["kind"]](job)))
         return
-    names = [n.strip() for n in nets.split(",") if n.strip()]
+    names = []
+    for n in (n.strip() for n in nets.split(",")):
+        for name in NET_GROUPS.get(n, [n] if n else []):
+            if name not in names:
+                names.append(name)
     unknown = [n for n in names if n not in NETS]
     if unknown:
         raise click.BadParameter(f"unknown net(s) {', '.join(unknown)}; choose from {', '.join(NETS)}",

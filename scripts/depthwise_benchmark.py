@@ -22,10 +22,10 @@ LAYERS = [((16, 32, 112, 112), "num_output: 32 group: 32 kernel_size: 3 pad: 1")
 
 def best_times(shape, params, depthwise, reps=7):
     """(forward, backward) seconds of CPU time, the best of ``reps``."""
-    from brewnet.layers.families.conv import Convolution
+    from brewnet.layers.kernels.conv_plan import ConvPlan
     from brewnet.layers.gradcheck import make_layer, setup_layer
 
-    Convolution.use_depthwise = depthwise
+    ConvPlan.use_depthwise = depthwise
     layer = make_layer(f'name: "c" type: "Convolution" convolution_param {{ {params} '
                        'weight_filler { type: "gaussian" } }', dtype=numpy.float32)
     x = numpy.random.default_rng(0).random(shape, dtype=numpy.float32)

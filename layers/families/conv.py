@@ -13,7 +13,6 @@ from brewnet.layers import fillers
 from brewnet.layers.base import Layer
 from brewnet.layers.kernels.conv_plan import ConvGeometry, ConvPlan, DeconvPlan
 from brewnet.layers.kernels.cuda import ops as cuda_ops
-from brewnet.layers.kernels.depthwise import DepthwisePlan, is_depthwise
 from brewnet.layers.kernels.im2col import ConvEngine, conv_out_size, deconv_out_size
 from brewnet.layers.registry import register
 
@@ -76,8 +75,6 @@ class _BaseConv(_ConvParams):
     equal_bottom_top = True  # one top per bottom, all through the same weights
     reverse = False  # True for Deconvolution
     plan_type = None  # how the steps run: ConvPlan or DeconvPlan (layers/kernels/conv_plan.py)
-    # group == channels runs on the depthwise kernel (layers/kernels/depthwise.py); tests switch it off
-    use_depthwise = True
 
     def setup(self, bottom, top):
         self._read_geometry(bottom)
@@ -127,11 +124,7 @@ class _BaseConv(_ConvParams):
                                 self.group, self.kernel, self.stride, self.pad, self.dilation)
         if self.plan is None or self.plan.geometry != geometry:
             # BREWNET_CUDA_KERNELS: the CUDA plan where it applies (layers/kernels/cuda/ops.py)
-            plan = cuda_ops.conv_plan(self.xp, geometry, self.reverse)
-            if plan is None:
-                depthwise = self.use_depthwise and not self.reverse and is_depthwise(geometry)
-                plan = (DepthwisePlan if depthwise else self.plan_type)(self.xp, geometry)
-            self.plan = plan
+            self.plan = cuda_ops.conv_plan(self.xp, geometry, self.reverse) or self.plan_type(self.xp, geometry)
         top_shape = shape[:self.channel_axis] + (self.num_output,) + out
         for t in top:
             t.reshape(top_shape)

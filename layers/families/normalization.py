@@ -3,11 +3,15 @@
 BatchNorm keeps Caffe's three statistics blobs (mean sum, variance sum, scale
 factor) and its update rule, so .caffemodel files move both ways. Scale and
 Bias broadcast a blob over bottom[0] axes [axis, axis + num_axes), viewed as
-(outer, dim, inner).
+(outer, dim, inner). On the CPU, BatchNorm's training passes and Scale run as compiled
+per-channel kernels (layers/kernels/channel_ops.py); the array code here is their twin.
 """
+
+import numpy
 
 from brewnet.layers.base import Layer
 from brewnet.layers.families.axes import canonical_axis
+from brewnet.layers.kernels import channel_ops
 from brewnet.layers.fillers import fill
 from brewnet.layers.kernels.cuda import ops as cuda_ops
 from brewnet.layers.registry import register
@@ -72,26 +76,42 @@ class BatchNorm(Layer):
     def forward(self, bottom, top):
         xp = self.xp
         x = self._nc_s(bottom[0].data)
-        mean_b, var_b, factor_b = (blob.data for blob in self.blobs)
         if self.use_global_stats:
+            mean_b, var_b, factor_b = (blob.data for blob in self.blobs)
             # stored sums / scale factor (a factor of 0 means "no statistics yet": use 0)
             zero = factor_b == 0
             factor = xp.where(zero, 0, 1 / xp.where(zero, 1, factor_b))
             mean = mean_b * factor
             var = var_b * factor
+            y = self._nc_s(top[0].data)
+            # the CUDA kernels (BREWNET_CUDA_KERNELS) take precedence over the compiled CPU passes
+            jit = None if cuda_ops.active(xp, x) else channel_ops.kernels(xp, x, y)
+            if jit is not None:
+                # an affine map per channel (Scale's kernel), in place or not; backward needs only std
+                self.std = xp.sqrt(var + self.eps)
+                inv = (1 / self.std).astype(x.dtype)
+                shift = (-mean * inv).astype(x.dtype)
+                channel_ops.over_channels(jit.scale_forward, self.channels, x.size, x, inv, shift, y, x, False)
+                return
             centered = x - mean[None, :, None]
         else:
+            y = self._nc_s(top[0].data)
+            jit = None if cuda_ops.active(xp, x) else channel_ops.kernels(xp, x, y)
+            if jit is not None:
+                x_norm = self._x_norm_buffer(x)
+                # batch statistics and the normalized batch in one kernel, no temporaries
+                mean = numpy.empty(self.channels, dtype=x.dtype)
+                var = numpy.empty(self.channels, dtype=x.dtype)
+                channel_ops.over_channels(jit.batch_norm_train_forward, self.channels, x.size, x, y, x_norm,
+                                          mean, var, self.eps)
+                self._update_statistics(mean, var)
+                self.std = xp.sqrt(var + self.eps)
+                self.x_norm = x_norm
+                return
             mean = x.mean(axis=(0, 2))
             centered = x - mean[None, :, None]
             var = (centered * centered).mean(axis=(0, 2))
-            m = self.n * self.spatial
-            correction = m / (m - 1) if m > 1 else 1.0
-            factor_b *= self.maf
-            factor_b += 1
-            mean_b *= self.maf
-            mean_b += mean
-            var_b *= self.maf
-            var_b += var * correction
+            self._update_statistics(mean, var)
         self.std = xp.sqrt(var + self.eps)
         # cached: a later in-place layer may overwrite the top
         if cuda_ops.active(xp, x, mean, self.std):  # BREWNET_CUDA_KERNELS
@@ -101,23 +121,49 @@ class BatchNorm(Layer):
             self.x_norm = centered / self.std[None, :, None]
         top[0].data[...] = self.x_norm.reshape(top[0].shape)
 
+    def _x_norm_buffer(self, x):
+        """The normalized batch kept for backward: one buffer reused while the shape stays."""
+        buf = getattr(self, "_x_norm_kept", None)
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = self._x_norm_kept = self.xp.empty(x.shape, dtype=x.dtype)
+        return buf
+
+    def _update_statistics(self, mean, var):
+        """Caffe's running sums: decayed by moving_average_fraction, the variance unbiased."""
+        mean_b, var_b, factor_b = (blob.data for blob in self.blobs)
+        m = self.n * self.spatial
+        correction = m / (m - 1) if m > 1 else 1.0
+        factor_b *= self.maf
+        factor_b += 1
+        mean_b *= self.maf
+        mean_b += mean
+        var_b *= self.maf
+        var_b += var * correction
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         dy = self._nc_s(top[0].diff)
         std = self.std[None, :, None]
+        dx_out = self._nc_s(bottom[0].diff)
         if self.use_global_stats:
-            dx = dy / std
-        elif cuda_ops.active(self.xp, dy, self.x_norm, self.std, bottom[0].diff):
+            # straight into the bottom's diff (dy itself when in place)
+            self.xp.divide(dy, std, out=dx_out)
+            return
+        if cuda_ops.active(self.xp, dy, self.x_norm, self.std, bottom[0].diff):  # BREWNET_CUDA_KERNELS
             y = self.x_norm
             return cuda_ops.batch_norm_backward(self.xp, dy, y, dy.mean(axis=(0, 2)), (dy * y).mean(axis=(0, 2)),
                                                 1 / self.std, self.channels, self.spatial, bottom[0].diff)
-        else:
-            y = self.x_norm
-            mean_dy = dy.mean(axis=(0, 2), keepdims=True)
-            mean_dy_y = (dy * y).mean(axis=(0, 2), keepdims=True)
-            dx = (dy - mean_dy - y * mean_dy_y) / std
-        bottom[0].diff[...] = dx.reshape(bottom[0].shape)
+        jit = channel_ops.kernels(self.xp, dy, self.x_norm, dx_out)
+        if jit is not None:
+            inv_std = (1 / self.std).astype(dy.dtype)
+            channel_ops.over_channels(jit.batch_norm_train_backward, self.channels, dy.size, dy, self.x_norm,
+                                      dx_out, inv_std)
+            return
+        y = self.x_norm
+        mean_dy = dy.mean(axis=(0, 2), keepdims=True)
+        mean_dy_y = (dy * y).mean(axis=(0, 2), keepdims=True)
+        dx_out[...] = (dy - mean_dy - y * mean_dy_y) / std
 
 
 class _ChannelOperand(Layer):
@@ -182,7 +228,18 @@ class Scale(_ChannelOperand):
 
     def forward(self, bottom, top):
         x = bottom[0].data
-        if top[0] is bottom[0]:
+        in_place = top[0] is bottom[0]
+        x3, y3 = self._odi(x), self._odi(top[0].data)
+        scale = self._operand(bottom).data.reshape(-1)
+        jit = None if cuda_ops.active(self.xp, x) else channel_ops.kernels(self.xp, x3, y3, scale)
+        if jit is not None:
+            bias = (self.blobs[self.bias_index].data.reshape(-1) if self.bias_index is not None
+                    else numpy.zeros(self.dim, dtype=x.dtype))
+            saved = self._saved_input(x) if in_place else x3  # (x3: unused when not kept)
+            channel_ops.over_channels(jit.scale_forward, self.dim, x.size, x3, scale, bias.astype(x.dtype, copy=False),
+                                      y3, saved.reshape(x3.shape), in_place)
+            return
+        if in_place:
             self.x_saved = x.copy()  # the scale gradient needs the input
         scale = self._operand(bottom).data
         bias = None if self.bias_index is None else self.blobs[self.bias_index].data
@@ -193,7 +250,34 @@ class Scale(_ChannelOperand):
             y += self.blobs[self.bias_index].data.reshape(1, self.dim, 1)
         top[0].data[...] = y.reshape(top[0].shape)
 
+    def _saved_input(self, x):
+        """Where an in-place Scale keeps its input for the scale gradient (one buffer, reused)."""
+        buf = getattr(self, "x_saved", None)
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = self.x_saved = self.xp.empty(x.shape, dtype=x.dtype)
+        return buf
+
+    def _backward_compiled(self, top, propagate_down, bottom):
+        """Both parameter gradients and dx in one kernel; False where it does not apply."""
+        dy = self._odi(top[0].diff)
+        x = self._odi(self.x_saved if top[0] is bottom[0] else bottom[0].data)
+        scale = self._operand(bottom).data.reshape(-1)
+        dx = self._odi(bottom[0].diff)
+        jit = None if cuda_ops.active(self.xp, dy) else channel_ops.kernels(self.xp, dy, x, scale, dx)
+        if jit is None:
+            return False
+        d_scale = numpy.empty(self.dim, dtype=dy.dtype)
+        d_bias = numpy.empty(self.dim, dtype=dy.dtype)
+        channel_ops.over_channels(jit.scale_backward, self.dim, dy.size, dy, x, scale, dx, d_scale, d_bias,
+                                  bool(propagate_down[0]))
+        if self.bias_index is not None and self.param_needs_grad(self.bias_index):
+            self.blobs[self.bias_index].diff += d_bias.reshape(self.blobs[self.bias_index].shape)
+        self._operand_backward(bottom, propagate_down, lambda: d_scale)
+        return True
+
     def backward(self, top, propagate_down, bottom):
+        if self._backward_compiled(top, propagate_down, bottom):
+            return
         dy = self._odi(top[0].diff)
         if self.bias_index is not None and self.param_needs_grad(self.bias_index):
             self.blobs[self.bias_index].diff += dy.sum(axis=(0, 2)).reshape(self.blobs[self.bias_index].shape)

@@ -27,8 +27,15 @@ from typing import NamedTuple
 import numpy
 
 from brewnet.layers.kernels import parallel, winograd
+from brewnet.layers.kernels.depthwise import depthwise_backward, depthwise_forward
 from brewnet.layers.kernels.im2col import ConvEngine
-from brewnet.layers.kernels.scratch import WORKSPACE
+from brewnet.layers.kernels.scratch import WORKSPACE, Scratch
+
+
+def gemm(xp, a, b, out=None):
+    """a @ b (stacked over leading axes) into ``out``: every GEMM of the plans' own paths goes
+    through here, so a different BLAS policy (brewnet's threads or the BLAS's) is one line."""
+    return xp.matmul(a, b, out=out)
 
 
 class ConvGeometry(NamedTuple):
@@ -127,6 +134,22 @@ class ConvPlan(BaseConvPlan):
     # of wide layers (256-384 channels) run at 40 GFLOP/s with 32 rows and 70 with 128.
     winograd_chunk_bytes = 2 << 20
     winograd_min_tiles = 128
+    # Winograd only while the output channels per group are at most this many times the tiles of
+    # the batch (None: whatever the count)
+    winograd_max_filters_per_tile = 4
+
+    # False: grouped im2col even for depthwise convolutions (tests compare the two)
+    use_depthwise = True
+    # columns of one 1x1 job at least (smaller jobs lose more to calls than they gain in balance)
+    pointwise_min_columns = 512
+    # 1x1 weight gradient: up to this many positions per sample, a chunk's samples are gathered
+    # side by side for one GEMM (ResNet's 14x14 and 7x7 stages); longer rows take a GEMM each
+    pointwise_gather_max_columns = 1024
+
+    @staticmethod
+    def is_depthwise(g):
+        """One input channel per group, several groups, 2-D: layers/kernels/depthwise.py's case."""
+        return g.group > 1 and g.group == g.channels and len(g.kernel) == 2
 
     def __init__(self, xp, geometry):
         super().__init__(xp, geometry)
@@ -136,13 +159,27 @@ class ConvPlan(BaseConvPlan):
                                        g.stride, g.pad, g.dilation, g.out_spatial)
         self.winograd = self.winograd_data = self.data_engine = None
         self._kept = {}  # slot -> (token, buffer, samples, worker) of columns forward left
-        if eng.is_1x1:
+        self._bufs = Scratch(xp)
+        if all(k == 1 for k in g.kernel) and not any(g.pad):
+            # 1x1 (any stride): GEMMs straight from the input, no columns
             self.path = self.data_path = "1x1"
+            self.strided = any(s != 1 for s in g.stride)
+            self.pointwise_jobs = self._pointwise_jobs()
+            return
+        if self.use_depthwise and self.is_depthwise(g):
+            self.path = self.data_path = "depthwise"
             return
         if self.use_winograd and self.force_data_grad is None:
             self.winograd, self.winograd_data = winograd.plan(xp, self.dtype, g.channels, g.in_spatial, g.num_output,
                                                               g.group, g.kernel, g.stride, g.pad, g.dilation,
                                                               g.out_spatial)
+            limit = self.winograd_max_filters_per_tile
+            if (self.winograd is not None and limit is not None
+                    and g.num_output // g.group > limit * g.batch * self.winograd.tiles_per_sample):
+                # few tiles for many filters (ResNet's 7x7 stage at batch 8, 14x14 at batch 1): the
+                # transformed weights and the weight gradient's transform-domain sums, one per filter
+                # pair, cost more than the tiles save (res5's 3x3: 5x slower than im2col backward)
+                self.winograd = self.winograd_data = None
         self.path = "im2col" if self.winograd is None else "winograd"
         if self.winograd_data is not None:
             self.data_path = "winograd"
@@ -190,20 +227,67 @@ class ConvPlan(BaseConvPlan):
         """y = conv(x, W) + bias (bias may be None). ``slot`` names which of the layer's inputs x
         is: on the im2col path, its backward may reuse the columns built here."""
         if self.path == "1x1":
-            self._forward_1x1(x, W, y)
-            if bias is not None:
-                self.add_bias(y, bias)
+            self._forward_1x1(x, W, bias, y)
+        elif self.path == "depthwise":
+            g = self.geometry
+            depthwise_forward(x, W, bias, g.stride, g.pad, g.dilation, out=y)
         elif self.path == "winograd":
             self._winograd_forward(self.winograd, self.winograd_chunks, x, W, bias, y)
         else:
             self._im2col_forward(x, W, bias, y, slot)
 
-    def _forward_1x1(self, x, W, y):
-        # no im2col: a batched GEMM per sample straight from the input layout
-        G, n = self.group, self.batch
-        Wm = W.reshape(G, self.num_output // G, self.channels // G)
-        xg = x.reshape(n, G, self.channels // G, -1)
-        y.reshape(n, G, self.num_output // G, -1)[...] = self.xp.matmul(Wm, xg)
+    # -- 1x1 kernels: per-sample GEMMs on the input itself ------------------------------------
+    def _pointwise_jobs(self):
+        """(sample, first column, last column) per job: one sample each, its columns cut in
+        pieces when there are few samples for the threads (stride 1 only: a strided input is
+        gathered per sample)."""
+        n, L = self.batch, int(numpy.prod(self.geometry.out_spatial))
+        pieces = 1
+        if not self.strided and self.xp is numpy:
+            wanted = -(-parallel.jobs_for(self.xp, True, 2) // n)
+            pieces = max(1, min(wanted, L // self.pointwise_min_columns))
+        return [(i, a, b) for i in range(n) for a, b in parallel.split(L, pieces)]
+
+    def _pointwise_input(self, x, i, worker):
+        """Sample i of x as (G, C/G, L): a view at stride 1, else gathered into a thread buffer."""
+        G, C = self.group, self.channels
+        if not self.strided:
+            return x[i].reshape(G, C // G, -1)
+        picks = (slice(None),) + tuple(slice(None, None, s) for s in self.geometry.stride)
+        sub = x[i][picks]
+        buf = self._bufs.get("gathered", sub.shape, x.dtype, worker)
+        buf[...] = sub
+        return buf.reshape(G, C // G, -1)
+
+    def _strided_input(self, x):
+        """x at the positions a strided 1x1 kernel reads (all of x at stride 1)."""
+        if not self.strided:
+            return x
+        return x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.geometry.stride)]
+
+    def _forward_1x1(self, x, W, bias, y):
+        G, M = self.group, self.num_output
+        Wm = W.reshape(G, M // G, self.channels // G)
+        yv = y.reshape(self.batch, G, M // G, -1)
+        if self.xp is not numpy:
+            # one batched GEMM on the GPU (its jobs would run one after another)
+            xs = self.xp.ascontiguousarray(self._strided_input(x)).reshape(self.batch, G, self.channels // G, -1)
+            yv[...] = gemm(self.xp, Wm, xs)
+            if bias is not None:
+                self.add_bias(y, bias)
+            return
+        jobs = self.pointwise_jobs
+        b3 = None if bias is None else bias.reshape(G, M // G, 1)
+
+        def job(j, worker):
+            i, a, z = jobs[j]
+            xi = self._pointwise_input(x, i, worker)
+            out = yv[i, :, :, a:z]
+            gemm(self.xp, Wm, xi[:, :, a:z], out=out)
+            if b3 is not None:
+                out += b3  # while the block is in cache
+
+        parallel.run(job, len(jobs), self.xp)
 
     def _winograd_forward(self, conv, chunks, x, W, bias, y):
         U, b = conv.weight_tiles(W), conv.bias_vector(bias)
@@ -251,6 +335,9 @@ class ConvPlan(BaseConvPlan):
         add it to the weight diff before the plan's next call."""
         if self.path == "1x1":
             return self._backward_1x1(x, W, dy, dx, need_dw)
+        if self.path == "depthwise":
+            g = self.geometry
+            return depthwise_backward(x, W, dy, g.stride, g.pad, g.dilation, dx=dx, need_dw=need_dw)
         if self.path == "im2col":
             return self._im2col_backward(x, W, dy, dx, need_dw, slot)
         if dx is not None:
@@ -265,16 +352,60 @@ class ConvPlan(BaseConvPlan):
     def _backward_1x1(self, x, W, dy, dx, need_dw):
         xp, G, n = self.xp, self.group, self.batch
         Mg, Cg = self.num_output // G, self.channels // G
-        xg = x.reshape(n, G, Cg, -1)
         dyg = dy.reshape(n, G, Mg, -1)
-        dW = None
-        if need_dw:
-            # sum over samples of dy_n x_n^T (per-sample GEMMs, summed)
-            dW = xp.matmul(dyg, xg.transpose(0, 1, 3, 2)).sum(axis=0).reshape(W.shape)
+        Wt = W.reshape(G, Mg, Cg).transpose(0, 2, 1)
+        if xp is not numpy:
+            # batched GEMMs on the GPU, as in forward
+            xg = xp.ascontiguousarray(self._strided_input(x)).reshape(n, G, Cg, -1)
+            if dx is not None:
+                part = gemm(xp, Wt, dyg).reshape((n, self.channels) + self.geometry.out_spatial)
+                if self.strided:
+                    dx.fill(0)
+                self._strided_input(dx)[...] = part
+            return gemm(xp, dyg, xg.transpose(0, 1, 3, 2)).sum(axis=0).reshape(W.shape) if need_dw else None
         if dx is not None:
-            Wm = W.reshape(G, Mg, Cg)
-            dx.reshape(n, G, Cg, -1)[...] = xp.matmul(Wm.transpose(0, 2, 1), dyg)
-        return dW
+            jobs = self.pointwise_jobs
+            picks = (slice(None),) + tuple(slice(None, None, s) for s in self.geometry.stride)
+
+            def data_job(j, worker):
+                i, a, z = jobs[j]
+                if not self.strided:
+                    gemm(xp, Wt, dyg[i, :, :, a:z], out=dx[i].reshape(G, Cg, -1)[:, :, a:z])
+                    return
+                # the 1x1 strided convolution read only every stride-th position: the rest get 0
+                part = gemm(xp, Wt, dyg[i])
+                dx[i].fill(0)
+                dx[i][picks] = part.reshape((self.channels,) + self.geometry.out_spatial)
+
+            parallel.run(data_job, len(jobs), xp)
+        if not need_dw:
+            return None
+        # dW = sum over samples of dy_i x_i^T: per chunk of samples one GEMM over the chunk's
+        # positions side by side (gathered into thread buffers), then the chunks' partial sums
+        # add up in chunk order. (numpy's matmul lets the threads run at once; scipy's BLAS
+        # wrappers hold the GIL.)
+        chunks = parallel.chunk_ranges(n, max(1, n // parallel.jobs_for(xp, n > 1, 2)), xp)
+        parts = [None] * len(chunks)
+        L = int(numpy.prod(self.geometry.out_spatial))
+
+        def weight_job(j, worker):
+            a, z = chunks[j]
+            if z - a == 1 or L >= self.pointwise_gather_max_columns:
+                # long rows: a GEMM per sample runs as well, and its small sum costs less than gathering
+                acc = gemm(xp, dyg[a], self._pointwise_input(x, a, worker).transpose(0, 2, 1))
+                for i in range(a + 1, z):
+                    acc += gemm(xp, dyg[i], self._pointwise_input(x, i, worker).transpose(0, 2, 1))
+                parts[j] = acc
+                return
+            rows = self._bufs.get("dy_rows", (G, Mg, z - a, L), dy.dtype, worker)
+            rows[...] = dyg[a:z].transpose(1, 2, 0, 3)
+            cols = self._bufs.get("x_rows", (G, Cg, z - a, L), x.dtype, worker)
+            xs = self._strided_input(x[a:z]).reshape(z - a, G, Cg, L)
+            cols[...] = xs.transpose(1, 2, 0, 3)
+            parts[j] = gemm(xp, rows.reshape(G, Mg, -1), cols.reshape(G, Cg, -1).transpose(0, 2, 1))
+
+        parallel.run(weight_job, len(chunks), xp)
+        return _sum_in_order(parts).reshape(W.shape)
 
     def _winograd_weight_grad(self, x, dy):
         conv, chunks = self.winograd, self.winograd_chunks

@@ -1,145 +1,186 @@
-"""Depthwise convolution: one small filter bank per input channel (group == channels).
+"""Depthwise 2-D convolution: every input channel convolved with its own filters (group == channels).
 
-im2col with group == channels spends its time building a column matrix and running one tiny
-GEMM per channel (a single row of weights). Here each of the kh*kw kernel offsets is one
-strided slice of the padded input, multiplied by that offset's weights and added into the
-output, over the whole batch at once. The channels are cut into ranges, one job each on brewnet's CPU threads; a range
-owns its outputs, input gradient and weight gradient, so no partial sums are merged and a run
-gives the same floats whatever the thread count. On the CPU the per-offset passes are numba
-loops instead (layers/kernels/depthwise_jit.py: one visit per output and tap, no temporaries);
-the array code runs on cupy, without numba and under BREWNET_JIT=0 (cpu_kernels.enabled).
+A grouped convolution with one input channel per group is, through im2col, G tiny GEMMs
+(M/G rows, kh*kw deep) plus a column copy nine times the input's size: almost all memory
+traffic. Here each output row is summed directly from a zero-bordered copy of its input
+plane, kernel offset by kernel offset (a compiled loop, layers/kernels/depthwise_jit.py, with
+the channels split across brewnet's threads), and the gradients in one more pass of the same
+kind. The array-code twin (a pass per kernel offset over the whole batch) runs on cupy,
+without numba and under ``BREWNET_JIT=0``; the tests compare the two.
 
-Shapes: x (n, C, H, W); W (C * M, 1, kh, kw) with M outputs per channel (Caffe's order: output
-channel o reads input channel o // M); y (n, C * M, OH, OW).
+Layout as in Caffe's Convolution with ``group == channels``: x (n, C, H, W), weights
+(C * mult, 1, kh, kw) where ``mult`` = num_output / C is the channel multiplier (output
+channel c * mult + k reads input channel c), bias (C * mult,). The output size is Caffe's
+(layers/kernels/im2col.conv_out_size).
+
+  depthwise_forward(x, w, bias, stride, pad, dilation, out=None) -> y
+  depthwise_backward(x, w, dy, stride, pad, dilation, dx=None, need_dw=True) -> dW or None
+
+Both take the array module from their arguments (numpy or cupy) and accept float32 or float64.
 """
 
 import numpy
 
 from brewnet.layers.kernels import cpu_kernels, parallel
+from brewnet.layers.kernels.im2col import conv_out_size
+from brewnet.layers.kernels.scratch import Scratch
+
+_state = {"jit": None, "scratch": {}}
 
 
-def _jit():
-    # imported with numba on the first compiled call (cpu_kernels.py tells why)
-    from brewnet.layers.kernels import depthwise_jit
+def _jit_kernels(xp):
+    """depthwise_jit when the compiled kernels may run on arrays of ``xp``, else None."""
+    if not cpu_kernels.enabled(xp):
+        return None
+    if _state["jit"] is None:
+        from brewnet.layers.kernels import depthwise_jit
 
-    return depthwise_jit
-
-
-def is_depthwise(geometry):
-    """True for a 2-D convolution whose every group is one input channel."""
-    g = geometry
-    return len(g.in_spatial) == 2 and g.group == g.channels and g.group > 1 and g.num_output % g.channels == 0
+        _state["jit"] = depthwise_jit
+    return _state["jit"]
 
 
-class DepthwisePlan:
-    """The plan interface of layers/kernels/conv_plan.py (forward, backward, bias_gradient) for
-    depthwise geometry; Convolution dispatches to it when ``is_depthwise``."""
+def _scratch(xp):
+    return _state["scratch"].setdefault(xp.__name__, Scratch(xp))
 
-    path = "depthwise"
 
-    def __init__(self, xp, geometry):
-        g = self.geometry = geometry
-        self.xp = xp
-        self.channels = g.channels
-        self.multiplier = g.num_output // g.channels
-        self.kernel, self.stride, self.pad, self.dilation = g.kernel, g.stride, g.pad, g.dilation
-        self.in_hw, self.out_hw = tuple(g.in_spatial), tuple(g.out_spatial)
+def _padded_role(ph, pw):
+    # a padded plane's border stays zero only if every user of the buffer writes the same inside:
+    # the shape and the pad together fix it (another pad could fill the same shape edge to edge)
+    return f"depthwise_in_{ph}_{pw}"
 
-    # -- helpers ----------------------------------------------------------------------------
-    def _window(self, padded, i, j):
-        """The input samples that kernel offset (i, j) meets, (n, c, OH, OW): a strided view."""
-        (dh, dw), (sh, sw), (oh, ow) = self.dilation, self.stride, self.out_hw
-        return padded[:, :, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
 
-    def _pad(self, x, a, b):
-        """Channels a..b of x with the zero border (a view of x itself when there is no pad)."""
-        (ph, pw), (h, w) = self.pad, self.in_hw
-        if ph == 0 and pw == 0:
-            return x[:, a:b]
-        padded = self.xp.zeros((x.shape[0], b - a, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
-        padded[:, :, ph:ph + h, pw:pw + w] = x[:, a:b]
-        return padded
+def _xp_of(array):
+    return numpy if isinstance(array, numpy.ndarray) else __import__("cupy")
 
-    def _weights(self, W):
-        kh, kw = self.kernel
-        return W.reshape(self.channels, self.multiplier, kh, kw)
 
-    def _geometry_args(self):
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.pad, self.dilation
-        return self.multiplier, sh, sw, ph, pw, dh, dw
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
-    def _over_channels(self, fn, x):
-        # many channels and a big enough batch: a few jobs per thread
-        big = x.size >= (1 << 16)
-        parallel.over_ranges(fn, self.channels, self.xp, big=big, per_thread=2)
 
-    # -- the plan's steps ------------------------------------------------------------------
-    def forward(self, x, W, bias, y, slot=0):
-        if cpu_kernels.enabled(self.xp):
-            kernel, args = _jit().forward, self._geometry_args()
-            x, w = numpy.ascontiguousarray(x), numpy.ascontiguousarray(W.reshape(W.shape[0], *self.kernel))
-            b = numpy.zeros(0, dtype=x.dtype) if bias is None else numpy.ascontiguousarray(bias)
-            self._over_channels(lambda a, c: kernel(x, w, b, y, *args, a, c), x)
-            return
-        n, m = x.shape[0], self.multiplier
-        w = self._weights(W)
-        out = y.reshape((n, self.channels, m) + self.out_hw)
-        b5 = None if bias is None else bias.reshape(1, self.channels, m, 1, 1)
+def output_shape(x_shape, w_shape, stride, pad, dilation):
+    """(n, C * mult, Oh, Ow) of a depthwise convolution of x with weights w."""
+    n, C, H, W = x_shape
+    M, one, kh, kw = w_shape
+    if one != 1 or M % C:
+        raise ValueError(f"depthwise weights must be (C * mult, 1, kh, kw) for {C} channels, got {tuple(w_shape)}")
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(pad), _pair(dilation)
+    return (n, M, conv_out_size(H, kh, sh, ph, dh), conv_out_size(W, kw, sw, pw, dw))
 
-        def channels(a, c):
-            padded = self._pad(x, a, c)
-            acc = out[:, a:c]
-            acc[...] = 0
-            for i in range(self.kernel[0]):
-                for j in range(self.kernel[1]):
-                    acc += w[a:c, :, i, j][None, :, :, None, None] * self._window(padded, i, j)[:, :, None]
-            if b5 is not None:
-                acc += b5[:, a:c]
 
-        self._over_channels(channels, x)
+def _channel_jobs(C, xp):
+    # several jobs per thread: a thread slowed by other load takes fewer of them
+    return parallel.split(C, parallel.jobs_for(xp, C >= 2))
 
-    def bias_gradient(self, dy):
-        return dy.reshape(dy.shape[0], dy.shape[1], -1).sum(axis=(0, 2))
 
-    def backward(self, x, W, dy, dx, need_dw, slot=0):
-        """Writes dx (unless None); returns dW (C*M, 1, kh, kw) if need_dw, else None."""
-        if cpu_kernels.enabled(self.xp):
-            return self._backward_jit(x, W, dy, dx, need_dw)
-        xp, n, m = self.xp, x.shape[0], self.multiplier
-        (kh, kw), (ph, pw), (h, w_) = self.kernel, self.pad, self.in_hw
-        w = self._weights(W)
-        grad = dy.reshape((n, self.channels, m) + self.out_hw)
-        dW = xp.zeros((self.channels, m, kh, kw), dtype=W.dtype) if need_dw else None
+def depthwise_forward(x, w, bias, stride, pad, dilation, out=None):
+    """y = depthwise conv(x, w) + bias (bias may be None), written into ``out`` if given.
 
-        def channels(a, c):
-            g = grad[:, a:c]
-            if need_dw:
-                padded = self._pad(x, a, c)
-                for i in range(kh):
-                    for j in range(kw):
-                        dW[a:c, :, i, j] = xp.einsum("ncmhw,nchw->cm", g, self._window(padded, i, j))
-            if dx is not None:
-                dpad = xp.zeros((n, c - a, h + 2 * ph, w_ + 2 * pw), dtype=dx.dtype)
-                for i in range(kh):
-                    for j in range(kw):
-                        contrib = xp.einsum("ncmhw,cm->nchw", g, w[a:c, :, i, j])
-                        self._window(dpad, i, j)[...] += contrib
-                dx[:, a:c] = dpad[:, :, ph:ph + h, pw:pw + w_]
+    x (n, C, H, W); w (C * mult, 1, kh, kw); stride, pad, dilation: an int or an (h, w) pair.
+    Returns y (n, C * mult, Oh, Ow).
+    """
+    xp = _xp_of(x)
+    shape = output_shape(x.shape, w.shape, stride, pad, dilation)
+    if out is None:
+        out = xp.empty(shape, dtype=x.dtype)
+    elif tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, the convolution gives {shape}")
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(pad), _pair(dilation)
+    jit = _jit_kernels(xp)
+    if jit is None:
+        return _forward_array(xp, x, w, bias, (sh, sw), (ph, pw), (dh, dw), out)
+    x, w = numpy.ascontiguousarray(x), numpy.ascontiguousarray(w, dtype=x.dtype)
+    b = numpy.zeros(w.shape[0], x.dtype) if bias is None else numpy.ascontiguousarray(bias, dtype=x.dtype)
+    y = out if out.flags.c_contiguous else numpy.empty(shape, dtype=x.dtype)
+    padded_shape = (x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
+    jobs = _channel_jobs(x.shape[1], xp)
 
-        self._over_channels(channels, x)
-        return None if dW is None else dW.reshape(W.shape)
+    def job(j, worker):
+        padded = _scratch(xp).get(_padded_role(ph, pw), padded_shape, x.dtype, worker, zero=True)
+        jit.forward(x, w, b, y, *jobs[j], sh, sw, ph, pw, dh, dw, padded)
 
-    def _backward_jit(self, x, W, dy, dx, need_dw):
-        jit, args = _jit(), self._geometry_args()
-        x, dy = numpy.ascontiguousarray(x), numpy.ascontiguousarray(dy)
-        w = numpy.ascontiguousarray(W.reshape(W.shape[0], *self.kernel))
-        dW = numpy.empty_like(w) if need_dw else None
+    parallel.run(job, len(jobs), xp)
+    if y is not out:
+        out[...] = y
+    return out
 
-        def channels(a, c):
-            if need_dw:
-                jit.backward_weight(x, dy, dW, *args, a, c)
-            if dx is not None:
-                jit.backward_data(dy, w, dx, *args, a, c)
 
-        self._over_channels(channels, x)
-        return None if dW is None else dW.reshape(W.shape)
+def depthwise_backward(x, w, dy, stride, pad, dilation, dx=None, need_dw=True):
+    """Gradients of depthwise_forward: writes dL/dx into ``dx`` (skipped when None) and returns
+    dL/dw (C * mult, 1, kh, kw), a new array, when ``need_dw`` (else None). The bias gradient
+    is dy summed over samples and positions, which the caller does (a GEMV in the plan)."""
+    xp = _xp_of(x)
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(pad), _pair(dilation)
+    shape = output_shape(x.shape, w.shape, stride, pad, dilation)
+    if tuple(dy.shape) != shape:
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, the convolution gives {shape}")
+    if dx is None and not need_dw:
+        return None
+    jit = _jit_kernels(xp)
+    if jit is None:
+        return _backward_array(xp, x, w, dy, (sh, sw), (ph, pw), (dh, dw), dx, need_dw)
+    x, w, dy = (numpy.ascontiguousarray(a, dtype=x.dtype) for a in (x, w, dy))
+    dW = numpy.empty(w.shape, dtype=x.dtype) if need_dw else w  # (w: an unused placeholder)
+    gx = dx if dx is None or dx.flags.c_contiguous else numpy.empty(x.shape, dtype=x.dtype)
+    gx_arg = x if gx is None else gx  # a placeholder the kernel never writes when need_dx is False
+    padded_shape = (x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
+    jobs = _channel_jobs(x.shape[1], xp)
+
+    def job(j, worker):
+        scratch = _scratch(xp)
+        padded = scratch.get(_padded_role(ph, pw), padded_shape, x.dtype, worker, zero=True)
+        dpadded = scratch.get("depthwise_grad", padded_shape, x.dtype, worker)
+        jit.backward(x, w, dy, gx_arg, dW, *jobs[j], sh, sw, ph, pw, dh, dw, gx is not None, need_dw, padded,
+                     dpadded)
+
+    parallel.run(job, len(jobs), xp)
+    if gx is not None and gx is not dx:
+        dx[...] = gx
+    return dW if need_dw else None
+
+
+# -- the array-code twin ------------------------------------------------------------------
+def _offsets(w_shape, stride, dilation, out_hw):
+    """Per kernel offset (i, j): the slices of the padded input its products read."""
+    (sh, sw), (dh, dw), (Oh, Ow) = stride, dilation, out_hw
+    for i in range(w_shape[2]):
+        for j in range(w_shape[3]):
+            yield i, j, (slice(None), slice(None), slice(i * dh, i * dh + sh * (Oh - 1) + 1, sh),
+                         slice(j * dw, j * dw + sw * (Ow - 1) + 1, sw))
+
+
+def _padded(xp, x, pad):
+    ph, pw = pad
+    if not (ph or pw):
+        return x
+    return xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+
+
+def _forward_array(xp, x, w, bias, stride, pad, dilation, out):
+    n, C = x.shape[:2]
+    mult = w.shape[0] // C
+    src = _padded(xp, x, pad)
+    y5 = out.reshape((n, C, mult) + out.shape[2:])
+    w4 = w.reshape(C, mult, w.shape[2], w.shape[3])
+    y5[...] = 0 if bias is None else bias.reshape(1, C, mult, 1, 1)
+    for i, j, window in _offsets(w.shape, stride, dilation, out.shape[2:]):
+        y5 += w4[None, :, :, i, j, None, None] * src[window][:, :, None]
+    return out
+
+
+def _backward_array(xp, x, w, dy, stride, pad, dilation, dx, need_dw):
+    n, C, H, W = x.shape
+    mult = w.shape[0] // C
+    src = _padded(xp, x, pad) if need_dw else None
+    dy5 = dy.reshape((n, C, mult) + dy.shape[2:])
+    w4 = w.reshape(C, mult, w.shape[2], w.shape[3])
+    dW = xp.empty(w.shape, dtype=x.dtype) if need_dw else None
+    dW4 = dW.reshape(w4.shape) if need_dw else None
+    acc = xp.zeros((n, C, H + 2 * pad[0], W + 2 * pad[1]), dtype=x.dtype) if dx is not None else None
+    for i, j, window in _offsets(w.shape, stride, dilation, dy.shape[2:]):
+        if need_dw:
+            dW4[:, :, i, j] = (dy5 * src[window][:, :, None]).sum(axis=(0, 3, 4))
+        if dx is not None:
+            acc[window] += (dy5 * w4[None, :, :, i, j, None, None]).sum(axis=2)
+    if dx is not None:
+        dx[...] = acc[:, :, pad[0]:pad[0] + H, pad[1]:pad[1] + W]
+    return dW

@@ -1,13 +1,11 @@
-"""The numba loops of layers/kernels/depthwise.py (imported on the first depthwise call on the
-CPU, with cpu_kernels.enabled; module-level functions with cache=True, as cpu_jit.py explains).
+"""The numba kernels of depthwise convolution (layers/kernels/depthwise.py imports this lazily).
 
-Each kernel handles input channels c0..c1 of every sample: output channels c0*M..c1*M, the
-data gradient of channels c0..c1 and the weight gradient of their filters, so jobs on
-disjoint channel ranges never write the same memory. Every plane is first copied into a
-zero-bordered buffer, so the loops along an output row need no bounds tests (and, at stride 1,
-LLVM vectorizes them); every tap is applied to one row while it is in the L1 cache.
-
-Shapes: x, dx (N, C, H, W); w, dw (C*M, kh, kw); bias (C*M,) or empty; y, dy (N, C*M, OH, OW).
+Each kernel handles the channels [c0, c1) of every sample, so callers split the channels across
+brewnet's threads and no two threads ever write the same output (the weight gradient of a
+channel included). A sample's channel plane is first copied into a zero-bordered buffer, so the
+inner loops run along an output row with no bounds checks: with unit stride they read and
+write contiguous runs, which LLVM vectorizes. As cpu_jit.py explains, every kernel is a
+module-level function with ``cache=True`` so numba's disk cache keeps it between processes.
 """
 
 import numpy
@@ -17,92 +15,108 @@ jit = njit(cache=True, nogil=True, error_model="numpy")
 
 
 @jit
-def forward(x, w, bias, y, m, sh, sw, ph, pw, dh, dw_, c0, c1):
-    n_samples, _, height, width = x.shape
-    out_h, out_w = y.shape[2], y.shape[3]
-    kh, kw = w.shape[1], w.shape[2]
-    pad = numpy.zeros((height + 2 * ph, width + 2 * pw), dtype=x.dtype)
-    for n in range(n_samples):
-        for c in range(c0, c1):
-            pad[ph:ph + height, pw:pw + width] = x[n, c]
-            for j in range(m):
-                o = c * m + j
-                out = y[n, o]
-                out[:, :] = bias[o] if bias.size else 0.0
-                for oh in range(out_h):  # one output row stays in the L1 cache over all taps
-                    for i in range(kh):
-                        r = oh * sh + i * dh
-                        if kw == 3 and sw == 1:  # the common case: a row of taps per pass over the row
-                            w0, w1, w2 = w[o, i, 0], w[o, i, 1], w[o, i, 2]
-                            for ow in range(out_w):
-                                out[oh, ow] += w0 * pad[r, ow] + w1 * pad[r, ow + dw_] + w2 * pad[r, ow + 2 * dw_]
-                            continue
-                        for k in range(kw):
-                            weight = w[o, i, k]
-                            s = k * dw_
-                            if sw == 1:  # contiguous reads: vectorized
-                                for ow in range(out_w):
-                                    out[oh, ow] += weight * pad[r, ow + s]
-                            else:
-                                for ow in range(out_w):
-                                    out[oh, ow] += weight * pad[r, ow * sw + s]
+def _fill_padded(plane, padded, ph, pw):
+    # the border was zeroed when ``padded`` was made and is never written
+    H, W = plane.shape
+    for h in range(H):
+        dst = padded[ph + h]
+        src = plane[h]
+        for w in range(W):
+            dst[pw + w] = src[w]
 
 
 @jit
-def backward_data(dy, w, dx, m, sh, sw, ph, pw, dh, dw_, c0, c1):
-    n_samples, _, height, width = dx.shape
-    out_h, out_w = dy.shape[2], dy.shape[3]
-    kh, kw = w.shape[1], w.shape[2]
-    pad = numpy.empty((height + 2 * ph, width + 2 * pw), dtype=dx.dtype)
-    for n in range(n_samples):
-        for c in range(c0, c1):
-            pad[:, :] = 0.0
-            for j in range(m):
-                o = c * m + j
-                grad = dy[n, o]
-                for oh in range(out_h):
+def forward(x, w, bias, y, c0, c1, sh, sw, ph, pw, dh, dw, padded):
+    # x (n, C, H, W); w (C * mult, 1, kh, kw); y (n, C * mult, Oh, Ow); bias (C * mult,), zeros for none
+    n = x.shape[0]
+    kh, kw = w.shape[2], w.shape[3]
+    mult = w.shape[0] // x.shape[1]
+    Oh, Ow = y.shape[2], y.shape[3]
+    for c in range(c0, c1):
+        for b in range(n):
+            _fill_padded(x[b, c], padded, ph, pw)
+            for m in range(c * mult, (c + 1) * mult):
+                start = bias[m]
+                for oh in range(Oh):
+                    row = y[b, m, oh]
+                    for ow in range(Ow):
+                        row[ow] = start
+                    for i in range(kh):
+                        src = padded[oh * sh + i * dh]
+                        for j in range(kw):
+                            wv = w[m, 0, i, j]
+                            # 1-D views indexed from 0: LLVM vectorizes these loops (it does not
+                            # with src[off + ow], whose sign it cannot prove)
+                            if sw == 1:
+                                run = src[j * dw:]
+                                for ow in range(Ow):
+                                    row[ow] += wv * run[ow]
+                            else:
+                                every = src[j * dw::sw]
+                                for ow in range(Ow):
+                                    row[ow] += wv * every[ow]
+
+
+@jit
+def backward(x, w, dy, dx, dW, c0, c1, sh, sw, ph, pw, dh, dw, need_dx, need_dw, padded, dpadded):
+    # dx (n, C, H, W) written when need_dx; dW (C * mult, 1, kh, kw) rows c0*mult.. written
+    # (not added to) when need_dw; padded/dpadded: (H + 2ph, W + 2pw) planes, padded's border zero
+    n, H, W = x.shape[0], x.shape[2], x.shape[3]
+    kh, kw = w.shape[2], w.shape[3]
+    mult = w.shape[0] // x.shape[1]
+    Oh, Ow = dy.shape[2], dy.shape[3]
+    # the weight gradient's products, summed per output column (vectorizable: a dot product's
+    # single running sum is not) and only then across the row
+    lanes = numpy.zeros((mult, kh * kw, Ow), dtype=x.dtype)
+    for c in range(c0, c1):
+        if need_dw:
+            lanes[:, :, :] = 0
+        for b in range(n):
+            if need_dw:
+                _fill_padded(x[b, c], padded, ph, pw)
+            if need_dx:
+                dpadded[:, :] = 0
+            for k in range(mult):
+                m = c * mult + k
+                for oh in range(Oh):
+                    g = dy[b, m, oh]
                     for i in range(kh):
                         r = oh * sh + i * dh
-                        for k in range(kw):
-                            weight = w[o, i, k]
-                            s = k * dw_
+                        src = padded[r]
+                        dst = dpadded[r]
+                        for j in range(kw):
+                            lane = lanes[k, i * kw + j]
+                            wv = w[m, 0, i, j]
+                            # 1-D views indexed from 0, as in forward
                             if sw == 1:
-                                for ow in range(out_w):
-                                    pad[r, ow + s] += weight * grad[oh, ow]
+                                run, drun = src[j * dw:], dst[j * dw:]
+                                if need_dw:
+                                    for ow in range(Ow):
+                                        lane[ow] += g[ow] * run[ow]
+                                if need_dx:
+                                    for ow in range(Ow):
+                                        drun[ow] += wv * g[ow]
                             else:
-                                for ow in range(out_w):
-                                    pad[r, ow * sw + s] += weight * grad[oh, ow]
-            dx[n, c] = pad[ph:ph + height, pw:pw + width]
-
-
-# reassociation lets LLVM vectorize the sums (one fixed order per machine: runs repeat exactly)
-@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
-def backward_weight(x, dy, dw, m, sh, sw, ph, pw, dh, dw_, c0, c1):
-    n_samples, _, height, width = x.shape
-    out_h, out_w = dy.shape[2], dy.shape[3]
-    kh, kw = dw.shape[1], dw.shape[2]
-    pad = numpy.zeros((height + 2 * ph, width + 2 * pw), dtype=x.dtype)
-    sums = numpy.zeros((m, kh, kw))  # float64: long sums over the batch and the plane
-    for c in range(c0, c1):
-        sums[:, :, :] = 0.0
-        for n in range(n_samples):
-            pad[ph:ph + height, pw:pw + width] = x[n, c]
-            for j in range(m):
-                grad = dy[n, c * m + j]
+                                every, devery = src[j * dw::sw], dst[j * dw::sw]
+                                if need_dw:
+                                    for ow in range(Ow):
+                                        lane[ow] += g[ow] * every[ow]
+                                if need_dx:
+                                    for ow in range(Ow):
+                                        devery[ow] += wv * g[ow]
+            if need_dx:
+                plane = dx[b, c]
+                for h in range(H):
+                    src = dpadded[ph + h]
+                    dst = plane[h]
+                    for wi in range(W):
+                        dst[wi] = src[pw + wi]
+        if need_dw:
+            for k in range(mult):
                 for i in range(kh):
-                    for k in range(kw):
+                    for j in range(kw):
                         total = 0.0
-                        for oh in range(out_h):
-                            r = oh * sh + i * dh
-                            s = k * dw_
-                            if sw == 1:
-                                for ow in range(out_w):
-                                    total += grad[oh, ow] * pad[r, ow + s]
-                            else:
-                                for ow in range(out_w):
-                                    total += grad[oh, ow] * pad[r, ow * sw + s]
-                        sums[j, i, k] += total
-        for j in range(m):
-            for i in range(kh):
-                for k in range(kw):
-                    dw[c * m + j, i, k] = sums[j, i, k]
+                        lane = lanes[k, i * kw + j]
+                        for ow in range(Ow):
+                            total += lane[ow]
+                        dW[c * mult + k, 0, i, j] = total

@@ -75,3 +75,29 @@ def test_argmax():
 @pytest.mark.parametrize("case", reference_case_names("arithmetic"))
 def test_caffe_reference(fixtures, case):
     check_reference_case(fixtures, case)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_eltwise_plain_sum_in_place_and_over_threads(in_place, monkeypatch):
+    # the coefficient-free SUM adds straight into the top (in ranges on the threads) and copies
+    # dy to each bottom but an in-place one, whose diff already is dy
+    from brewnet.layers.gradcheck import make_layer, setup_layer
+    from brewnet.layers.kernels import parallel
+
+    monkeypatch.setattr(parallel, "jobs_for", lambda xp=numpy, big=True, per_thread=4: 3)
+    monkeypatch.setattr(parallel, "elementwise", lambda fn, size, xp=numpy, min_size=0: parallel.over_ranges(
+        fn, size, xp, True))
+    rng = numpy.random.default_rng(5)
+    xs = [rng.standard_normal((2, 3, 4)) for _ in range(3)]
+    dy = rng.standard_normal((2, 3, 4))
+    layer = make_layer('name: "e" type: "Eltwise" eltwise_param { operation: SUM }')
+    bottom, top = setup_layer(layer, xs)
+    if in_place:
+        top = [bottom[0]]
+    layer.forward(bottom, top)
+    numpy.testing.assert_allclose(top[0].data, xs[0] + xs[1] + xs[2], rtol=1e-14)
+    top[0].diff[...] = dy
+    layer.backward(top, [True, True, False], bottom)
+    for b in bottom[:2]:
+        numpy.testing.assert_array_equal(b.diff, dy)
+    assert not numpy.any(bottom[2].diff)

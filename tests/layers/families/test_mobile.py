@@ -8,17 +8,17 @@ from family_helpers import randn, run
 from brewnet.layers.base import LayerError
 from brewnet.layers.families.conv import Convolution
 from brewnet.layers.kernels import cpu_kernels, parallel
-from brewnet.layers.kernels.depthwise import DepthwisePlan
+from brewnet.layers.kernels.conv_plan import ConvPlan
 
 FILLERS = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
 
 
 def _conv_pass(params, x, dy, depthwise, monkeypatch, type_name="Convolution"):
     """(y, dx, dW, db) of one forward and backward, on the depthwise kernel or im2col."""
-    monkeypatch.setattr(Convolution, "use_depthwise", depthwise)
+    monkeypatch.setattr(ConvPlan, "use_depthwise", depthwise)
     layer, bottom, top = run(f'name: "c" type: "{type_name}" convolution_param {{ {params} {FILLERS} }}', [x],
                              dtype=numpy.float32)
-    assert isinstance(layer.plan, DepthwisePlan) == depthwise
+    assert (layer.plan.path == "depthwise") == depthwise
     top[0].diff[...] = dy
     for blob in layer.blobs:
         blob.diff[...] = 0

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from brewnet.layers.families.conv import Convolution
 from brewnet.layers.gradcheck import make_layer, setup_layer
 from brewnet.layers.kernels import cpu_kernels
+from brewnet.layers.kernels.conv_plan import ConvPlan
 
 pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="numba is not installed")
 
@@ -89,7 +90,7 @@ def test_compiled_col2im_data_gradient_matches_array_code(kh, kw, s, p, d, group
         switch = cpu_kernels.enabled_for_test() if compiled else cpu_kernels.disabled()
         # im2col's col2im is under test: group == channels would take the depthwise kernel
         with switch, pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Convolution, "use_depthwise", False)
+            patch.setattr(ConvPlan, "use_depthwise", False)
             im2col.ConvEngine.force_layout = "A"
             im2col.ConvEngine.dcol_block_bytes = 1  # one sample's column diff at a time
             try:

@@ -12,11 +12,22 @@ RNG = numpy.random.default_rng(11)
 
 
 @pytest.fixture(autouse=True)
-def compiled():
+def compiled(monkeypatch):
     if cpu_kernels.kernels() is None:
         pytest.skip("numba is not installed: Winograd needs the compiled transforms")
+    # the small shapes here have few tiles for their channels: Winograd all the same
+    monkeypatch.setattr(ConvPlan, "winograd_max_filters_per_tile", None)
     with cpu_kernels.enabled_for_test():
         yield
+
+
+@pytest.mark.parametrize("batch,path", [(1, "im2col"), (4, "winograd")])
+def test_few_tiles_for_many_filters_take_im2col(batch, path, monkeypatch):
+    # 7x7 outputs are 4 tiles a sample: 64 filters want 16 tiles of the batch (ResNet's res5 at batch 8)
+    monkeypatch.setattr(ConvPlan, "winograd_max_filters_per_tile", 4)
+    layer = make_layer(_conv_prototxt(64, 3, 1))
+    setup_layer(layer, [numpy.zeros((batch, 16, 7, 7), numpy.float32)])
+    assert layer.plan.path == path
 
 
 @pytest.mark.parametrize("m,r", [(4, 3), (4, 5), (3, 4), (5, 4), (2, 3)])
