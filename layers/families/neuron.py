@@ -73,6 +73,18 @@ class _Neuron(Layer):
         raise NotImplementedError
 
 
+def _clip_into(xp, x, y, lo, hi):
+    """y = min(max(x, lo), hi) with no temporaries, across the CPU threads (y may be x)."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    parallel.elementwise(lambda a, b: xp.clip(x[a:b], lo, hi, out=y[a:b]), x.size, xp)
+
+
+def _pass_inside(xp, dy, ref, dx, inside):
+    """dx = dy where inside(ref) holds, else 0, chunk by chunk (one small mask per chunk)."""
+    dy, ref, dx = dy.reshape(-1), ref.reshape(-1), dx.reshape(-1)
+    parallel.elementwise(lambda a, b: xp.multiply(dy[a:b], inside(ref[a:b]), out=dx[a:b]), dx.size, xp)
+
+
 @register("ReLU", v1="RELU")
 class ReLU(_Neuron):
     def configure(self):
@@ -349,6 +361,21 @@ class Clip(_Neuron):
         self.lo = self.const(p.min)
         self.hi = self.const(p.max)
 
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        if top[0] is bottom[0]:  # keep the input for backward
+            saved = self._saved_input
+            if saved is None or saved.shape != x.shape:
+                saved = self._saved_input = self.xp.empty_like(x)
+            saved[...] = x
+        _clip_into(self.xp, x, top[0].data, self.lo, self.hi)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            lo, hi = self.lo, self.hi
+            _pass_inside(self.xp, top[0].diff, self.input_data(bottom, top), bottom[0].diff,
+                         lambda x: (x >= lo) & (x <= hi))
+
     def compute(self, x):
         return self.xp.maximum(self.lo, self.xp.minimum(x, self.hi))
 
@@ -360,11 +387,18 @@ class Clip(_Neuron):
 class ReLU6(_Neuron):
     """y = min(max(x, 0), 6), a type of the mobile forks (no parameters)."""
 
+    def forward(self, bottom, top):
+        _clip_into(self.xp, bottom[0].data, top[0].data, self.const(0), self.const(6))
+
+    def backward(self, top, propagate_down, bottom):
+        # from the output, which also holds in place: inside (0, 6) exactly where x is
+        if propagate_down[0]:
+            _pass_inside(self.xp, top[0].diff, top[0].data, bottom[0].diff, lambda y: (y > 0) & (y < 6))
+
     def compute(self, x):
         return self.xp.clip(x, self.const(0), self.const(6))
 
     def derivative(self, x, y):
-        # from the output, which also holds in place: inside (0, 6) exactly where x is
         return ((y > 0) & (y < 6)).astype(self.dtype)
 
 
