@@ -57,9 +57,12 @@ def _kind(layer):
 
 
 def time_brewnet(net, iterations, by_type):
-    """Median forward seconds, and per layer type the mean milliseconds (when by_type)."""
+    """Median forward seconds, the process's CPU seconds per forward (all its threads: time spent
+    spinning shows here even when the wall time hides it among other load), and per layer type
+    the mean milliseconds (when by_type)."""
     net.forward()
     times, per_type = [], defaultdict(float)
+    cpu0 = time.process_time()
     for _ in range(iterations):
         t0 = time.perf_counter()
         if by_type:
@@ -70,7 +73,8 @@ def time_brewnet(net, iterations, by_type):
         else:
             net.forward()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), {k: 1000 * v / iterations for k, v in per_type.items()}
+    cpu = (time.process_time() - cpu0) / iterations
+    return statistics.median(times), cpu, {k: 1000 * v / iterations for k, v in per_type.items()}
 
 
 def torch_googlenet(batch):
@@ -150,12 +154,13 @@ def main(model, batch, contend, iterations, by_type, use_torch, json_out):
             Path(model).write_text(googlenet_like.googlenet(batch))
         net = brewnet_net(model)
         result = {"model": model, "contend": contend, "load_average_start": _load()}
-        quiet, quiet_types = time_brewnet(net, iterations, by_type)
+        quiet, quiet_cpu, quiet_types = time_brewnet(net, iterations, by_type)
         with benchmark.busy_processes(contend):
-            busy, busy_types = time_brewnet(net, iterations, by_type)
-    result["brewnet"] = {"quiet_s": quiet, "busy_s": busy, "slowdown": busy / quiet}
+            busy, busy_cpu, busy_types = time_brewnet(net, iterations, by_type)
+    result["brewnet"] = {"quiet_s": quiet, "busy_s": busy, "slowdown": busy / quiet,
+                         "quiet_cpu_s": quiet_cpu, "busy_cpu_s": busy_cpu}
     click.echo(f"brewnet  quiet {quiet * 1000:8.1f} ms  with {contend} busy {busy * 1000:8.1f} ms  "
-               f"slowdown {busy / quiet:5.2f}")
+               f"slowdown {busy / quiet:5.2f}   CPU time per forward {quiet_cpu * 1000:.0f} / {busy_cpu * 1000:.0f} ms")
     if by_type:
         result["by_type_ms"] = {"quiet": quiet_types, "busy": busy_types}
         for kind in sorted(quiet_types, key=lambda k: -quiet_types[k]):
