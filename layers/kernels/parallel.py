@@ -83,7 +83,10 @@ def cgroup_cpu_limit(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup"):
         for group in dict.fromkeys(_ancestors(path) + ["/"]):
             base = os.path.join(root, group.lstrip("/"))
             if hierarchy == "0" and controllers == "":
+                # v2 alone is mounted at the root; beside v1 ("hybrid") at unified/
                 limit = _quota_v2(_read(os.path.join(base, "cpu.max")))
+                if limit is None:
+                    limit = _quota_v2(_read(os.path.join(root, "unified", group.lstrip("/"), "cpu.max")))
             elif "cpu" in controllers.split(","):
                 for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
                     vdir = os.path.join(root, mount, group.lstrip("/"))

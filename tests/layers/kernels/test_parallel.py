@@ -161,6 +161,8 @@ def test_cgroup_v2_quota_is_read_from_the_group_and_its_ancestors(tmp_path):
                                                       "user/cpu.max": "100000 100000\n"}) == 1.0
     # a container sees its own group at the root of the mount
     assert _fake_cgroup(tmp_path / "c", ["0::/docker/abc"], {"cpu.max": "300000 100000"}) == 3.0
+    # v2 beside v1 (a "hybrid" layout) is mounted at unified/
+    assert _fake_cgroup(tmp_path / "h", ["1:cpu:/", "0::/j"], {"unified/j/cpu.max": "250000 100000"}) == 2.5
 
 
 def test_cgroup_without_a_quota_or_files_is_no_limit(tmp_path):
