@@ -269,3 +269,24 @@ def test_matmul_inside_a_job_is_one_call(threads, monkeypatch):
     parallel.run(job, 1)  # one job runs inline in the caller, not marked as inside a job
     parallel.run(job, 4)
     assert len(sizes) <= 1  # only the single-job call (not a job on the pool) may split
+
+
+def test_a_forked_child_gets_helpers_of_its_own(threads):
+    import os
+    import signal
+
+    threads(2)
+    parallel.run(lambda j, w: None, 4)  # the parent's helpers exist
+    pid = os.fork()
+    if pid == 0:  # the child: its helpers must run jobs (the parent's threads are not here)
+        code = 1
+        try:
+            signal.alarm(20)
+            workers_seen = set()
+            for _ in range(50):
+                parallel.run(lambda j, w: (workers_seen.add(w), __import__("time").sleep(0.002)), 8)
+            code = 0 if workers_seen == {0, 1} else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
