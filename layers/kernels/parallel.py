@@ -2,9 +2,9 @@
 into jobs and run them on the cores this process may use, with the BLAS single-threaded.
 
 Why not leave the threading to the BLAS: a GEMM split across OpenBLAS threads waits for its
-slowest part at every call, and OpenBLAS's threads spin while they wait. With one busy process
-beside it on 2 cores, a descheduled BLAS thread turned GoogLeNet's 1x1 convolutions from 60 ms
-into seconds. Here jobs are handed out as threads come free, several per thread, so a thread the
+slowest part at every call, and OpenBLAS's threads spin (and yield) while they wait. With two
+busy processes beside it on 2 cores, descheduled BLAS threads turned GoogLeNet's 1x1
+convolutions (batch 8) from 60 ms into 3 s. Here jobs are handed out as threads come free, several per thread, so a thread the
 machine slowed down just takes fewer of them; waiting threads sleep (no spinning), and a helper
 that wakes after the last job was taken returns without anybody waiting for it.
 
