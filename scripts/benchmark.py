@@ -17,16 +17,23 @@ the load average at start and end goes into the JSON so noisy runs can be told a
   python scripts/benchmark.py --nets lenet --rounds 3
   python scripts/benchmark.py --nets modern --rounds 2   # configs/modern/ (or --nets all)
   python scripts/benchmark.py --quick --no-torch    # a smoke run
+  python scripts/benchmark.py --contend 1           # also under one competing busy process
+
+With ``--contend N`` every measurement is repeated at once with N busy processes (pure-Python
+spin loops) running beside it, for brewnet and PyTorch alike; the table adds each framework's
+slowdown (quiet img/s over contended img/s, the median of the rounds' own ratios).
 """
 
 import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -282,6 +289,46 @@ def torch_available():
     return proc.returncode == 0
 
 
+# a busy process: spins until stopped, or until its parent (this script, whose pid is its
+# argument) is gone, so that no spinner outlives a benchmark killed without a chance to clean up
+SPIN = "import os, sys\nparent = int(sys.argv[1])\nwhile os.getppid() == parent:\n    pass\n"
+
+
+@contextmanager
+def busy_processes(n):
+    """N busy processes for the duration of the block; yields their pids. They are killed when
+    the block ends, however it ends (Ctrl-C and SIGTERM included: SIGTERM is turned into an
+    exception here so that the block's cleanup runs)."""
+    procs = []
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    in_main = threading_is_main()
+    if in_main:
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", SPIN, str(os.getpid())],
+                                          stdin=subprocess.DEVNULL))
+        time.sleep(0.2)  # let them reach the scheduler's run queue before the timing starts
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def threading_is_main():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 # ---------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------
@@ -339,11 +386,34 @@ def summarize(net, spec, runs, peak):
     return out
 
 
+def summarize_contention(spec, quiet_runs, busy_runs):
+    """Per framework: contended img/s and the slowdown (quiet / contended img/s), the median of
+    the rounds' own ratios (each round measured quiet and contended back to back)."""
+    out = {}
+    for fw in ("brewnet", "pytorch"):
+        pairs = [(q, c) for q, c in zip(quiet_runs[fw], busy_runs[fw]) if "times" in q and "times" in c]
+        errors = [c["error"] for c in busy_runs[fw] if "error" in c]
+        if not pairs:
+            out[fw] = {"errors": errors} if errors else None
+            continue
+        rates = [spec["batch"] / statistics.median(c["times"]) for _, c in pairs]
+        ratios = [statistics.median(c["times"]) / statistics.median(q["times"]) for q, c in pairs]
+        out[fw] = {"img_per_s": _median(rates), "img_per_s_rounds": rates,
+                   "slowdown": _median(ratios), "slowdown_rounds": ratios,
+                   "load_average_1min": [c.get("load_average_1min") for _, c in pairs]}
+        if errors:
+            out[fw]["errors"] = errors
+    return out
+
+
 def print_table(results, peak):
     click.echo(f"float32 GEMM peak (2048^3 matmul, best of N): {peak:.1f} GFLOP/s")
+    busy = any("contended" in r for r in results.values())
     head = (f"{'net (batch)':<20} {'brewnet img/s':>14} {'PyTorch img/s':>14} {'ratio':>6} "
             f"{'%peak bn':>8} {'%peak pt':>8} {'MiB bn':>8} {'MiB pt':>8} {'rounds':>6} "
             f"{'bn min-max':>15} {'pt min-max':>15}")
+    if busy:
+        head += f" {'bn busy':>8} {'pt busy':>8} {'bn slow':>7} {'pt slow':>7}"
     click.echo(head)
     click.echo("-" * len(head))
     for net, r in results.items():
@@ -358,19 +428,34 @@ def print_table(results, peak):
             f"{_fmt(t.get('img_per_s'), '14.1f')} {_fmt(r.get('ratio_brewnet_over_pytorch'), '6.2f')} "
             f"{_fmt(frac_b and 100 * frac_b, '7.1f')}% {_fmt(frac_t and 100 * frac_t, '7.1f')}% "
             f"{_fmt(b.get('rss_delta_mib'), '8.0f')} {_fmt(t.get('rss_delta_mib'), '8.0f')} "
-            f"{len(b.get('img_per_s_rounds', [])):>6} {spread(b):>15} {spread(t):>15}")
+            f"{len(b.get('img_per_s_rounds', [])):>6} {spread(b):>15} {spread(t):>15}"
+            + (contention_columns(r.get("contended")) if busy else ""))
         for fw, rec in (("brewnet", b), ("pytorch", t)):
             for err in rec.get("errors", []):
                 click.echo(f"    {fw} error: {err}")
     click.echo("ratio = median over rounds of brewnet / PyTorch within the round (the two run back to back, "
                "in alternating order); MiB = peak RSS growth of the measuring process (ru_maxrss after training "
                "minus after importing the framework); %peak = img/s x training FLOP per image / GEMM peak.")
+    if busy:
+        n = next(r["contended"]["processes"] for r in results.values() if "contended" in r)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        click.echo(f"busy = img/s with {n} busy process(es) beside it; slow = busy / quiet time per "
+                   f"iteration (median over rounds; 1.0 = unaffected; a fair share of {cpus} CPUs: "
+                   f"{(cpus + n) / cpus:.2f}).")
     loads = [r.get("load_average_1min") for res in results.values() for fw in ("brewnet", "pytorch")
              for r in (res.get("raw", {}).get(fw) or [])]
     loads = [x for x in loads if x is not None]
     if loads and max(loads) > 1.5:
         click.echo(f"note: the machine was busy (1-min load average {min(loads):.1f}-{max(loads):.1f} on "
                    f"{os.cpu_count()} CPUs): timings are noisy; PyTorch's thread pool suffers most when oversubscribed.")
+
+
+def contention_columns(contended):
+    """The busy img/s and slowdown columns of one net's row."""
+    contended = contended or {}
+    b, t = contended.get("brewnet") or {}, contended.get("pytorch") or {}
+    return (f" {_fmt(b.get('img_per_s'), '8.1f')} {_fmt(t.get('img_per_s'), '8.1f')} "
+            f"{_fmt(b.get('slowdown'), '7.2f')} {_fmt(t.get('slowdown'), '7.2f')}")
 
 
 @click.command()
@@ -383,8 +468,10 @@ def print_table(results, peak):
               help="Also time PyTorch (default: when `import torch` works).")
 @click.option("--json-out", default="runs/benchmark.json", show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the results as JSON.")
+@click.option("--contend", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also time every measurement with this many busy processes running beside it.")
 @click.option("--worker", default=None, hidden=True, help="Internal: run one measurement (JSON job).")
-def main(nets, rounds, quick, use_torch, json_out, worker):
+def main(nets, rounds, quick, use_torch, json_out, contend, worker):
     """Time brewnet training against PyTorch on the same machine."""
     if worker is not None:
         job = json.loads(worker)
@@ -414,6 +501,8 @@ def main(nets, rounds, quick, use_torch, json_out, worker):
     load_start = os.getloadavg()
     peaks = [run_worker(gemm_job)]
     runs = {n: {"brewnet": [], "pytorch": []} for n in names}
+    busy_runs = {n: {"brewnet": [], "pytorch": []} for n in names}
+    spinner_pids = []
     frameworks = ["brewnet"] + (["pytorch"] if use_torch else [])
     for r in range(rounds):
         for n in names:
@@ -434,10 +523,23 @@ def main(nets, rounds, quick, use_torch, json_out, worker):
                     click.echo(f"round {r + 1}/{rounds} {n:<14} {fw:<8} {rate:10.1f} img/s", err=True)
                 else:
                     click.echo(f"round {r + 1}/{rounds} {n:<14} {fw:<8} failed: {res.get('error')}", err=True)
+                if contend:
+                    # the same measurement at once, with the busy processes beside it
+                    with busy_processes(contend) as pids:
+                        spinner_pids.extend(pids)
+                        res = run_worker(job)
+                    busy_runs[n][fw].append(res)
+                    if "times" in res:
+                        rate = spec["batch"] / statistics.median(res["times"])
+                        click.echo(f"round {r + 1}/{rounds} {n:<14} {fw:<8} {rate:10.1f} img/s "
+                                   f"with {contend} busy", err=True)
     peaks.append(run_worker(gemm_job))
     good_peaks = [p["gflops"] for p in peaks if "gflops" in p]
     peak = max(good_peaks) if good_peaks else None
     results = {n: summarize(n, NETS[n], runs[n], peak) for n in names}
+    if contend:
+        for n in names:
+            results[n]["contended"] = dict(processes=contend, **summarize_contention(NETS[n], runs[n], busy_runs[n]))
     print_table(results, peak or 0.0)
     import numpy
 
@@ -447,7 +549,9 @@ def main(nets, rounds, quick, use_torch, json_out, worker):
         "nets": results,
         "skipped": skipped,
         "raw": runs,
-        "settings": {"rounds": rounds, "quick": quick, "torch": use_torch, "sgd": SGD},
+        "raw_contended": busy_runs if contend else None,
+        "settings": {"rounds": rounds, "quick": quick, "torch": use_torch, "sgd": SGD,
+                     "contend": contend, "busy_pids": spinner_pids},
         "machine": {
             "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "numpy": numpy.__version__, "load_average_start": load_start, "load_average_end": os.getloadavg(),

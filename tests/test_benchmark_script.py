@@ -1,20 +1,64 @@
-"""Smoke test of scripts/benchmark.py: one tiny LeNet round, brewnet only (no torch needed)."""
+"""Smoke test of scripts/benchmark.py: one tiny LeNet round, brewnet only (no torch needed),
+quiet and beside a busy process (--contend); the busy processes' cleanup."""
 
+import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+
+
+def _gone(pid):
+    """Whether process ``pid`` has ended (absent, or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pids, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.05)
+    return all(_gone(p) for p in pids)
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_quick_lenet_round_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--nets", "lenet", "--quick", "--no-torch",
-                           "--json-out", str(out)], capture_output=True, text=True, timeout=120)
+                           "--contend", "1", "--json-out", str(out)],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
     assert "lenet (64)" in proc.stdout
+    assert "bn slow" in proc.stdout and "with 1 busy" in proc.stderr
     report = json.loads(out.read_text())
+    # --contend 1: the same measurement again beside one busy process, which is gone afterwards
+    assert report["settings"]["contend"] == 1
+    pids = report["settings"]["busy_pids"]
+    assert len(pids) == 1 and _wait_gone(pids)
+    busy = report["nets"]["lenet"]["contended"]
+    assert busy["processes"] == 1 and busy["pytorch"] is None
+    bn_busy = busy["brewnet"]
+    assert bn_busy["img_per_s"] > 0 and len(bn_busy["slowdown_rounds"]) == 1
+    quiet_time = sorted(report["raw"]["lenet"]["brewnet"][0]["times"])
+    busy_time = sorted(report["raw_contended"]["lenet"]["brewnet"][0]["times"])
+    median = lambda t: (t[(len(t) - 1) // 2] + t[len(t) // 2]) / 2  # noqa: E731
+    assert abs(bn_busy["slowdown"] - median(busy_time) / median(quiet_time)) < 1e-9
     assert report["gemm_peak_gflops"] > 0
     assert report["settings"]["torch"] is False and report["settings"]["rounds"] == 1
     lenet = report["nets"]["lenet"]
@@ -38,3 +82,40 @@ def test_unknown_net_is_a_usage_error(tmp_path):
                            "--json-out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "unknown net" in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["exception", "sigterm"])
+def test_busy_processes_end_with_the_block_however_it_ends(how, tmp_path):
+    if how == "exception":
+        bench = _benchmark_module()
+        with pytest.raises(KeyboardInterrupt):
+            with bench.busy_processes(2) as pids:
+                assert len(pids) == 2 and not any(_gone(p) for p in pids)
+                raise KeyboardInterrupt  # as Ctrl-C would
+        assert _wait_gone(pids, 0.1)  # killed and reaped before the block returned
+        return
+    # SIGTERM to a script inside the block: the block's cleanup still runs
+    code = (f"import sys, time; sys.path.insert(0, {str(SCRIPT.parent)!r}); import benchmark\n"
+            "with benchmark.busy_processes(1) as pids:\n"
+            "    print(pids[0], flush=True)\n"
+            "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    pid = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert _wait_gone([pid], 0.1)
+
+
+def test_a_busy_process_ends_by_itself_when_its_parent_is_killed():
+    bench = _benchmark_module()
+    # the parent is a shell that starts one spinner and is then killed outright (SIGKILL)
+    parent = subprocess.Popen([sys.executable, "-c", f"import os, subprocess, sys, time\n"
+                               f"p = subprocess.Popen([sys.executable, '-c', {bench.SPIN!r}, str(os.getpid())])\n"
+                               f"print(p.pid, flush=True)\ntime.sleep(60)\n"],
+                              stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    spinner = int(parent.stdout.readline())
+    assert not _gone(spinner)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    assert _wait_gone([spinner])

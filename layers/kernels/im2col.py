@@ -16,7 +16,7 @@ import itertools
 
 import numpy
 
-from brewnet.layers.kernels import cpu_kernels
+from brewnet.layers.kernels import cpu_kernels, parallel
 from brewnet.layers.kernels.scratch import WORKSPACE, Scratch
 
 
@@ -172,17 +172,17 @@ class ConvEngine:
         """y columns = W * col: B -> (G, Mg, nL), A -> (G, nL, Mg)."""
         Wm = self.weight_matrix(W)
         if self.layout == "B":
-            return self.xp.matmul(Wm, col)
-        return self.xp.matmul(col, Wm.transpose(0, 2, 1))
+            return parallel.matmul(Wm, col)
+        return parallel.matmul(col, Wm.transpose(0, 2, 1))
 
     def gemm_weight(self, col, ym_rows):
         """dW (M, Cg, *k) from the columns and the column-side diff as rows (``colside_rows``)."""
         if self.layout == "B":
             # as (Kg, Mg) and transposed back: OpenBLAS runs this reduction over the long columns
             # 15-35% faster that way round (CIFAR-10's and LeNet's conv1)
-            Wm = self.xp.matmul(col, ym_rows.transpose(0, 2, 1)).transpose(0, 2, 1)
+            Wm = parallel.matmul(col, ym_rows.transpose(0, 2, 1)).transpose(0, 2, 1)
         else:
-            Wm = self.xp.matmul(ym_rows, col)
+            Wm = parallel.matmul(ym_rows, col)
         return self.weight_from_matrix(Wm)
 
     def colside_rows(self, y):

@@ -26,7 +26,7 @@ from fractions import Fraction
 
 import numpy
 
-from brewnet.layers.kernels import cpu_kernels
+from brewnet.layers.kernels import cpu_kernels, parallel
 from brewnet.layers.kernels.scratch import WORKSPACE
 
 # output block per tile (per axis); 6 would cut the multiplications further but loses
@@ -191,7 +191,7 @@ class WinogradConv:
         V = self._tiles(image, self.BT, "V", worker)
         T = V.shape[1]
         prod = self._buffer("prod", (tt, T, self.M), worker)
-        numpy.matmul(self._grouped(V, self.Cg), U, out=self._grouped(prod, self.Mg))
+        parallel.matmul(self._grouped(V, self.Cg), U, out=self._grouped(prod, self.Mg))
         P = self._buffer("P", (m, self.t, T * self.M), worker)
         out = self._buffer("out", (m * m, T * self.M), worker)
         kern.tile_pairs(prod.reshape(tt, T * self.M), self.AT, P, out)
@@ -208,7 +208,7 @@ class WinogradConv:
         diff = self._phase_image(dy, "dy", blocks, (0, 0), worker)
         D = self._tiles(diff, self.G_w, "D", worker)
         # (tt, G, Mg, T) @ (tt, G, T, Cg): a sum over every tile of the chunk
-        return numpy.matmul(self._grouped(D, self.Mg).transpose(0, 1, 3, 2), self._grouped(X, self.Cg))
+        return parallel.matmul(self._grouped(D, self.Mg).transpose(0, 1, 3, 2), self._grouped(X, self.Cg))
 
     def weight_grad(self, total):
         """dW (M, Cg, k, k) of sum(dy * conv(x, W)) from the sum of every chunk's weight_grad_part
