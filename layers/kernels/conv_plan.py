@@ -34,8 +34,9 @@ from brewnet.layers.kernels.scratch import WORKSPACE, Scratch
 
 def gemm(xp, a, b, out=None):
     """a @ b (stacked over leading axes) into ``out``: every GEMM of the plans' own paths goes
-    through here, so a different BLAS policy (brewnet's threads or the BLAS's) is one line."""
-    return xp.matmul(a, b, out=out)
+    through here. parallel.matmul splits a big one over brewnet's threads (the BLAS itself runs
+    one thread while they do, so a busy core does not stall it) and is a plain call inside a job."""
+    return parallel.matmul(a, b, out=out)
 
 
 class ConvGeometry(NamedTuple):
