@@ -26,6 +26,7 @@ from brewnet.netdef.errors import DefinitionError
 from brewnet.layers.kernels import backend
 from brewnet.layers.base import LayerError
 from brewnet.layers.blob import Blob, BlobVec
+from brewnet.layers import fusion
 from brewnet.layers.registry import get_layer_class
 
 logger = logging.getLogger("brewnet")
@@ -214,6 +215,9 @@ class Net:
         self.before_forward_hooks, self.after_forward_hooks = [], []
         self.before_backward_hooks, self.after_backward_hooks = [], []
         self._init_layers()
+        # BatchNorm -> Scale [-> activation] in place: one kernel each way (layers/fusion.py)
+        self._chains = fusion.find_chains(self, {i for i, tops in enumerate(self._loss_tops) if tops})
+        self._chain_of = {i: chain for chain in self._chains.values() for i in range(chain.start, chain.end + 1)}
 
     # -- construction ------------------------------------------------------------
     def _error(self, message):
@@ -551,8 +555,17 @@ class Net:
         first = 0 if start is None else self.layer_index(start)
         last = len(self.layers) - 1 if end is None else self.layer_index(end)
         before, after = self.before_forward_hooks, self.after_forward_hooks
+        fuse = self._chains and not (before or after or self.debug_info) and fusion.enabled()
         loss = 0.0
-        for i in range(first, last + 1):
+        i = first - 1
+        while i < last:
+            i += 1
+            chain = self._chain_of.get(i)
+            if chain is not None:
+                if fuse and i == chain.start and chain.end <= last and chain.forward():
+                    i = chain.end
+                    continue
+                chain.forward_fused = False
             for hook in before:
                 hook(i)
             layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
@@ -577,7 +590,16 @@ class Net:
         first = len(self.layers) - 1 if start is None else self.layer_index(start)
         last = 0 if end is None else self.layer_index(end)
         before, after = self.before_backward_hooks, self.after_backward_hooks
-        for i in range(first, last - 1, -1):
+        fuse = self._chains and not (before or after or self.debug_info) and fusion.enabled()
+        i = first + 1
+        while i > last:
+            i -= 1
+            chain = self._chain_of.get(i)
+            if chain is not None and i == chain.end:
+                if fuse and chain.start >= last and chain.backward():
+                    i = chain.start
+                    continue
+                chain.prepare_unfused_backward()
             for hook in before:
                 hook(i)
             if self.layer_need_backward[i]:
@@ -767,22 +789,36 @@ class Net:
         if cuda is not None:
             cuda.get_current_stream().synchronize()
 
+    def run_units(self):
+        """(first, last) layer ranges that a whole pass runs as one step each: a fused chain
+        (layers/fusion.py) is one unit while fusion is on, every other layer its own."""
+        fuse = not (self.before_forward_hooks or self.after_forward_hooks or self.debug_info) and fusion.enabled()
+        units, i = [], 0
+        while i < len(self.layers):
+            chain = self._chains.get(i) if fuse else None
+            end = chain.end if chain is not None else i
+            units.append((i, end))
+            i = end + 1
+        return units
+
     def time_layers(self, iterations=1):
         """Per-layer mean forward/backward milliseconds over ``iterations``
-        forward+backward passes: two lists indexed like ``layers``."""
+        forward+backward passes: two lists indexed like ``layers``. A fused chain is timed
+        as the unit it runs as: its time is on its first layer, 0 on the others."""
         n = len(self.layers)
         fwd, bwd = numpy.zeros(n), numpy.zeros(n)
+        units = self.run_units()
         for _ in range(iterations):
-            for i in range(n):
+            for first, last in units:
                 t0 = time.perf_counter()
-                self.forward_from_to(i, i)
+                self.forward_from_to(first, last)
                 self.synchronize()
-                fwd[i] += time.perf_counter() - t0
-            for i in range(n - 1, -1, -1):
+                fwd[first] += time.perf_counter() - t0
+            for first, last in reversed(units):
                 t0 = time.perf_counter()
-                self.backward_from_to(i, i)
+                self.backward_from_to(last, first)
                 self.synchronize()
-                bwd[i] += time.perf_counter() - t0
+                bwd[first] += time.perf_counter() - t0
         scale = 1000.0 / max(iterations, 1)
         return list(fwd * scale), list(bwd * scale)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Per-layer training profile of a benchmark net: wall time and CPU time of every layer's forward
-and backward, and their sums by layer type.
+and backward, and their sums by layer type. A fused chain (layers/fusion.py) is one row, typed
+by its layers ("BatchNorm+Scale+ReLU"); BREWNET_FUSE=0 profiles the layers one by one.
 
 On a machine shared with other work, wall time measures the machine's load as much as the code;
 the CPU time this process spends (time.process_time) moves much less. With one thread
@@ -46,21 +47,28 @@ def build(net_name, batch):
 
 def profile(net, iterations, warmup):
     n = len(net.layers)
+    # a fused chain (BatchNorm -> Scale -> activation) runs as one step: timed as one row
+    units = net.run_units() if hasattr(net, "run_units") else [(i, i) for i in range(n)]
     wall = {"forward": [0.0] * n, "backward": [0.0] * n}
     cpu = {"forward": [0.0] * n, "backward": [0.0] * n}
     for it in range(warmup + iterations):
-        for direction, order, step in (("forward", range(n), net.forward_from_to),
-                                       ("backward", range(n - 1, -1, -1), net.backward_from_to)):
-            for i in order:
+        for direction, order in (("forward", units), ("backward", units[::-1])):
+            for first, last in order:
                 w0, c0 = time.perf_counter(), time.process_time()
-                step(i, i)
+                if direction == "forward":
+                    net.forward_from_to(first, last)
+                else:
+                    net.backward_from_to(last, first)
                 if it >= warmup:
-                    wall[direction][i] += time.perf_counter() - w0
-                    cpu[direction][i] += time.process_time() - c0
+                    wall[direction][first] += time.perf_counter() - w0
+                    cpu[direction][first] += time.process_time() - c0
     scale = 1000.0 / iterations
     rows = []
-    for i, (name, layer) in enumerate(zip(net.layer_names, net.layers)):
-        rows.append(dict(layer=name, type=layer.type,
+    for first, last in units:
+        name = net.layer_names[first] + (f" .. {net.layer_names[last]}" if last > first else "")
+        kind = "+".join(net.layers[i].type for i in range(first, last + 1))
+        i = first
+        rows.append(dict(layer=name, type=kind,
                          wall_fwd_ms=wall["forward"][i] * scale, wall_bwd_ms=wall["backward"][i] * scale,
                          cpu_fwd_ms=cpu["forward"][i] * scale, cpu_bwd_ms=cpu["backward"][i] * scale))
     return rows

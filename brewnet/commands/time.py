@@ -65,8 +65,15 @@ def time_cmd(model, iterations, phase, level, stage, weights, gpu):
     click.echo(f"Average time per layer over {iterations} iteration(s) "
                f"({'GPU %d' % gpu if gpu is not None else 'CPU'}):")
     click.echo(f"{'layer':<{name_w}}  {'type':<{type_w}}  {'forward ms':>11}  {'backward ms':>11}")
-    for name, layer, f, b in zip(net.layer_names, net.layers, fwd, bwd):
-        click.echo(f"{name:<{name_w}}  {layer.type or '':<{type_w}}  {f:>11.4f}  {b:>11.4f}")
+    fused = {}
+    for first, last in net.run_units():
+        for i in range(first, last + 1):
+            if i == first:
+                fused[i] = f"  (and the next {last - first}: fused, one kernel each way)" if last > first else ""
+            else:
+                fused[i] = f"  (timed in {net.layer_names[first]})"
+    for i, (name, layer, f, b) in enumerate(zip(net.layer_names, net.layers, fwd, bwd)):
+        click.echo(f"{name:<{name_w}}  {layer.type or '':<{type_w}}  {f:>11.4f}  {b:>11.4f}{fused[i]}")
     forward_ms, backward_ms = sum(fwd), sum(bwd)
     batch = _batch_size(net)
     click.echo(f"Average Forward pass: {forward_ms:.4f} ms.")

@@ -110,6 +110,11 @@ class ReLU(_Neuron):
         dy, dx = top[0].diff.reshape(-1), bottom[0].diff.reshape(-1)
         parallel.elementwise(lambda a, b: self.xp.multiply(dy[a:b], x[a:b] > 0, out=dx[a:b]), x.size, self.xp)
 
+    def fused_activation(self):
+        """(1, negative slope, 0) for layers/fusion.py; None where the output's sign
+        would not tell the input's (a negative slope)."""
+        return (1, self.slope, 0) if self.slope >= 0 else None
+
     def compute(self, x):
         y = self.xp.maximum(x, 0)
         if self.slope != 0:
@@ -369,6 +374,14 @@ class Clip(_Neuron):
                 saved = self._saved_input = self.xp.empty_like(x)
             saved[...] = x
         _clip_into(self.xp, x, top[0].data, self.lo, self.hi)
+
+    def fused_activation(self):
+        """(2, min, max) for layers/fusion.py."""
+        return (2, self.lo, self.hi)
+
+    def keep_input(self, x):
+        """Take ``x`` as the in-place forward's input (a fused chain computed it, not this layer)."""
+        self._saved_input = x
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:

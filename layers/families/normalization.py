@@ -91,27 +91,28 @@ class BatchNorm(Layer):
                 self.std = xp.sqrt(var + self.eps)
                 inv = (1 / self.std).astype(x.dtype)
                 shift = (-mean * inv).astype(x.dtype)
-                channel_ops.over_channels(jit.scale_forward, self.channels, x.size, x, inv, shift, y, x, False)
+                channel_ops.over_channels(jit.scale_forward, self.channels, x.size, x, inv, shift, y, x, False,
+                                          channel_ops.same_memory(x, y))
                 return
             centered = x - mean[None, :, None]
         else:
             y = self._nc_s(top[0].data)
             jit = None if cuda_ops.active(xp, x) else channel_ops.kernels(xp, x, y)
             if jit is not None:
-                x_norm = self._x_norm_buffer(x)
+                x_norm = self.x_norm_buffer(x)
                 # batch statistics and the normalized batch in one kernel, no temporaries
                 mean = numpy.empty(self.channels, dtype=x.dtype)
                 var = numpy.empty(self.channels, dtype=x.dtype)
                 channel_ops.over_channels(jit.batch_norm_train_forward, self.channels, x.size, x, y, x_norm,
                                           mean, var, self.eps)
-                self._update_statistics(mean, var)
+                self.update_statistics(mean, var)
                 self.std = xp.sqrt(var + self.eps)
                 self.x_norm = x_norm
                 return
             mean = x.mean(axis=(0, 2))
             centered = x - mean[None, :, None]
             var = (centered * centered).mean(axis=(0, 2))
-            self._update_statistics(mean, var)
+            self.update_statistics(mean, var)
         self.std = xp.sqrt(var + self.eps)
         # cached: a later in-place layer may overwrite the top
         if cuda_ops.active(xp, x, mean, self.std):  # BREWNET_CUDA_KERNELS
@@ -121,14 +122,14 @@ class BatchNorm(Layer):
             self.x_norm = centered / self.std[None, :, None]
         top[0].data[...] = self.x_norm.reshape(top[0].shape)
 
-    def _x_norm_buffer(self, x):
+    def x_norm_buffer(self, x):
         """The normalized batch kept for backward: one buffer reused while the shape stays."""
         buf = getattr(self, "_x_norm_kept", None)
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
             buf = self._x_norm_kept = self.xp.empty(x.shape, dtype=x.dtype)
         return buf
 
-    def _update_statistics(self, mean, var):
+    def update_statistics(self, mean, var):
         """Caffe's running sums: decayed by moving_average_fraction, the variance unbiased."""
         mean_b, var_b, factor_b = (blob.data for blob in self.blobs)
         m = self.n * self.spatial
@@ -158,7 +159,7 @@ class BatchNorm(Layer):
         if jit is not None:
             inv_std = (1 / self.std).astype(dy.dtype)
             channel_ops.over_channels(jit.batch_norm_train_backward, self.channels, dy.size, dy, self.x_norm,
-                                      dx_out, inv_std)
+                                      dx_out, inv_std, channel_ops.same_memory(dy, dx_out))
             return
         y = self.x_norm
         mean_dy = dy.mean(axis=(0, 2), keepdims=True)
@@ -237,7 +238,7 @@ class Scale(_ChannelOperand):
                     else numpy.zeros(self.dim, dtype=x.dtype))
             saved = self._saved_input(x) if in_place else x3  # (x3: unused when not kept)
             channel_ops.over_channels(jit.scale_forward, self.dim, x.size, x3, scale, bias.astype(x.dtype, copy=False),
-                                      y3, saved.reshape(x3.shape), in_place)
+                                      y3, saved.reshape(x3.shape), in_place, channel_ops.same_memory(x3, y3))
             return
         if in_place:
             self.x_saved = x.copy()  # the scale gradient needs the input
@@ -269,11 +270,15 @@ class Scale(_ChannelOperand):
         d_scale = numpy.empty(self.dim, dtype=dy.dtype)
         d_bias = numpy.empty(self.dim, dtype=dy.dtype)
         channel_ops.over_channels(jit.scale_backward, self.dim, dy.size, dy, x, scale, dx, d_scale, d_bias,
-                                  bool(propagate_down[0]))
+                                  bool(propagate_down[0]), channel_ops.same_memory(dy, dx))
+        self.add_param_diffs(bottom, propagate_down, d_scale, d_bias)
+        return True
+
+    def add_param_diffs(self, bottom, propagate_down, d_scale, d_bias):
+        """Add computed gradients (per channel) to the scale and bias diffs that want them."""
         if self.bias_index is not None and self.param_needs_grad(self.bias_index):
             self.blobs[self.bias_index].diff += d_bias.reshape(self.blobs[self.bias_index].shape)
         self._operand_backward(bottom, propagate_down, lambda: d_scale)
-        return True
 
     def backward(self, top, propagate_down, bottom):
         if self._backward_compiled(top, propagate_down, bottom):

@@ -42,3 +42,9 @@ def over_channels(kernel, channels, size, *args):
     (several ranges per thread when ``size``, the elements touched, makes it worth it)."""
     ranges = parallel.split(channels, parallel.jobs_for(numpy, size >= PARALLEL_MIN_ELEMENTS))
     parallel.run(lambda j, worker: kernel(*args, *ranges[j]), len(ranges), numpy)
+
+
+def same_memory(a, b):
+    """True when ``a`` and ``b`` are the same elements (an in-place pass); the kernels then
+    read and write one array, which vectorizes where two overlapping ones would not."""
+    return a.shape == b.shape and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]

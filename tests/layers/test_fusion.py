@@ -1,0 +1,182 @@
+"""layers.fusion: BatchNorm -> Scale [-> ReLU | Clip] chains run as one kernel each way give
+the layers' own results (training and partial runs), are found only where Caffe's graph lets
+them be, and pass a finite-difference check of their gradient."""
+
+import numpy
+import pytest
+
+from brewnet.layers.kernels.backend import to_numpy
+from brewnet.layers.net import Net, set_random_seed
+from brewnet.netdef import caffe_pb2, parse_net
+
+ACTIVATIONS = {
+    "relu": 'layer { name: "act" type: "ReLU" bottom: "c" top: "c" }\n',
+    "leaky": 'layer { name: "act" type: "ReLU" bottom: "c" top: "c" relu_param { negative_slope: 0.1 } }\n',
+    "clip": 'layer { name: "act" type: "Clip" bottom: "c" top: "c" clip_param { min: -0.3 max: 0.5 } }\n',
+    "none": "",
+}
+
+
+def chain_net(activation="relu", bn="", scale='bottom: "c" top: "c"', extra="", batch=3):
+    return (f'force_backward: true\n'
+            f'layer {{ name: "x" type: "Input" top: "x" top: "label" input_param {{ shape {{ dim: {batch} dim: 2 '
+            f'dim: 5 dim: 4 }} shape {{ dim: {batch} }} }} }}\n'
+            'layer { name: "conv" type: "Convolution" bottom: "x" top: "c" convolution_param { num_output: 3 '
+            'kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.5 } '
+            'bias_filler { type: "gaussian" std: 0.5 } } }\n'
+            f'layer {{ name: "bn" type: "BatchNorm" bottom: "c" top: "c" {bn} }}\n'
+            f'layer {{ name: "scale" type: "Scale" {scale} scale_param {{ bias_term: true '
+            'filler { type: "gaussian" std: 0.7 } bias_filler { type: "gaussian" std: 0.3 } } }\n'
+            + ACTIVATIONS[activation] + extra +
+            'layer { name: "ip" type: "InnerProduct" bottom: "c" top: "ip" inner_product_param { num_output: 4 '
+            'weight_filler { type: "gaussian" std: 0.5 } } }\n'
+            'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+
+
+def build(text, monkeypatch, fuse, dtype=numpy.float32):
+    monkeypatch.setenv("BREWNET_FUSE", "1" if fuse else "0")
+    set_random_seed(7)
+    net = Net(parse_net(text), dtype=dtype, phase=caffe_pb2.TRAIN)
+    rng = numpy.random.default_rng(3)
+    net.blobs["x"].data[...] = rng.standard_normal(net.blobs["x"].shape) * 2 + 0.5
+    net.blobs["label"].data[...] = rng.integers(0, 4, net.blobs["label"].shape)
+    return net
+
+
+def state(net):
+    """Everything a user can read after a pass: blobs, parameters and their diffs."""
+    out = {}
+    for name, blob in net.blobs.items():
+        out[f"blob {name}"] = to_numpy(blob.data).copy()
+        out[f"diff {name}"] = to_numpy(blob.diff).copy()
+    for name, blobs in net.params.items():
+        for k, blob in enumerate(blobs):
+            out[f"param {name} {k}"] = to_numpy(blob.data).copy()
+            out[f"param diff {name} {k}"] = to_numpy(blob.diff).copy()
+    return out
+
+
+def assert_same(a, b, dtype):
+    # atol: gradients that are zero in exact arithmetic (a bias before BatchNorm) are rounding noise
+    rtol = 1e-6 if dtype == numpy.float32 else 1e-13
+    for key in a:
+        scale = max(float(numpy.abs(a[key]).max(initial=0)), 1.0)
+        numpy.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=rtol * scale, err_msg=key)
+
+
+def chains_of(net):
+    return [(c.start, c.end) for c in net._chains.values()]
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_fused_training_passes_equal_the_layers_own(monkeypatch, activation, dtype):
+    text = chain_net(activation)
+    results = []
+    for fuse in (False, True):
+        net = build(text, monkeypatch, fuse, dtype)
+        net.clear_param_diffs()
+        for _ in range(2):  # two passes, diffs accumulating (iter_size), statistics moving
+            net.forward_backward()
+        assert net._chains[2].forward_fused == fuse
+        results.append(state(net))
+    assert_same(*results, dtype)
+    assert chains_of(net) == [(2, 4 if activation != "none" else 3)]
+
+
+def test_the_fused_chain_really_runs_and_keeps_what_each_layer_needs(monkeypatch):
+    net = build(chain_net("clip"), monkeypatch, True)
+    chain = net._chains[2]
+    net.forward()
+    assert chain.forward_fused
+    # a backward stopping inside the chain runs the layers, from what the fused forward left
+    reference = build(chain_net("clip"), monkeypatch, False)
+    reference.forward()
+    for n in (net, reference):
+        n.clear_param_diffs()
+        for i in range(len(n.layers) - 1, 2, -1):
+            n.backward(start=i, end=i)
+    monkeypatch.setenv("BREWNET_FUSE", "1")
+    assert_same(state(reference), state(net), numpy.float32)
+
+
+def test_partial_forward_runs_the_layers_and_backward_follows(monkeypatch):
+    results = []
+    for fuse in (False, True):
+        net = build(chain_net("relu"), monkeypatch, fuse)
+        net.forward(end="bn")       # the chain cut short: BatchNorm alone
+        net.forward(start="scale")  # and the rest
+        net.clear_param_diffs()
+        net.backward()
+        assert not net._chains[2].forward_fused
+        results.append(state(net))
+    assert_same(*results, numpy.float32)
+
+
+def test_hooks_and_debug_info_see_every_layer(monkeypatch):
+    net = build(chain_net("relu"), monkeypatch, True)
+    seen = []
+    net.before_forward_hooks.append(seen.append)
+    net.forward()
+    assert seen == list(range(len(net.layers)))
+    assert not net._chains[2].forward_fused
+
+
+def test_global_statistics_run_the_layers(monkeypatch):
+    results = []
+    for fuse in (False, True):
+        net = build(chain_net("relu", bn="batch_norm_param { use_global_stats: true }"), monkeypatch, fuse)
+        net.layers[2].blobs[0].data[...] = [0.1, -0.2, 0.3]
+        net.layers[2].blobs[1].data[...] = [1.5, 0.5, 2.0]
+        net.layers[2].blobs[2].data[...] = 1
+        net.clear_param_diffs()
+        net.forward_backward()
+        assert not net._chains[2].forward_fused
+        results.append(state(net))
+    assert_same(*results, numpy.float32)
+
+
+@pytest.mark.parametrize("text, chains", [
+    # Scale out of place: BatchNorm's top is a blob of its own that users read
+    (chain_net("none", scale='bottom: "c" top: "s"').replace('bottom: "c" top: "ip"', 'bottom: "s" top: "ip"'), []),
+    # a negative slope: the output's sign no longer tells the input's, the activation stays out
+    (chain_net("none", extra='layer { name: "act" type: "ReLU" bottom: "c" top: "c" '
+                             'relu_param { negative_slope: -0.5 } }\n'), [(2, 3)]),
+    # the activation out of place
+    (chain_net("none", extra='layer { name: "act" type: "ReLU" bottom: "c" top: "r" }\n')
+     .replace('bottom: "c" top: "ip"', 'bottom: "r" top: "ip"'), [(2, 3)]),
+    # a loss weight on the chain's blob, which no later layer reads (else a Split carries it)
+    (chain_net("none").replace('bottom: "c" top: "c" scale_param', 'bottom: "c" top: "c" loss_weight: 0.5 '
+                                                                 'scale_param').split('layer { name: "ip"')[0], []),
+    (chain_net("none").replace('bottom: "c" top: "c" scale_param', 'bottom: "c" top: "c" loss_weight: 0.5 '
+                                                                 'scale_param'), [(2, 3)]),
+])
+def test_chains_are_found_only_where_caffe_lets_the_layers_merge(monkeypatch, text, chains):
+    net = build(text, monkeypatch, True)
+    assert chains_of(net) == chains
+    reference = build(text, monkeypatch, False)
+    for n in (net, reference):
+        n.clear_param_diffs()
+        n.forward_backward()
+    assert_same(state(reference), state(net), numpy.float32)
+
+
+@pytest.mark.parametrize("activation", ["leaky", "clip"])
+def test_fused_gradient_matches_finite_differences(monkeypatch, activation):
+    net = build(chain_net(activation, batch=2), monkeypatch, True, numpy.float64)
+    net.clear_param_diffs()
+    net.forward_backward()
+    assert net._chains[2].forward_fused
+    for blob in (net.blobs["x"], net.params["scale"][0], net.params["scale"][1], net.params["conv"][0]):
+        analytic = to_numpy(blob.diff).reshape(-1).copy()
+        flat = blob.data.reshape(-1)
+        numeric = numpy.zeros(flat.size)
+        for e in range(flat.size):
+            keep = flat[e]
+            flat[e] = keep + 1e-6
+            plus = net.forward()
+            flat[e] = keep - 1e-6
+            minus = net.forward()
+            flat[e] = keep
+            numeric[e] = (plus - minus) / 2e-6
+        numpy.testing.assert_allclose(analytic, numeric, rtol=1e-4, atol=1e-7)
