@@ -4,11 +4,15 @@ one blob, as Caffe's ResNets, MobileNets and Inception-v3 write every convolutio
 Run layer by layer in training, the chain makes eight passes over the blob forward
 (BatchNorm's statistics, its output and kept normalized copy, Scale's copy of its input and
 its output, the activation) and nine backward; fused it makes three and four, in one compiled
-kernel each (layers/kernels/channel_jit.py) whose arithmetic is the layers' own, step by step.
+kernel each (layers/kernels/channel_jit.py) whose arithmetic is the layers' own, step by step,
+so the results are theirs. With stored statistics (TEST, or use_global_stats) BatchNorm is an
+affine map: seven passes forward as layers, three fused (the input read, the kept Scale input
+and the top written).
+
 The Net runs a chain fused only when one call runs all of it with nothing watching in between
-(no hooks, no debug_info) and the arrays suit the CPU kernels; everything else, the per-layer
-timing of `brewnet time` included, runs the layers themselves. After a fused forward each
-layer holds what its own backward needs, so a backward that stops inside a chain still works.
+(no hooks, no debug_info) and the arrays suit the CPU kernels; otherwise the layers run. After
+a fused forward each layer holds what its own backward needs, so a backward that stops inside
+a chain still works. `brewnet time` times a chain as one unit (Net.run_units).
 ``BREWNET_FUSE=0`` turns fusion off.
 """
 
@@ -60,35 +64,44 @@ class ChannelChain:
         """Run the chain's forward fused and return True, or return False (run the layers)."""
         self.forward_fused = False
         bn, sc = self.bn, self.scale
-        if bn.use_global_stats:
-            return False
         self._reshape()
         if (sc.outer, sc.dim, sc.inner) != (bn.n, bn.channels, bn.spatial) or len(sc.blobs) == 0:
             return False
         data = self.blob.data
         x = data.reshape(bn.n, bn.channels, bn.spatial)
-        x_norm = bn.x_norm_buffer(x)
+        # BatchNorm's output, which Scale reads: the normalized batch (batch statistics) or the
+        # affine map of the stored ones, kept for backward in one buffer
+        kept = bn.x_norm_buffer(x)
         scale, bias, q = self._operands(x.dtype)
-        jit = channel_ops.kernels(bn.xp, x, x_norm, scale, bias)
+        jit = channel_ops.kernels(bn.xp, x, kept, scale, bias)
         if jit is None:
             return False
-        mean = numpy.empty(bn.channels, dtype=x.dtype)
-        var = numpy.empty(bn.channels, dtype=x.dtype)
-        channel_ops.over_channels(jit.bn_scale_act_train_forward, bn.channels, x.size, x, x, x_norm, mean, var,
-                                  bn.eps, scale, bias.astype(x.dtype, copy=False), self.act_code, q)
-        bn.update_statistics(mean, var)
-        bn.std = numpy.sqrt(var + bn.eps)
-        bn.x_norm = x_norm
-        sc.x_saved = x_norm.reshape(data.shape)  # Scale's input was BatchNorm's output
+        bias = bias.astype(x.dtype, copy=False)
+        if bn.use_global_stats:
+            inv, shift = bn.stored_affine(*bn.stored_statistics(), x.dtype)
+            if channel_ops.kernels(bn.xp, inv, shift) is None:
+                return False
+            channel_ops.over_channels(jit.bn_scale_act_stored_forward, bn.channels, x.size, x, x, kept, inv, shift,
+                                      scale, bias, self.act_code, q)
+        else:
+            mean = numpy.empty(bn.channels, dtype=x.dtype)
+            var = numpy.empty(bn.channels, dtype=x.dtype)
+            channel_ops.over_channels(jit.bn_scale_act_train_forward, bn.channels, x.size, x, x, kept, mean, var,
+                                      bn.eps, scale, bias, self.act_code, q)
+            bn.update_statistics(mean, var)
+            bn.std = numpy.sqrt(var + bn.eps)
+            bn.x_norm = kept
+        self.kept = kept
+        sc.x_saved = kept.reshape(data.shape)  # Scale's input was BatchNorm's output
         self.forward_fused = True
         self.unfused_ready = self.activation is None or self.act_code != 2
         return True
 
     def prepare_unfused_backward(self):
-        """Give the layers what a fused forward did not: Clip's input (x_norm * scale + bias)."""
+        """Give the layers what a fused forward did not: Clip's input (kept * scale + bias)."""
         if self.forward_fused and not self.unfused_ready:
-            scale, bias, _ = self._operands(self.bn.x_norm.dtype)
-            z = self.bn.x_norm * scale[None, :, None] + bias[None, :, None]
+            scale, bias, _ = self._operands(self.kept.dtype)
+            z = self.kept * scale[None, :, None] + bias[None, :, None]
             self.activation.keep_input(z.reshape(self.blob.shape))
             self.unfused_ready = True
 
@@ -104,15 +117,20 @@ class ChannelChain:
         diff = self.blob.diff
         dy = diff.reshape(bn.n, bn.channels, bn.spatial)
         scale, bias, q = self._operands(dy.dtype)
-        inv_std = (1 / bn.std).astype(dy.dtype)
-        jit = channel_ops.kernels(bn.xp, dy, bn.x_norm, scale, bias)
+        std = bn.std.astype(dy.dtype, copy=False)
+        jit = channel_ops.kernels(bn.xp, dy, self.kept, scale, bias, std)
         if jit is None:
             return False
+        bias = bias.astype(dy.dtype, copy=False)
         d_scale = numpy.empty(bn.channels, dtype=dy.dtype)
         d_bias = numpy.empty(bn.channels, dtype=dy.dtype)
-        channel_ops.over_channels(jit.bn_scale_act_train_backward, bn.channels, dy.size, dy, bn.x_norm, dy,
-                                  inv_std, scale, bias.astype(dy.dtype, copy=False), self.act_code, q,
-                                  d_scale, d_bias)
+        if bn.use_global_stats:
+            channel_ops.over_channels(jit.bn_scale_act_stored_backward, bn.channels, dy.size, dy, self.kept, dy,
+                                      std, scale, bias, self.act_code, q, d_scale, d_bias)
+        else:
+            inv_std = (1 / bn.std).astype(dy.dtype)
+            channel_ops.over_channels(jit.bn_scale_act_train_backward, bn.channels, dy.size, dy, self.kept, dy,
+                                      inv_std, scale, bias, self.act_code, q, d_scale, d_bias)
         sc.add_param_diffs(net.bottom_vecs[self.start + 1], net.bottom_need_backward[self.start + 1],
                            d_scale, d_bias)
         return True

@@ -77,20 +77,13 @@ class BatchNorm(Layer):
         xp = self.xp
         x = self._nc_s(bottom[0].data)
         if self.use_global_stats:
-            mean_b, var_b, factor_b = (blob.data for blob in self.blobs)
-            # stored sums / scale factor (a factor of 0 means "no statistics yet": use 0)
-            zero = factor_b == 0
-            factor = xp.where(zero, 0, 1 / xp.where(zero, 1, factor_b))
-            mean = mean_b * factor
-            var = var_b * factor
+            mean, var = self.stored_statistics()
             y = self._nc_s(top[0].data)
             # the CUDA kernels (BREWNET_CUDA_KERNELS) take precedence over the compiled CPU passes
             jit = None if cuda_ops.active(xp, x) else channel_ops.kernels(xp, x, y)
             if jit is not None:
                 # an affine map per channel (Scale's kernel), in place or not; backward needs only std
-                self.std = xp.sqrt(var + self.eps)
-                inv = (1 / self.std).astype(x.dtype)
-                shift = (-mean * inv).astype(x.dtype)
+                inv, shift = self.stored_affine(mean, var, x.dtype)
                 channel_ops.over_channels(jit.scale_forward, self.channels, x.size, x, inv, shift, y, x, False,
                                           channel_ops.same_memory(x, y))
                 return
@@ -121,6 +114,21 @@ class BatchNorm(Layer):
         else:
             self.x_norm = centered / self.std[None, :, None]
         top[0].data[...] = self.x_norm.reshape(top[0].shape)
+
+    def stored_statistics(self):
+        """(mean, variance) from the stored sums and scale factor (a factor of 0 means "no
+        statistics yet": zeros)."""
+        xp = self.xp
+        mean_b, var_b, factor_b = (blob.data for blob in self.blobs)
+        zero = factor_b == 0
+        factor = xp.where(zero, 0, 1 / xp.where(zero, 1, factor_b))
+        return mean_b * factor, var_b * factor
+
+    def stored_affine(self, mean, var, dtype):
+        """(inv, shift) with x * inv + shift the normalized x; sets ``std`` for backward."""
+        self.std = self.xp.sqrt(var + self.eps)
+        inv = (1 / self.std).astype(dtype)
+        return inv, (-mean * inv).astype(dtype)
 
     def x_norm_buffer(self, x):
         """The normalized batch kept for backward: one buffer reused while the shape stays."""

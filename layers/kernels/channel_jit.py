@@ -225,3 +225,58 @@ def bn_scale_act_train_backward(dy, x_norm, dx, inv_std, scale, bias, act, q, d_
             _gate(dy[o, c], xn, g, s, b, act, q)
             for i in range(inner):
                 out[i] = (g[i] * s - m_dy - xn[i] * m_dyx) * inv
+
+
+@jit
+def _scale_act(v, out, s, b, act, q):
+    # out = act(v * s + b); v never overlaps out
+    n = v.shape[0]
+    if act == 1:
+        slope = q[0]
+        for i in range(n):
+            z = v[i] * s + b
+            out[i] = z if z > 0 else z * slope
+    elif act == 2:
+        lo, hi = q[0], q[1]
+        for i in range(n):
+            z = v[i] * s + b
+            out[i] = lo if z < lo else (hi if z > hi else z)
+    else:
+        for i in range(n):
+            out[i] = v[i] * s + b
+
+
+@jit
+def bn_scale_act_stored_forward(x, y, kept, inv, shift, scale, bias, act, q, c0, c1):
+    # BatchNorm with stored statistics (v = x * inv + shift, BatchNorm's affine kernel), kept
+    # for backward, then y = act(v * scale + bias)
+    outer, inner = x.shape[0], x.shape[2]
+    for c in range(c0, c1):
+        a, d = inv[c], shift[c]
+        for o in range(outer):
+            row, v = x[o, c], kept[o, c]
+            for i in range(inner):
+                v[i] = row[i] * a + d
+            _scale_act(v, y[o, c], scale[c], bias[c], act, q)
+
+
+@jit
+def bn_scale_act_stored_backward(dy, kept, dx, std, scale, bias, act, q, d_scale, d_bias, c0, c1):
+    # backward of the chain above: d_scale, d_bias written; dx = dy * act'(z) * scale / std
+    # (BatchNorm with stored statistics is an affine map); dx may be dy
+    outer, inner = dy.shape[0], dy.shape[2]
+    g = numpy.empty(inner, dtype=dy.dtype)
+    for c in range(c0, c1):
+        s, b, sd = scale[c], bias[c], std[c]
+        s_g = 0.0
+        s_gx = 0.0
+        for o in range(outer):
+            v, out = kept[o, c], dx[o, c]
+            _gate(dy[o, c], v, g, s, b, act, q)
+            for i in range(inner):
+                s_g += g[i]
+                s_gx += g[i] * v[i]
+            for i in range(inner):
+                out[i] = g[i] * s / sd
+        d_scale[c] = s_gx
+        d_bias[c] = s_g

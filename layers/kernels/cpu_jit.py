@@ -106,44 +106,67 @@ def max_pool_backward(dy, idx, dx):
 
 @jit
 def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw):
-    # divisor: the window clipped to image + padding, before clipping to the image (Caffe)
+    # divisor: the window clipped to image + padding, before clipping to the image (Caffe).
+    # Rows are summed down a window into a zero-bordered row first; then, for each kernel
+    # column k in turn, every output column adds its k-th entry: unit-stride loops that
+    # vectorize, adding in each window's own left-to-right order (the borders add zeros).
     planes, H, W = x.shape
     oh, ow = y.shape[1], y.shape[2]
-    col_sum = numpy.empty(W, dtype=x.dtype)
+    width = numpy.empty(ow, dtype=numpy.float64)
+    for j in range(ow):
+        width[j] = window(j, sw, pw, kw, W)[2]
+    span = max((ow - 1) * sw + kw, W + pw)
+    col_sum = numpy.zeros(span + pw, dtype=x.dtype)  # entry pw + w: image column w
+    total = numpy.empty(ow, dtype=x.dtype)
     for p in range(planes):
         for i in range(oh):
             h0, h1, size_h = window(i, sh, ph, kh, H)
-            col_sum[:] = 0
+            col_sum[pw:pw + W] = 0
             for h in range(h0, h1):
                 for w in range(W):
-                    col_sum[w] += x[p, h, w]
+                    col_sum[pw + w] += x[p, h, w]
+            total[:] = 0
+            for k in range(kw):
+                if sw == 1:  # (unit stride spelled out: LLVM then vectorizes it)
+                    for j in range(ow):
+                        total[j] += col_sum[j + k]
+                else:
+                    for j in range(ow):
+                        total[j] += col_sum[j * sw + k]
             for j in range(ow):
-                w0, w1, size_w = window(j, sw, pw, kw, W)
-                total = col_sum[0] * 0
-                for w in range(w0, w1):
-                    total += col_sum[w]
-                y[p, i, j] = total / (size_h * size_w)
+                y[p, i, j] = total[j] / (size_h * width[j])
 
 
 @jit
 def ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw):
-    # dx: (planes, H, W), overwritten
+    # dx: (planes, H, W), overwritten. Each output's share goes to its window's columns of a
+    # zero-bordered row (kernel columns last to first, so every column receives its shares
+    # in output order, as window by window), then down the window's rows.
     planes, H, W = dx.shape
     oh, ow = dy.shape[1], dy.shape[2]
-    col_grad = numpy.empty(W, dtype=dx.dtype)
+    width = numpy.empty(ow, dtype=numpy.float64)
+    for j in range(ow):
+        width[j] = window(j, sw, pw, kw, W)[2]
+    span = max((ow - 1) * sw + kw, W + pw)
+    col_grad = numpy.zeros(span + pw, dtype=dx.dtype)
+    g = numpy.empty(ow, dtype=dx.dtype)
     for p in range(planes):
         dx[p] = 0
         for i in range(oh):
             h0, h1, size_h = window(i, sh, ph, kh, H)
             col_grad[:] = 0
             for j in range(ow):
-                w0, w1, size_w = window(j, sw, pw, kw, W)
-                g = dy[p, i, j] / (size_h * size_w)
-                for w in range(w0, w1):
-                    col_grad[w] += g
+                g[j] = dy[p, i, j] / (size_h * width[j])
+            for k in range(kw - 1, -1, -1):
+                if sw == 1:
+                    for j in range(ow):
+                        col_grad[j + k] += g[j]
+                else:
+                    for j in range(ow):
+                        col_grad[j * sw + k] += g[j]
             for h in range(h0, h1):
                 for w in range(W):
-                    dx[p, h, w] += col_grad[w]
+                    dx[p, h, w] += col_grad[pw + w]
 
 
 @jit

@@ -122,18 +122,37 @@ def test_hooks_and_debug_info_see_every_layer(monkeypatch):
     assert not net._chains[2].forward_fused
 
 
-def test_global_statistics_run_the_layers(monkeypatch):
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_stored_statistics_fused_equal_the_layers_own(monkeypatch, activation, dtype):
+    """use_global_stats (a frozen BatchNorm in training, and every TEST net): forward and backward."""
     results = []
     for fuse in (False, True):
-        net = build(chain_net("relu", bn="batch_norm_param { use_global_stats: true }"), monkeypatch, fuse)
-        net.layers[2].blobs[0].data[...] = [0.1, -0.2, 0.3]
-        net.layers[2].blobs[1].data[...] = [1.5, 0.5, 2.0]
-        net.layers[2].blobs[2].data[...] = 1
+        net = build(chain_net(activation, bn="batch_norm_param { use_global_stats: true }"), monkeypatch, fuse,
+                    dtype)
+        net.layers[2].blobs[0].data[...] = [0.2, -0.4, 0.6]
+        net.layers[2].blobs[1].data[...] = [3.0, 1.0, 4.0]
+        net.layers[2].blobs[2].data[...] = 2
         net.clear_param_diffs()
-        net.forward_backward()
-        assert not net._chains[2].forward_fused
+        for _ in range(2):
+            net.forward_backward()
+        assert net._chains[2].forward_fused == fuse
         results.append(state(net))
-    assert_same(*results, numpy.float32)
+    assert_same(*results, dtype)
+
+
+def test_a_test_phase_net_fuses_and_gives_the_layers_outputs(monkeypatch):
+    outputs = []
+    for fuse in (False, True):
+        monkeypatch.setenv("BREWNET_FUSE", "1" if fuse else "0")
+        set_random_seed(7)
+        net = Net(parse_net(chain_net("clip")), phase=caffe_pb2.TEST)
+        net.layers[2].blobs[2].data[...] = 0  # no statistics yet: Caffe's zeros
+        net.blobs["x"].data[...] = numpy.random.default_rng(3).standard_normal(net.blobs["x"].shape)
+        net.forward()
+        assert net._chains[2].forward_fused == fuse
+        outputs.append(state(net))
+    assert_same(*outputs, numpy.float32)
 
 
 @pytest.mark.parametrize("text, chains", [
@@ -161,9 +180,14 @@ def test_chains_are_found_only_where_caffe_lets_the_layers_merge(monkeypatch, te
     assert_same(state(reference), state(net), numpy.float32)
 
 
+@pytest.mark.parametrize("bn", ["", "batch_norm_param { use_global_stats: true }"])
 @pytest.mark.parametrize("activation", ["leaky", "clip"])
-def test_fused_gradient_matches_finite_differences(monkeypatch, activation):
-    net = build(chain_net(activation, batch=2), monkeypatch, True, numpy.float64)
+def test_fused_gradient_matches_finite_differences(monkeypatch, activation, bn):
+    net = build(chain_net(activation, bn=bn, batch=2), monkeypatch, True, numpy.float64)
+    if bn:
+        net.layers[2].blobs[0].data[...] = [0.2, -0.4, 0.6]
+        net.layers[2].blobs[1].data[...] = [3.0, 1.0, 4.0]
+        net.layers[2].blobs[2].data[...] = 2
     net.clear_param_diffs()
     net.forward_backward()
     assert net._chains[2].forward_fused

@@ -64,7 +64,8 @@ def _naive_pool(x, k, s, p, method, ceil=True):
     return y, mask
 
 
-@pytest.mark.parametrize("k,s,p,hw", [(3, 2, 1, (7, 7)), (3, 2, 0, (6, 6)), (2, 2, 1, (5, 4)), (3, 3, 2, (8, 7))])
+@pytest.mark.parametrize("k,s,p,hw", [(3, 2, 1, (7, 7)), (3, 2, 0, (6, 6)), (2, 2, 1, (5, 4)), (3, 3, 2, (8, 7)),
+                                     (3, 1, 1, (6, 5)), (5, 1, 2, (4, 9))])
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
 def test_pooling_matches_naive(k, s, p, hw, method, cpu_impl):
     x = RNG.standard_normal((2, 3) + hw)
