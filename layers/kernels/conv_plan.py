@@ -146,6 +146,9 @@ class ConvPlan(BaseConvPlan):
     # 1x1 weight gradient: up to this many positions per sample, a chunk's samples are gathered
     # side by side for one GEMM (ResNet's 14x14 and 7x7 stages); longer rows take a GEMM each
     pointwise_gather_max_columns = 1024
+    # ... and up to this many positions in the whole batch, one GEMM over all of it (the
+    # forward and data gradient measured slower so: they keep their per-sample GEMMs)
+    pointwise_whole_batch_columns = 512
 
     @staticmethod
     def is_depthwise(g):
@@ -364,6 +367,8 @@ class ConvPlan(BaseConvPlan):
                     dx.fill(0)
                 self._strided_input(dx)[...] = part
             return gemm(xp, dyg, xg.transpose(0, 1, 3, 2)).sum(axis=0).reshape(W.shape) if need_dw else None
+        L = int(numpy.prod(self.geometry.out_spatial))
+        whole_batch = L * n <= self.pointwise_whole_batch_columns and n > 1
         if dx is not None:
             jobs = self.pointwise_jobs
             picks = (slice(None),) + tuple(slice(None, None, s) for s in self.geometry.stride)
@@ -385,9 +390,17 @@ class ConvPlan(BaseConvPlan):
         # positions side by side (gathered into thread buffers), then the chunks' partial sums
         # add up in chunk order. (numpy's matmul lets the threads run at once; scipy's BLAS
         # wrappers hold the GIL.)
+        if whole_batch:
+            # few positions in all (ResNet's 7x7 stage): the whole batch side by side in one
+            # GEMM, which parallel.matmul splits over the threads by output rows: longer inner
+            # products than per-chunk GEMMs, and no partial sums to add
+            rows = self._bufs.get("dy_rows", (G, Mg, n, L), dy.dtype, 0)
+            rows[...] = dyg.transpose(1, 2, 0, 3)
+            cols = self._bufs.get("x_rows", (G, Cg, n, L), x.dtype, 0)
+            cols[...] = self._strided_input(x).reshape(n, G, Cg, L).transpose(1, 2, 0, 3)
+            return gemm(xp, rows.reshape(G, Mg, -1), cols.reshape(G, Cg, -1).transpose(0, 2, 1)).reshape(W.shape)
         chunks = parallel.chunk_ranges(n, max(1, n // parallel.jobs_for(xp, n > 1, 2)), xp)
         parts = [None] * len(chunks)
-        L = int(numpy.prod(self.geometry.out_spatial))
 
         def weight_job(j, worker):
             a, z = chunks[j]

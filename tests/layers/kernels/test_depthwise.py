@@ -132,9 +132,11 @@ def test_pointwise_paths_match_im2col_and_gradcheck(params, shape, monkeypatch):
     check_gradient(_layer(params), [x[:1, :, :8, :8] if shape[0] == 1 else x])
 
 
-@pytest.mark.parametrize("gather_max", [1024, 0])  # chunks gathered for one GEMM / a GEMM per sample
+# the whole batch in one GEMM / chunks gathered for one GEMM each / a GEMM per sample
+@pytest.mark.parametrize("whole_max,gather_max", [(512, 1024), (0, 1024), (0, 0)])
 @pytest.mark.parametrize("params", ["num_output: 6 kernel_size: 1 stride: 2 group: 2", "num_output: 5 kernel_size: 1"])
-def test_pointwise_weight_gradient_over_chunks_of_samples(params, gather_max, monkeypatch):
+def test_pointwise_weight_gradient_over_chunks_of_samples(params, whole_max, gather_max, monkeypatch):
+    monkeypatch.setattr(ConvPlan, "pointwise_whole_batch_columns", whole_max)
     monkeypatch.setattr(ConvPlan, "pointwise_gather_max_columns", gather_max)
     monkeypatch.setattr(parallel, "jobs_for", lambda xp=numpy, big=True, per_thread=4: 2 if big else 1)
     x = RNG.standard_normal((6, 4, 5, 7))
