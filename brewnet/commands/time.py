@@ -69,7 +69,7 @@ def time_cmd(model, iterations, phase, level, stage, weights, gpu):
     for first, last in net.run_units():
         for i in range(first, last + 1):
             if i == first:
-                fused[i] = f"  (and the next {last - first}: fused, one kernel each way)" if last > first else ""
+                fused[i] = f"  (and the next {last - first}: run fused)" if last > first else ""
             else:
                 fused[i] = f"  (timed in {net.layer_names[first]})"
     for i, (name, layer, f, b) in enumerate(zip(net.layer_names, net.layers, fwd, bwd)):

@@ -142,6 +142,17 @@ class _BaseConv(_ConvParams):
         for i, (b, t) in enumerate(zip(bottom, top)):
             self.plan.forward(self._input(b.data), weight, bias, self._output(t.data), slot=i)
 
+    def forward_with_epilogue(self, bottom, top, epilogue):
+        """forward, with ``epilogue`` applied in place to each finished block of the (single)
+        top while it is in cache (layers/fusion.py's Convolution -> ReLU); returns False, having
+        run nothing, where the plan has no such step (the GPU's, Deconvolution's, depthwise)."""
+        plan = self.plan
+        if len(bottom) != 1 or type(plan) is not ConvPlan or plan.xp is not numpy or plan.path == "depthwise":
+            return False
+        bias = self.blobs[1].data if self.bias_term else None
+        return plan.forward(self._input(bottom[0].data), self.blobs[0].data, bias, self._output(top[0].data),
+                            slot=0, epilogue=epilogue)
+
     def backward(self, top, propagate_down, bottom):
         weight = self.blobs[0].data
         need_dw = self.param_needs_grad(0)

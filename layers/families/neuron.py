@@ -115,6 +115,13 @@ class ReLU(_Neuron):
         would not tell the input's (a negative slope)."""
         return (1, self.slope, 0) if self.slope >= 0 else None
 
+    def epilogue(self):
+        """This ReLU as an in-place step on a block of numpy array (layers/fusion.py runs it on
+        a convolution's output blocks), with forward's own arithmetic."""
+        if self.slope == 0:
+            return lambda block: numpy.maximum(block, 0, out=block)
+        return lambda block: block.__setitem__(Ellipsis, self.compute(block))
+
     def compute(self, x):
         y = self.xp.maximum(x, 0)
         if self.slope != 0:

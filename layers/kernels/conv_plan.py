@@ -227,18 +227,22 @@ class ConvPlan(BaseConvPlan):
         return parallel.chunk_ranges(self.batch, chunk, numpy)
 
     # -- forward ------------------------------------------------------------------------
-    def forward(self, x, W, bias, y, slot=0):
+    def forward(self, x, W, bias, y, slot=0, epilogue=None):
         """y = conv(x, W) + bias (bias may be None). ``slot`` names which of the layer's inputs x
-        is: on the im2col path, its backward may reuse the columns built here."""
+        is: on the im2col path, its backward may reuse the columns built here. ``epilogue``, if
+        given, is applied in place to each block of y the threads finish, while it is in cache
+        (a fused activation: layers/fusion.py); returns whether it was (not on the depthwise path)."""
         if self.path == "1x1":
-            self._forward_1x1(x, W, bias, y)
+            self._forward_1x1(x, W, bias, y, epilogue)
         elif self.path == "depthwise":
             g = self.geometry
             depthwise_forward(x, W, bias, g.stride, g.pad, g.dilation, out=y)
+            return False
         elif self.path == "winograd":
-            self._winograd_forward(self.winograd, self.winograd_chunks, x, W, bias, y)
+            self._winograd_forward(self.winograd, self.winograd_chunks, x, W, bias, y, epilogue)
         else:
-            self._im2col_forward(x, W, bias, y, slot)
+            self._im2col_forward(x, W, bias, y, slot, epilogue)
+        return True
 
     # -- 1x1 kernels: per-sample GEMMs on the input itself ------------------------------------
     def _pointwise_jobs(self):
@@ -269,7 +273,7 @@ class ConvPlan(BaseConvPlan):
             return x
         return x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.geometry.stride)]
 
-    def _forward_1x1(self, x, W, bias, y):
+    def _forward_1x1(self, x, W, bias, y, epilogue=None):
         G, M = self.group, self.num_output
         Wm = W.reshape(G, M // G, self.channels // G)
         yv = y.reshape(self.batch, G, M // G, -1)
@@ -279,6 +283,8 @@ class ConvPlan(BaseConvPlan):
             yv[...] = gemm(self.xp, Wm, xs)
             if bias is not None:
                 self.add_bias(y, bias)
+            if epilogue is not None:
+                epilogue(y)
             return
         jobs = self.pointwise_jobs
         b3 = None if bias is None else bias.reshape(G, M // G, 1)
@@ -290,19 +296,23 @@ class ConvPlan(BaseConvPlan):
             gemm(self.xp, Wm, xi[:, :, a:z], out=out)
             if b3 is not None:
                 out += b3  # while the block is in cache
+            if epilogue is not None:
+                epilogue(out)
 
         parallel.run(job, len(jobs), self.xp)
 
-    def _winograd_forward(self, conv, chunks, x, W, bias, y):
+    def _winograd_forward(self, conv, chunks, x, W, bias, y, epilogue=None):
         U, b = conv.weight_tiles(W), conv.bias_vector(bias)
 
         def job(j, worker):
             a, z = chunks[j]
             conv.forward(x[a:z], U, b, y[a:z], worker)
+            if epilogue is not None:
+                epilogue(y[a:z])
 
         parallel.run(job, len(chunks), numpy)
 
-    def _im2col_forward(self, x, W, bias, y, slot):
+    def _im2col_forward(self, x, W, bias, y, slot, epilogue=None):
         eng, chunks = self.engine, self.chunks
         # the columns stay valid for backward only when the batch was one chunk
         keep = slot if len(chunks) == 1 else None
@@ -314,6 +324,8 @@ class ConvPlan(BaseConvPlan):
             eng.from_colside(eng.gemm_forward(col, W), y[a:z])
             if bias is not None:
                 self.add_bias(y[a:z], bias)  # while the chunk is still in cache
+            if epilogue is not None:
+                epilogue(y[a:z])
 
         parallel.run(job, len(chunks), self.xp)
 

@@ -204,3 +204,40 @@ def test_fused_gradient_matches_finite_differences(monkeypatch, activation, bn):
             flat[e] = keep
             numeric[e] = (plus - minus) / 2e-6
         numpy.testing.assert_allclose(analytic, numeric, rtol=1e-4, atol=1e-7)
+
+
+def conv_relu_net(conv, channels, relu="", hw=8):
+    return ('force_backward: true\n'
+            f'layer {{ name: "x" type: "Input" top: "x" top: "label" input_param {{ shape {{ dim: 2 dim: {channels} '
+            f'dim: {hw} dim: {hw} }} shape {{ dim: 2 }} }} }}\n'
+            f'layer {{ name: "conv" type: "Convolution" bottom: "x" top: "c" convolution_param {{ {conv} '
+            'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 } } }\n'
+            f'layer {{ name: "relu" type: "ReLU" bottom: "c" top: "c" {relu} }}\n'
+            'layer { name: "ip" type: "InnerProduct" bottom: "c" top: "ip" inner_product_param { num_output: 4 '
+            'weight_filler { type: "gaussian" std: 0.3 } } }\n'
+            'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+
+
+@pytest.mark.parametrize("conv, channels, path", [
+    ("num_output: 6 kernel_size: 1", 4, "1x1"),
+    ("num_output: 6 kernel_size: 1 stride: 2", 4, "1x1"),
+    ("num_output: 5 kernel_size: 3 pad: 1 stride: 2", 3, "im2col"),
+    ("num_output: 16 kernel_size: 3 pad: 1", 16, "winograd"),
+    ("num_output: 4 kernel_size: 3 pad: 1 group: 4", 4, "depthwise"),  # no epilogue step: the layers run
+])
+@pytest.mark.parametrize("relu", ["", "relu_param { negative_slope: 0.2 }"])
+def test_convolution_relu_chain_equals_the_layers(monkeypatch, conv, channels, path, relu):
+    text = conv_relu_net(conv, channels, relu, hw=12 if path == "winograd" else 8)
+    results = []
+    for fuse in (False, True):
+        net = build(text, monkeypatch, fuse, numpy.float32)
+        net.clear_param_diffs()
+        for _ in range(2):
+            net.forward_backward()
+        assert net.layers[1].plan.path == path
+        assert chains_of(net) == [(1, 2)]
+        assert net._chains[1].forward_fused == (fuse and path != "depthwise")
+        results.append(state(net))
+    assert_same(*results, numpy.float32)
+    for key in results[0]:  # the same operations on the same blocks: equal, not just close
+        numpy.testing.assert_array_equal(results[0][key], results[1][key], err_msg=key)
