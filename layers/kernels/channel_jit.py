@@ -16,25 +16,32 @@ jit = njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
 
 
 @jit
+def _batch_statistics(x, c):
+    # channel c's mean and biased variance over (outer, inner), summed in float64
+    outer, inner = x.shape[0], x.shape[2]
+    count = outer * inner
+    total = 0.0
+    for o in range(outer):
+        row = x[o, c]
+        for i in range(inner):
+            total += row[i]
+    mu = total / count
+    total = 0.0
+    for o in range(outer):
+        row = x[o, c]
+        for i in range(inner):
+            d = row[i] - mu
+            total += d * d
+    return mu, total / count
+
+
+@jit
 def batch_norm_train_forward(x, y, x_norm, mean, var, eps, c0, c1):
     # y = x_norm = (x - mean) / sqrt(var + eps) with the batch's mean and biased variance
     # (written to mean/var); y may be x itself (in place)
     outer, inner = x.shape[0], x.shape[2]
-    count = outer * inner
     for c in range(c0, c1):
-        total = 0.0
-        for o in range(outer):
-            row = x[o, c]
-            for i in range(inner):
-                total += row[i]
-        mu = total / count
-        total = 0.0
-        for o in range(outer):
-            row = x[o, c]
-            for i in range(inner):
-                d = row[i] - mu
-                total += d * d
-        sigma2 = total / count
+        mu, sigma2 = _batch_statistics(x, c)
         mean[c] = mu
         var[c] = sigma2
         inv = 1.0 / numpy.sqrt(sigma2 + eps)
@@ -128,25 +135,22 @@ def scale_backward(dy, x, scale, dx, d_scale, d_bias, need_dx, in_place, c0, c1)
 # inside the loop would keep it from vectorizing.
 
 @jit
-def _normalize_scale_act(row, keep, out, mu, inv, s, b, act, q):
-    # two loops: ``out`` is often ``row`` (in place), and a loop that reads one while it writes
-    # the other runs scalar; the second loop reads only ``keep``, which never overlaps ``out``
-    n = row.shape[0]
-    for i in range(n):
-        keep[i] = (row[i] - mu) * inv
+def _scale_act(v, out, s, b, act, q):
+    # out = act(v * s + b); v never overlaps out
+    n = v.shape[0]
     if act == 1:
         slope = q[0]
         for i in range(n):
-            z = keep[i] * s + b
+            z = v[i] * s + b
             out[i] = z if z > 0 else z * slope
     elif act == 2:
         lo, hi = q[0], q[1]
         for i in range(n):
-            z = keep[i] * s + b
+            z = v[i] * s + b
             out[i] = lo if z < lo else (hi if z > hi else z)
     else:
         for i in range(n):
-            out[i] = keep[i] * s + b
+            out[i] = v[i] * s + b
 
 
 @jit
@@ -171,26 +175,17 @@ def _gate(g_row, xn, g, s, b, act, q):
 def bn_scale_act_train_forward(x, y, x_norm, mean, var, eps, scale, bias, act, q, c0, c1):
     # BatchNorm with batch statistics (x_norm kept, mean/var written), then y = act(x_norm * scale + bias)
     outer, inner = x.shape[0], x.shape[2]
-    count = outer * inner
     for c in range(c0, c1):
-        total = 0.0
-        for o in range(outer):
-            row = x[o, c]
-            for i in range(inner):
-                total += row[i]
-        mu = total / count
-        total = 0.0
-        for o in range(outer):
-            row = x[o, c]
-            for i in range(inner):
-                d = row[i] - mu
-                total += d * d
-        sigma2 = total / count
+        mu, sigma2 = _batch_statistics(x, c)
         mean[c] = mu
         var[c] = sigma2
         inv = 1.0 / numpy.sqrt(sigma2 + eps)
         for o in range(outer):
-            _normalize_scale_act(x[o, c], x_norm[o, c], y[o, c], mu, inv, scale[c], bias[c], act, q)
+            row, keep = x[o, c], x_norm[o, c]
+            for i in range(inner):
+                keep[i] = (row[i] - mu) * inv
+            # y from keep alone: y is x (in place), and a loop reading x while writing y runs scalar
+            _scale_act(keep, y[o, c], scale[c], bias[c], act, q)
 
 
 @jit
@@ -225,25 +220,6 @@ def bn_scale_act_train_backward(dy, x_norm, dx, inv_std, scale, bias, act, q, d_
             _gate(dy[o, c], xn, g, s, b, act, q)
             for i in range(inner):
                 out[i] = (g[i] * s - m_dy - xn[i] * m_dyx) * inv
-
-
-@jit
-def _scale_act(v, out, s, b, act, q):
-    # out = act(v * s + b); v never overlaps out
-    n = v.shape[0]
-    if act == 1:
-        slope = q[0]
-        for i in range(n):
-            z = v[i] * s + b
-            out[i] = z if z > 0 else z * slope
-    elif act == 2:
-        lo, hi = q[0], q[1]
-        for i in range(n):
-            z = v[i] * s + b
-            out[i] = lo if z < lo else (hi if z > hi else z)
-    else:
-        for i in range(n):
-            out[i] = v[i] * s + b
 
 
 @jit
