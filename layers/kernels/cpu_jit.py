@@ -104,6 +104,16 @@ def max_pool_backward(dy, idx, dx):
                     row[idx[p, i, j]] += dy[p, i, j]
 
 
+@njit(cache=True, inline="always")
+def _ave_columns(ow, sw, pw, kw, W):
+    # AVE pooling along a row: each output column's divisor width (window()'s third value),
+    # and the length of a row with pw zeros before it that holds every window
+    width = numpy.empty(ow, dtype=numpy.float64)
+    for j in range(ow):
+        width[j] = window(j, sw, pw, kw, W)[2]
+    return width, max((ow - 1) * sw + kw, W + pw) + pw
+
+
 @jit
 def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw):
     # divisor: the window clipped to image + padding, before clipping to the image (Caffe).
@@ -112,11 +122,8 @@ def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw):
     # vectorize, adding in each window's own left-to-right order (the borders add zeros).
     planes, H, W = x.shape
     oh, ow = y.shape[1], y.shape[2]
-    width = numpy.empty(ow, dtype=numpy.float64)
-    for j in range(ow):
-        width[j] = window(j, sw, pw, kw, W)[2]
-    span = max((ow - 1) * sw + kw, W + pw)
-    col_sum = numpy.zeros(span + pw, dtype=x.dtype)  # entry pw + w: image column w
+    width, length = _ave_columns(ow, sw, pw, kw, W)
+    col_sum = numpy.zeros(length, dtype=x.dtype)  # entry pw + w: image column w
     total = numpy.empty(ow, dtype=x.dtype)
     for p in range(planes):
         for i in range(oh):
@@ -144,11 +151,8 @@ def ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw):
     # in output order, as window by window), then down the window's rows.
     planes, H, W = dx.shape
     oh, ow = dy.shape[1], dy.shape[2]
-    width = numpy.empty(ow, dtype=numpy.float64)
-    for j in range(ow):
-        width[j] = window(j, sw, pw, kw, W)[2]
-    span = max((ow - 1) * sw + kw, W + pw)
-    col_grad = numpy.zeros(span + pw, dtype=dx.dtype)
+    width, length = _ave_columns(ow, sw, pw, kw, W)
+    col_grad = numpy.zeros(length, dtype=dx.dtype)
     g = numpy.empty(ow, dtype=dx.dtype)
     for p in range(planes):
         dx[p] = 0
