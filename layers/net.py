@@ -549,13 +549,18 @@ class Net:
     # (the solver's deferred loss reading: solver/solver.py); None: forward returns the loss
     loss_terms = None
 
+    def _fusing(self, *hooks):
+        """Whether chains (layers/fusion.py) run fused now: fusion on, and nothing watching the
+        layers one by one (hooks, debug_info)."""
+        return bool(self._chains) and not (any(hooks) or self.debug_info) and fusion.enabled()
+
     def forward_from_to(self, start=None, end=None):
         """Run layers start..end (inclusive; indices or names) and return the
         weighted loss they produce (Caffe's ForwardFromTo)."""
         first = 0 if start is None else self.layer_index(start)
         last = len(self.layers) - 1 if end is None else self.layer_index(end)
         before, after = self.before_forward_hooks, self.after_forward_hooks
-        fuse = self._chains and not (before or after or self.debug_info) and fusion.enabled()
+        fuse = self._fusing(before, after)
         loss = 0.0
         i = first - 1
         while i < last:
@@ -590,7 +595,7 @@ class Net:
         first = len(self.layers) - 1 if start is None else self.layer_index(start)
         last = 0 if end is None else self.layer_index(end)
         before, after = self.before_backward_hooks, self.after_backward_hooks
-        fuse = self._chains and not (before or after or self.debug_info) and fusion.enabled()
+        fuse = self._fusing(before, after)
         i = first + 1
         while i > last:
             i -= 1
@@ -792,7 +797,7 @@ class Net:
     def run_units(self):
         """(first, last) layer ranges that a whole pass runs as one step each: a fused chain
         (layers/fusion.py) is one unit while fusion is on, every other layer its own."""
-        fuse = not (self.before_forward_hooks or self.after_forward_hooks or self.debug_info) and fusion.enabled()
+        fuse = self._fusing(self.before_forward_hooks, self.after_forward_hooks)
         units, i = [], 0
         while i < len(self.layers):
             chain = self._chains.get(i) if fuse else None

@@ -42,13 +42,17 @@ class _Neuron(Layer):
         x = bottom[0].data
         if self.cuda_activation and cuda_ops.active(self.xp, x, top[0].data):  # BREWNET_CUDA_KERNELS
             return cuda_ops.activation(self.xp, self.cuda_activation, x, top[0].data)
+        self.save_input(bottom, top)
+        top[0].data[...] = self.compute(x)
+
+    def save_input(self, bottom, top):
+        """Keep a copy of the input when backward needs it and an in-place forward overwrites it."""
         if self.needs_input and top[0] is bottom[0]:
-            saved = self._saved_input
+            x, saved = bottom[0].data, self._saved_input
             if saved is None or saved.shape != x.shape:
                 self._saved_input = x.copy()
             else:
                 saved[...] = x
-        top[0].data[...] = self.compute(x)
 
     def input_data(self, bottom, top):
         """The forward input, also after an in-place forward overwrote it."""
@@ -374,13 +378,8 @@ class Clip(_Neuron):
         self.hi = self.const(p.max)
 
     def forward(self, bottom, top):
-        x = bottom[0].data
-        if top[0] is bottom[0]:  # keep the input for backward
-            saved = self._saved_input
-            if saved is None or saved.shape != x.shape:
-                saved = self._saved_input = self.xp.empty_like(x)
-            saved[...] = x
-        _clip_into(self.xp, x, top[0].data, self.lo, self.hi)
+        self.save_input(bottom, top)
+        _clip_into(self.xp, bottom[0].data, top[0].data, self.lo, self.hi)
 
     def fused_activation(self):
         """(2, min, max) for layers/fusion.py."""
