@@ -44,6 +44,22 @@ def _rng_state(rng):
     return rng.bit_generator.state
 
 
+def _next_indices(state, count, size, shuffle, rng):
+    """The next ``count`` indices of a list of ``size`` in state["order"] from state["pos"]
+    (advanced): at the list's end the position wraps and, with ``shuffle``, the order is drawn
+    again from ``rng``, whose state before the draw goes to state["order_rng"] (for resume)."""
+    picks = []
+    for _ in range(count):
+        picks.append(int(state["order"][state["pos"]]))
+        state["pos"] += 1
+        if state["pos"] >= size:  # epoch done: start over, reshuffled
+            state["pos"] = 0
+            if shuffle:
+                state["order_rng"] = _rng_state(rng)
+                state["order"] = rng.permutation(size)
+    return picks
+
+
 def _seek(reader, current, target):
     """Move a cycling DBReader from record index ``current`` to ``target``."""
     size = len(reader)
@@ -226,16 +242,7 @@ class ImageData(_PrefetchingDataLayer):
         rank, ranks = self._shard()
 
         def load():
-            picks = []
-            for _ in range(batch_size * ranks):
-                picks.append(int(state["order"][state["pos"]]))
-                state["pos"] += 1
-                if state["pos"] >= len(lines):  # epoch done: start over, reshuffled
-                    state["pos"] = 0
-                    if p.shuffle:
-                        state["order_rng"] = _rng_state(rng)
-                        state["order"] = rng.permutation(len(lines))
-            picks = picks[rank::ranks]
+            picks = _next_indices(state, batch_size * ranks, len(lines), p.shuffle, rng)[rank::ranks]
             images = [read(i) for i in picks]
             for i, img in zip(picks, images):
                 if img.shape != images[0].shape:

@@ -26,7 +26,7 @@ import numpy
 from brewnet.layers import fillers
 from brewnet.layers.base import Layer, layer_error, set_rng_state
 from brewnet.layers.dataio.images import read_image
-from brewnet.layers.families.data import _child_rng, _PrefetchingDataLayer, _rng_state
+from brewnet.layers.families.data import _child_rng, _next_indices, _PrefetchingDataLayer, _rng_state
 from brewnet.layers.registry import register
 from brewnet.netdef import caffe_pb2
 
@@ -344,15 +344,7 @@ class DenseImageData(_PrefetchingDataLayer):
         draw = _child_rng(self.rng)  # mirror and crop offsets
 
         def load():
-            picks = []
-            for _ in range(batch_size * ranks):
-                picks.append(int(state["order"][state["pos"]]))
-                state["pos"] += 1
-                if state["pos"] >= len(pairs):  # epoch done: start over, reshuffled
-                    state["pos"] = 0
-                    if p.shuffle:
-                        state["order_rng"] = _rng_state(rng)
-                        state["order"] = rng.permutation(len(pairs))
+            picks = _next_indices(state, batch_size * ranks, len(pairs), p.shuffle, rng)
             images, labels = [], []
             for i in picks[rank::ranks]:
                 img, label = read(i)
