@@ -93,3 +93,20 @@ def check_gradient(layer, bottom_arrays, n_tops=1, check_bottoms=None, check_par
                 f"{layer.type} {kind} {idx}: analytic {got[worst]:.8g} vs numeric {numeric[worst]:.8g} "
                 f"at element {worst} (max abs err {numpy.abs(got - numeric).max():.3g})"
             )
+
+
+def net_numeric_gradient(net, blob, step=1e-6):
+    """d(loss)/d(blob.data) of a whole net (a layers.net.Net: ``net.forward()`` returns its
+    weighted loss) by central differences, element by element; compare it with blob.diff after
+    ``net.forward_backward()``. Build the net in float64."""
+    flat = blob.data.reshape(-1)
+    numeric = numpy.zeros(flat.size)
+    for e in range(flat.size):
+        saved = flat[e]
+        flat[e] = saved + step
+        plus = net.forward()
+        flat[e] = saved - step
+        minus = net.forward()
+        flat[e] = saved
+        numeric[e] = (plus - minus) / (2 * step)
+    return numeric

@@ -5,6 +5,7 @@ them be, and pass a finite-difference check of their gradient."""
 import numpy
 import pytest
 
+from brewnet.layers.gradcheck import net_numeric_gradient
 from brewnet.layers.kernels.backend import to_numpy
 from brewnet.layers.net import Net, set_random_seed
 from brewnet.netdef import caffe_pb2, parse_net
@@ -193,16 +194,7 @@ def test_fused_gradient_matches_finite_differences(monkeypatch, activation, bn):
     assert net._chains[2].forward_fused
     for blob in (net.blobs["x"], net.params["scale"][0], net.params["scale"][1], net.params["conv"][0]):
         analytic = to_numpy(blob.diff).reshape(-1).copy()
-        flat = blob.data.reshape(-1)
-        numeric = numpy.zeros(flat.size)
-        for e in range(flat.size):
-            keep = flat[e]
-            flat[e] = keep + 1e-6
-            plus = net.forward()
-            flat[e] = keep - 1e-6
-            minus = net.forward()
-            flat[e] = keep
-            numeric[e] = (plus - minus) / 2e-6
+        numeric = net_numeric_gradient(net, blob)
         numpy.testing.assert_allclose(analytic, numeric, rtol=1e-4, atol=1e-7)
 
 
