@@ -139,6 +139,18 @@ def expand_inputs(inputs, ext):
     return found
 
 
+def open_test_net(model, weights, gpu):
+    """The TEST net (on GPU ``gpu`` when given), its input's name and (channels, height, width)."""
+    import brewnet
+
+    if gpu is not None:
+        brewnet.set_mode_gpu()
+        brewnet.set_device(gpu)
+    net = brewnet.Net(model, weights=weights, phase=brewnet.TEST)
+    input_name = net.inputs[0]
+    return net, input_name, net.blobs[input_name].shape[1:]
+
+
 def _labels(path):
     """class index -> its label (from the labels file, else the index)."""
     lines = pathlib.Path(path).read_text().splitlines() if path else None
@@ -199,12 +211,7 @@ def classify(inputs, model, weights, mean_file, mean_value, labels_file, raw_sca
     if weights is None:
         raise DefinitionError("--weights is needed (or a zoo:NAME model that has weights)")
     found = expand_inputs(inputs, ext)
-    if gpu is not None:
-        brewnet.set_mode_gpu()
-        brewnet.set_device(gpu)
-    net = brewnet.Net(model, weights=weights, phase=brewnet.TEST)
-    input_name = net.inputs[0]
-    _, channels, height, width = net.blobs[input_name].shape
+    net, input_name, (channels, height, width) = open_test_net(model, weights, gpu)
 
     raw_scale = raw_scale if raw_scale is not None else float(meta.get("raw_scale", 255.0))
     swap = _floats(channel_swap) or meta.get("channel_swap")

@@ -14,7 +14,7 @@ import time
 import click
 import numpy
 
-from brewnet.commands.classify import _floats, expand_inputs, load_image, load_mean, resize
+from brewnet.commands.classify import _floats, expand_inputs, load_image, load_mean, open_test_net, resize
 from brewnet.netdef.errors import DefinitionError
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -107,12 +107,7 @@ def detect(inputs, model, weights, labels_file, threshold, mean_file, mean_value
 
     found = expand_inputs(inputs, ext)
     labels = read_labels(labels_file)
-    if gpu is not None:
-        brewnet.set_mode_gpu()
-        brewnet.set_device(gpu)
-    net = brewnet.Net(model, weights=weights, phase=brewnet.TEST)
-    input_name = net.inputs[0]
-    _, channels, height, width = net.blobs[input_name].shape
+    net, input_name, (channels, height, width) = open_test_net(model, weights, gpu)
     output = detection_blob(net)
     swap = _floats(channel_swap)
     if swap is None and channels == 3:
