@@ -14,6 +14,8 @@ mpi4py is imported only by ``init()``: a plain ``brewnet train`` never loads it.
 
 import logging
 import os
+import sys
+import time
 
 import numpy
 
@@ -55,7 +57,15 @@ class World:
     def root(self):
         return self.rank == 0
 
+    # seconds between this rank's last words and MPI_Abort: the abort tears down the pipes
+    # mpiexec reads the ranks' output from, and CI once lost a failing rank's error line to it
+    abort_grace = 0.5
+
     def abort(self, code=1):
+        """End every rank now, after flushing this rank's output and giving mpiexec time to pass it on."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(self.abort_grace)
         self.comm.Abort(code)
 
 

@@ -147,7 +147,6 @@ def train(solver_path, weights, snapshot, gpu, ranks, stages, level, sigint_effe
                        tensorboard_dir, world)
     except SystemExit as exc:
         if exc.code not in (None, 0):  # its message is out already
-            sys.stderr.flush()
             world.abort(1)
         raise
     except BaseException as exc:  # any rank's failure ends every rank now, not at the next Allreduce (a hang)
@@ -155,7 +154,6 @@ def train(solver_path, weights, snapshot, gpu, ranks, stages, level, sigint_effe
         if isinstance(exc, OSError) and exc.filename and exc.strerror:
             message = f"{exc.filename}: {exc.strerror}"
         click.echo(f"brewnet: error: rank {world.rank}: {message}", err=True)
-        sys.stderr.flush()
         world.abort(1)
 
 
