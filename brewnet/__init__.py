@@ -18,6 +18,11 @@ if not os.path.isdir(os.path.join(__path__[0], "netdef")) and \
         os.path.isfile(os.path.join(_checkout, "netdef", "caffe.proto")):
     __path__.append(_checkout)
 
+# before anything loads numpy: OpenBLAS reads its kernel choice once, when it loads
+from brewnet.blas_core import choose_before_numpy  # noqa: E402
+
+choose_before_numpy()
+
 from brewnet.layers.kernels.backend import set_device, set_mode_cpu, set_mode_gpu, to_numpy  # noqa: E402
 from brewnet.layers.registry import provide_module  # noqa: E402
 from brewnet.lazy import lazy_getattr  # noqa: E402

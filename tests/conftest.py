@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+import brewnet  # noqa: F401  (first: it names OpenBLAS's kernels for this CPU before numpy loads)
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

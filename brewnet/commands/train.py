@@ -402,7 +402,8 @@ def _blas_lines():
 
         infos = threadpoolctl.threadpool_info()
         return [f"BLAS: {i.get('internal_api')} {i.get('version') or ''} ({i.get('num_threads')} threads, "
-                f"{i.get('filepath')})" for i in infos] or ["BLAS: none loaded"]
+                + (f"kernels {i['architecture']}, " if i.get("architecture") else "")
+                + f"{i.get('filepath')})" for i in infos] or ["BLAS: none loaded"]
     except ImportError:
         pass
     import numpy
