@@ -22,16 +22,23 @@ the load average at start and end goes into the JSON so noisy runs can be told a
 With ``--contend N`` every measurement is repeated at once with N busy processes (pure-Python
 spin loops) running beside it, for brewnet and PyTorch alike; the table adds each framework's
 slowdown (quiet img/s over contended img/s, the median of the rounds' own ratios).
+
+With ``--caffe PATH`` (a BVLC Caffe ``caffe`` binary; docs/BENCHMARKS.md says how to build one) Caffe
+trains the same prototxt in every round too: ``caffe train`` on a solver with the same SGD settings,
+timed from the microsecond stamps of its per-iteration log lines, and stopped once it has run long
+enough. The table then adds Caffe's img/s and brewnet's ratio to it.
 """
 
 import json
 import os
 import platform
+import re
 import resource
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +48,9 @@ import click
 ROOT = Path(__file__).resolve().parent.parent
 # the repository's packages first: a stray "solver" folder elsewhere on the path must not shadow ours
 sys.path.insert(0, str(ROOT))
+# brewnet names OpenBLAS's kernels for this CPU in os.environ (brewnet/blas_core.py), before any
+# numpy loads; every worker inherits it, so the GEMM peak, brewnet and an OpenBLAS Caffe all get them
+import brewnet  # noqa: E402,F401
 
 # net key -> deploy prototxt (the train net is derived from it), batch, timing budget
 NETS = {
@@ -250,6 +260,74 @@ def worker_torch(job):
                 threads=torch.get_num_threads())
 
 
+# a Caffe solver's per-iteration display line: glog's stamp (date, time to the microsecond, thread
+# id, source), then "Iteration K (" -- the line Solver::Step logs after each update when display is 1
+CAFFE_ITERATION = re.compile(r"^I\d{4,8} (\d\d):(\d\d):(\d\d\.\d+) +\d+ solver\.cpp:\d+\] "
+                             r"Iteration (\d+) \(.*loss = (\S+)")
+
+
+def caffe_iteration_times(lines, warmup, min_iters, min_seconds):
+    """Seconds per iteration from a ``caffe train`` log (display: 1), reading ``lines`` only until
+    ``warmup`` iterations plus at least ``min_iters`` and ``min_seconds`` of timed ones have passed.
+    Returns (times, last loss)."""
+    stamps, loss = [], None
+    for line in lines:
+        m = CAFFE_ITERATION.match(line)
+        if not m:
+            continue
+        hours, minutes, seconds = int(m.group(1)), int(m.group(2)), float(m.group(3))
+        stamp = 3600 * hours + 60 * minutes + seconds
+        if stamps and stamp < stamps[-1]:
+            stamp += 86400  # the run crossed midnight
+        stamps.append(stamp)
+        loss = float(m.group(5))
+        # the first stamp ends iteration 0: the deltas after it are whole iterations
+        timed = stamps[warmup:]
+        if len(timed) > min_iters and timed[-1] - timed[0] >= min_seconds:
+            break
+    times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+    return times, loss
+
+
+def worker_caffe(job):
+    """``caffe train`` on the benchmark's train net with the same SGD settings, logging every
+    iteration; stopped as soon as enough iterations were timed."""
+    from google.protobuf import text_format
+
+    spec = NETS[job["net"]]
+    net_param = train_net_param(spec, spec["batch"])
+    solver = sgd_solver_param(net_param)
+    solver.ClearField("net_param")
+    solver.display = 1
+    solver.solver_mode = solver.CPU
+    with tempfile.TemporaryDirectory(prefix="brewnet-bench-caffe-") as tmp:
+        net_path = Path(tmp) / "train.prototxt"
+        net_path.write_text(text_format.MessageToString(net_param))
+        solver.net = str(net_path)
+        solver_path = Path(tmp) / "solver.prototxt"
+        solver_path.write_text(text_format.MessageToString(solver))
+        proc = subprocess.Popen([job["caffe"], "train", "-solver", str(solver_path)], cwd=str(ROOT),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        tail = []
+
+        def logged():
+            for line in proc.stderr:
+                tail[:] = (tail + [line.rstrip()])[-3:]
+                yield line
+
+        try:
+            times, loss = caffe_iteration_times(logged(), job["warmup"], job["min_iters"], job["min_seconds"])
+        finally:
+            proc.kill()
+            proc.wait()
+    if len(times) < job["min_iters"]:
+        raise SystemExit(f"caffe ran {len(times)} timed iterations: " + " | ".join(tail))
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    # a C++ program has no framework import to subtract: its whole peak is what training took
+    return dict(times=times, loss=loss, rss_base_mib=0.0, rss_peak_mib=peak)
+
+
 def worker_gemm(job):
     import numpy
 
@@ -267,7 +345,7 @@ def worker_gemm(job):
     return dict(gflops=2.0 * n ** 3 / best / 1e9, seconds=best, size=n)
 
 
-WORKERS = {"brewnet": worker_brewnet, "pytorch": worker_torch, "gemm": worker_gemm}
+WORKERS = {"brewnet": worker_brewnet, "pytorch": worker_torch, "caffe": worker_caffe, "gemm": worker_gemm}
 
 
 def run_worker(job):
@@ -341,12 +419,16 @@ def _fmt(value, spec):
     return "-".rjust(width) if value is None else format(value, spec)
 
 
+# the frameworks a round can time, brewnet first; brewnet's ratio is taken to each of the others
+FRAMEWORKS = ("brewnet", "pytorch", "caffe")
+
+
 def summarize(net, spec, runs, peak):
-    """Medians over rounds for one net: img/s, ratio, % of peak, memory."""
+    """Medians over rounds for one net: img/s, ratios, % of peak, memory."""
     out = {"batch": spec["batch"]}
-    for fw in ("brewnet", "pytorch"):
-        good = [r for r in runs[fw] if "error" not in r]
-        errors = [r["error"] for r in runs[fw] if "error" in r]
+    for fw in FRAMEWORKS:
+        good = [r for r in runs.get(fw, []) if "error" not in r]
+        errors = [r["error"] for r in runs.get(fw, []) if "error" in r]
         if not good:
             out[fw] = {"errors": errors} if errors else None
             continue
@@ -366,21 +448,28 @@ def summarize(net, spec, runs, peak):
         if "flops_per_image" in good[0]:
             rec["flops_per_image"] = good[0]["flops_per_image"]
         out[fw] = rec
-    b, t = out.get("brewnet"), out.get("pytorch")
+    b = out.get("brewnet")
     flops = (b or {}).get("flops_per_image")
-    if b and "img_per_s" in b and flops and peak:
-        b["gemm_peak_fraction"] = b["img_per_s"] * flops / (peak * 1e9)
-        if t and "img_per_s" in t:
-            t["gemm_peak_fraction"] = t["img_per_s"] * flops / (peak * 1e9)
-    if b and t and "img_per_s" in b and "img_per_s" in t:
+    for fw in FRAMEWORKS:
+        rec = out.get(fw)
+        if rec and "img_per_s" in rec and flops and peak:
+            rec["gemm_peak_fraction"] = rec["img_per_s"] * flops / (peak * 1e9)
+    for other in FRAMEWORKS[1:]:
+        o = out.get(other)
+        if not (b and o and "img_per_s" in b and "img_per_s" in o):
+            continue
         # the median of each round's ratio: the two measurements of a round ran minutes apart at
         # most, so a slow spell of the machine that spans both cancels out
-        paired = [statistics.median(rt["times"]) / statistics.median(rb["times"])
-                  for rb, rt in zip(runs["brewnet"], runs["pytorch"]) if "times" in rb and "times" in rt]
-        out["ratio_rounds"] = paired
-        out["ratio_brewnet_over_pytorch"] = _median(paired)
-        out["ratio_of_medians"] = b["img_per_s"] / t["img_per_s"]
-        out["memory_ratio_brewnet_over_pytorch"] = b["rss_delta_mib"] / t["rss_delta_mib"]
+        paired = [statistics.median(ro["times"]) / statistics.median(rb["times"])
+                  for rb, ro in zip(runs["brewnet"], runs[other]) if "times" in rb and "times" in ro]
+        out[f"ratio_rounds_{other}"] = paired
+        out[f"ratio_brewnet_over_{other}"] = _median(paired)
+        out[f"ratio_of_medians_{other}"] = b["img_per_s"] / o["img_per_s"]
+        if o["rss_delta_mib"]:
+            out[f"memory_ratio_brewnet_over_{other}"] = b["rss_delta_mib"] / o["rss_delta_mib"]
+    if "ratio_rounds_pytorch" in out:  # the names earlier reports used
+        out["ratio_rounds"] = out["ratio_rounds_pytorch"]
+        out["ratio_of_medians"] = out["ratio_of_medians_pytorch"]
     out["reference_img_per_s"] = REFERENCE.get(net)
     out["raw"] = {fw: [{"load_average_1min": r.get("load_average_1min")} for r in runs[fw]] for fw in runs}
     return out
@@ -390,9 +479,10 @@ def summarize_contention(spec, quiet_runs, busy_runs):
     """Per framework: contended img/s and the slowdown (quiet / contended img/s), the median of
     the rounds' own ratios (each round measured quiet and contended back to back)."""
     out = {}
-    for fw in ("brewnet", "pytorch"):
-        pairs = [(q, c) for q, c in zip(quiet_runs[fw], busy_runs[fw]) if "times" in q and "times" in c]
-        errors = [c["error"] for c in busy_runs[fw] if "error" in c]
+    for fw in FRAMEWORKS:
+        pairs = [(q, c) for q, c in zip(quiet_runs.get(fw, []), busy_runs.get(fw, []))
+                 if "times" in q and "times" in c]
+        errors = [c["error"] for c in busy_runs.get(fw, []) if "error" in c]
         if not pairs:
             out[fw] = {"errors": errors} if errors else None
             continue
@@ -409,40 +499,51 @@ def summarize_contention(spec, quiet_runs, busy_runs):
 def print_table(results, peak):
     click.echo(f"float32 GEMM peak (2048^3 matmul, best of N): {peak:.1f} GFLOP/s")
     busy = any("contended" in r for r in results.values())
+    caffe = any((r.get("caffe") or {}).get("img_per_s") or (r.get("caffe") or {}).get("errors")
+                for r in results.values())
     head = (f"{'net (batch)':<20} {'brewnet img/s':>14} {'PyTorch img/s':>14} {'ratio':>6} "
             f"{'%peak bn':>8} {'%peak pt':>8} {'MiB bn':>8} {'MiB pt':>8} {'rounds':>6} "
             f"{'bn min-max':>15} {'pt min-max':>15}")
+    if caffe:
+        head += f" {'Caffe img/s':>12} {'bn/caffe':>8}"
     if busy:
         head += f" {'bn busy':>8} {'pt busy':>8} {'bn slow':>7} {'pt slow':>7}"
+        if caffe:
+            head += f" {'cf slow':>7}"
     click.echo(head)
     click.echo("-" * len(head))
     for net, r in results.items():
-        b, t = r.get("brewnet") or {}, r.get("pytorch") or {}
+        b, t, c = r.get("brewnet") or {}, r.get("pytorch") or {}, r.get("caffe") or {}
         def spread(rec):
             lo_hi = rec.get("img_per_s_spread")
             return f"{lo_hi[0]:.1f}-{lo_hi[1]:.1f}" if lo_hi else "-"
         frac_b = b.get("gemm_peak_fraction")
         frac_t = t.get("gemm_peak_fraction")
-        click.echo(
-            f"{net + ' (' + str(r['batch']) + ')':<20} {_fmt(b.get('img_per_s'), '14.1f')} "
-            f"{_fmt(t.get('img_per_s'), '14.1f')} {_fmt(r.get('ratio_brewnet_over_pytorch'), '6.2f')} "
-            f"{_fmt(frac_b and 100 * frac_b, '7.1f')}% {_fmt(frac_t and 100 * frac_t, '7.1f')}% "
-            f"{_fmt(b.get('rss_delta_mib'), '8.0f')} {_fmt(t.get('rss_delta_mib'), '8.0f')} "
-            f"{len(b.get('img_per_s_rounds', [])):>6} {spread(b):>15} {spread(t):>15}"
-            + (contention_columns(r.get("contended")) if busy else ""))
-        for fw, rec in (("brewnet", b), ("pytorch", t)):
+        row = (f"{net + ' (' + str(r['batch']) + ')':<20} {_fmt(b.get('img_per_s'), '14.1f')} "
+               f"{_fmt(t.get('img_per_s'), '14.1f')} {_fmt(r.get('ratio_brewnet_over_pytorch'), '6.2f')} "
+               f"{_fmt(frac_b and 100 * frac_b, '7.1f')}% {_fmt(frac_t and 100 * frac_t, '7.1f')}% "
+               f"{_fmt(b.get('rss_delta_mib'), '8.0f')} {_fmt(t.get('rss_delta_mib'), '8.0f')} "
+               f"{len(b.get('img_per_s_rounds', [])):>6} {spread(b):>15} {spread(t):>15}")
+        if caffe:
+            row += f" {_fmt(c.get('img_per_s'), '12.1f')} {_fmt(r.get('ratio_brewnet_over_caffe'), '8.2f')}"
+        if busy:
+            row += contention_columns(r.get("contended"), caffe)
+        click.echo(row)
+        for fw, rec in (("brewnet", b), ("pytorch", t), ("caffe", c)):
             for err in rec.get("errors", []):
                 click.echo(f"    {fw} error: {err}")
     click.echo("ratio = median over rounds of brewnet / PyTorch within the round (the two run back to back, "
                "in alternating order); MiB = peak RSS growth of the measuring process (ru_maxrss after training "
                "minus after importing the framework); %peak = img/s x training FLOP per image / GEMM peak.")
+    if caffe:
+        click.echo("bn/caffe = the same median ratio against `caffe train` (timed from its per-iteration log stamps).")
     if busy:
         n = next(r["contended"]["processes"] for r in results.values() if "contended" in r)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         click.echo(f"busy = img/s with {n} busy process(es) beside it; slow = busy / quiet time per "
                    f"iteration (median over rounds; 1.0 = unaffected; a fair share of {cpus} CPUs: "
                    f"{(cpus + n) / cpus:.2f}).")
-    loads = [r.get("load_average_1min") for res in results.values() for fw in ("brewnet", "pytorch")
+    loads = [r.get("load_average_1min") for res in results.values() for fw in FRAMEWORKS
              for r in (res.get("raw", {}).get(fw) or [])]
     loads = [x for x in loads if x is not None]
     if loads and max(loads) > 1.5:
@@ -450,12 +551,15 @@ def print_table(results, peak):
                    f"{os.cpu_count()} CPUs): timings are noisy; PyTorch's thread pool suffers most when oversubscribed.")
 
 
-def contention_columns(contended):
-    """The busy img/s and slowdown columns of one net's row."""
+def contention_columns(contended, caffe=False):
+    """The busy img/s and slowdown columns of one net's row (Caffe's slowdown too with ``caffe``)."""
     contended = contended or {}
     b, t = contended.get("brewnet") or {}, contended.get("pytorch") or {}
-    return (f" {_fmt(b.get('img_per_s'), '8.1f')} {_fmt(t.get('img_per_s'), '8.1f')} "
+    cols = (f" {_fmt(b.get('img_per_s'), '8.1f')} {_fmt(t.get('img_per_s'), '8.1f')} "
             f"{_fmt(b.get('slowdown'), '7.2f')} {_fmt(t.get('slowdown'), '7.2f')}")
+    if caffe:
+        cols += f" {_fmt((contended.get('caffe') or {}).get('slowdown'), '7.2f')}"
+    return cols
 
 
 @click.command()
@@ -468,11 +572,13 @@ def contention_columns(contended):
               help="Also time PyTorch (default: when `import torch` works).")
 @click.option("--json-out", default="runs/benchmark.json", show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the results as JSON.")
+@click.option("--caffe", "caffe_bin", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A BVLC Caffe `caffe` binary: also time `caffe train` on every net (docs/BENCHMARKS.md).")
 @click.option("--contend", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also time every measurement with this many busy processes running beside it.")
 @click.option("--worker", default=None, hidden=True, help="Internal: run one measurement (JSON job).")
-def main(nets, rounds, quick, use_torch, json_out, contend, worker):
-    """Time brewnet training against PyTorch on the same machine."""
+def main(nets, rounds, quick, use_torch, json_out, caffe_bin, contend, worker):
+    """Time brewnet training against PyTorch (and Caffe) on the same machine."""
     if worker is not None:
         job = json.loads(worker)
         click.echo(json.dumps(WORKERS[job["kind"]](job)))
@@ -500,10 +606,10 @@ def main(nets, rounds, quick, use_torch, json_out, contend, worker):
     gemm_job = {"kind": "gemm", "size": 512 if quick else 2048, "repeats": 2 if quick else 10}
     load_start = os.getloadavg()
     peaks = [run_worker(gemm_job)]
-    runs = {n: {"brewnet": [], "pytorch": []} for n in names}
-    busy_runs = {n: {"brewnet": [], "pytorch": []} for n in names}
+    frameworks = ["brewnet"] + (["pytorch"] if use_torch else []) + (["caffe"] if caffe_bin else [])
+    runs = {n: {fw: [] for fw in frameworks} for n in names}
+    busy_runs = {n: {fw: [] for fw in frameworks} for n in names}
     spinner_pids = []
-    frameworks = ["brewnet"] + (["pytorch"] if use_torch else [])
     for r in range(rounds):
         for n in names:
             spec = NETS[n]
@@ -516,6 +622,8 @@ def main(nets, rounds, quick, use_torch, json_out, contend, worker):
                        "warmup": 1 if quick else spec["warmup"],
                        "min_iters": 2 if quick else 3,
                        "min_seconds": 0.0 if quick else spec["min_seconds"]}
+                if fw == "caffe":
+                    job["caffe"] = str(Path(caffe_bin).resolve())
                 res = run_worker(job)
                 runs[n][fw].append(res)
                 if "times" in res:
@@ -550,11 +658,12 @@ def main(nets, rounds, quick, use_torch, json_out, contend, worker):
         "skipped": skipped,
         "raw": runs,
         "raw_contended": busy_runs if contend else None,
-        "settings": {"rounds": rounds, "quick": quick, "torch": use_torch, "sgd": SGD,
+        "settings": {"rounds": rounds, "quick": quick, "torch": use_torch, "caffe": caffe_bin, "sgd": SGD,
                      "contend": contend, "busy_pids": spinner_pids},
         "machine": {
             "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "numpy": numpy.__version__, "load_average_start": load_start, "load_average_end": os.getloadavg(),
+            "numpy": numpy.__version__, "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+            "load_average_start": load_start, "load_average_end": os.getloadavg(),
         },
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -119,3 +120,57 @@ def test_a_busy_process_ends_by_itself_when_its_parent_is_killed():
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     assert _wait_gone([spinner])
+
+
+# a stand-in for BVLC Caffe's binary: checks its arguments and the solver it is given, then logs an
+# iteration line every 20 ms of *stamped* time (so the rate it reports is exact) until it is killed
+FAKE_CAFFE = r'''#!{python}
+import sys, time
+assert sys.argv[1:3] == ["train", "-solver"], sys.argv
+solver = open(sys.argv[3]).read()
+assert "display: 1" in solver and "momentum: 0.9" in solver and 'net: "' in solver, solver
+net = open(solver.split('net: "')[1].split('"')[0]).read()
+assert 'type: "SoftmaxWithLoss"' in net, net
+start = 23 * 3600 + 59 * 60 + 59.9  # the stamps cross midnight on the way
+for k in range(10 ** 6):
+    stamp = (start + 0.02 * k) % 86400
+    hh, mm, ss = int(stamp // 3600), int(stamp % 3600 // 60), stamp % 60
+    sys.stderr.write(f"I20261205 {{hh:02d}}:{{mm:02d}}:{{ss:09.6f}}  4242 solver.cpp:239] Iteration {{k}} "
+                     f"(50 iter/s, 0.02s/1 iters), loss = {{2.3 - k * 1e-3:.6f}}\n")
+    sys.stderr.write(f"I20261205 {{hh:02d}}:{{mm:02d}}:{{ss:09.6f}}  4242 sgd_solver.cpp:112] Iteration {{k}}, lr = 0.01\n")
+    sys.stderr.flush()
+    time.sleep(0.001)
+'''
+
+
+def test_caffe_column_from_its_log_stamps(tmp_path):
+    caffe = tmp_path / "caffe"
+    caffe.write_text(FAKE_CAFFE.format(python=sys.executable))
+    caffe.chmod(0o755)
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--nets", "lenet", "--quick", "--no-torch",
+                           "--caffe", str(caffe), "--json-out", str(out)],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "Caffe img/s" in proc.stdout and "bn/caffe" in proc.stdout
+    report = json.loads(out.read_text())
+    lenet = report["nets"]["lenet"]
+    # 64 images per 20 ms of stamps, midnight included
+    assert lenet["caffe"]["img_per_s"] == pytest.approx(3200.0, rel=1e-6)
+    assert lenet["caffe"]["final_loss"] < 2.3
+    raw = report["raw"]["lenet"]
+    expected = statistics.median(raw["caffe"][0]["times"]) / statistics.median(raw["brewnet"][0]["times"])
+    assert lenet["ratio_brewnet_over_caffe"] == pytest.approx(expected)
+    assert report["settings"]["caffe"] == str(caffe)
+
+
+def test_caffe_that_fails_is_reported_not_fatal(tmp_path):
+    caffe = tmp_path / "caffe"
+    caffe.write_text(f"#!{sys.executable}\nimport sys\nsys.stderr.write('F1205 solver.cpp:1] Check failed: bad net\\n')\n"
+                     "sys.exit(134)\n")
+    caffe.chmod(0o755)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--nets", "lenet", "--quick", "--no-torch",
+                           "--caffe", str(caffe), "--json-out", str(tmp_path / "b.json")],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "caffe error" in proc.stdout and "Check failed: bad net" in proc.stdout
