@@ -58,10 +58,30 @@ def choose_openblas_core(environ=None, flags=None):
 
 
 def choose_before_numpy():
-    """choose_openblas_core, only while numpy (and with it its OpenBLAS) is not loaded yet: once
-    it is, the variable would no longer matter."""
+    """choose_openblas_core while numpy (and with it its OpenBLAS) is not loaded yet. Once it
+    is, the variable no longer matters: then warn if OpenBLAS took old kernels."""
     if "numpy" not in sys.modules:
         choose_openblas_core()
+    elif not os.environ.get("OPENBLAS_CORETYPE") and core_for_flags(cpu_flags()):
+        warn_if_misdetected()
+
+
+def warn_if_misdetected():
+    """Log a warning for each loaded OpenBLAS that runs kernels older than this CPU, saying how
+    to get the fast ones (threadpoolctl reads which kernels each library chose)."""
+    try:
+        import threadpoolctl
+
+        infos = threadpoolctl.threadpool_info()
+    except Exception:  # threadpoolctl missing or failing: nothing to say
+        return
+    import logging
+
+    for path, core in misdetected(infos):
+        logging.getLogger("brewnet").warning(
+            "OpenBLAS (%s) did not recognize this CPU and runs its %s kernels, several times slower; "
+            "import brewnet before numpy, or start Python with OPENBLAS_CORETYPE=%s",
+            path, core, core_for_flags(cpu_flags()))
 
 
 def misdetected(libraries, flags=None):

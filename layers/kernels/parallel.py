@@ -20,7 +20,6 @@ The policy, in one place:
 - Only numpy work is split: on cupy, jobs run in order in the calling thread.
 """
 
-import logging
 import math
 import os
 import threading
@@ -218,9 +217,7 @@ class _Blas:
         try:
             from threadpoolctl import ThreadpoolController
 
-            blas = ThreadpoolController().select(user_api="blas")
-            self.libs = blas.lib_controllers
-            _warn_if_misdetected(blas.info())
+            self.libs = ThreadpoolController().select(user_api="blas").lib_controllers
         except Exception:  # pragma: no cover - threadpoolctl missing or failing: leave BLAS as is
             self.libs = []
         self.saved = None  # the libraries' own counts while the policy holds
@@ -236,18 +233,6 @@ class _Blas:
             for lib, n in zip(self.libs, self.saved):
                 lib.set_num_threads(n)
             self.saved = None
-
-
-def _warn_if_misdetected(infos):
-    """OpenBLAS loaded (numpy imported before brewnet) with kernels older than this CPU: say how
-    to get the fast ones, once."""
-    from brewnet.blas_core import core_for_flags, cpu_flags, misdetected
-
-    for path, core in misdetected(infos):
-        logging.getLogger("brewnet").warning(
-            "OpenBLAS (%s) did not recognize this CPU and runs its %s kernels, several times slower; start "
-            "Python with OPENBLAS_CORETYPE=%s (brewnet sets it itself when imported before numpy)",
-            path, core, core_for_flags(cpu_flags()))
 
 
 def _blas():

@@ -78,3 +78,17 @@ def test_numpy_imported_first_is_left_alone_and_the_user_choice_wins():
     assert _python("import numpy, brewnet\n" + REPORT)["env"] is None
     assert _python("import brewnet, numpy\n" + REPORT, OPENBLAS_CORETYPE="Haswell")["env"] == "Haswell"
     assert _python("import brewnet, numpy\n" + REPORT, BREWNET_OPENBLAS_CORETYPE="0")["env"] is None
+
+
+def test_a_misdetected_openblas_is_named_in_a_warning(monkeypatch, caplog):
+    import threadpoolctl
+
+    monkeypatch.setattr(blas_core, "cpu_flags", lambda cpuinfo=None: AVX512)
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: [
+        {"internal_api": "openblas", "architecture": "Prescott", "filepath": "/x/libopenblas.so"},
+        {"internal_api": "openblas", "architecture": "SkylakeX", "filepath": "/y/libscipy_openblas.so"}])
+    with caplog.at_level("WARNING", logger="brewnet"):
+        blas_core.warn_if_misdetected()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "/x/libopenblas.so" in lines[0] and "Prescott" in lines[0]
+    assert "OPENBLAS_CORETYPE=SkylakeX" in lines[0]
