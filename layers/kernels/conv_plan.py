@@ -100,9 +100,11 @@ class BaseConvPlan:
         """(start, stop) sample ranges: chunk_samples at most, and at least one per CPU thread."""
         return parallel.chunk_ranges(self.batch, self.chunk_samples(engine), self.xp)
 
-    def _reserve_columns(self, engine, chunks):
+    def _reserve_columns(self, engine, chunks, extra_row=False):
         # every thread's column buffer at its full size now, so that forward never reallocates
-        size = int(numpy.prod(engine.col_shape(max(b - a for a, b in chunks))))
+        # (``extra_row``: room for a row of ones under the columns)
+        n = max(b - a for a, b in chunks)
+        size = int(numpy.prod(engine.col_shape(n))) + (n * engine.L if extra_row else 0)
         for worker in range(parallel.workers(self.xp)):
             WORKSPACE.reserve(self.xp, self.dtype, size, worker)
 
@@ -149,6 +151,21 @@ class ConvPlan(BaseConvPlan):
     # ... and up to this many positions in the whole batch, one GEMM over all of it (the
     # forward and data gradient measured slower so: they keep their per-sample GEMMs)
     pointwise_whole_batch_columns = 512
+
+    # im2col forward (layout B, one group) as a GEMM per sample straight into y, the bias a
+    # column of W against a row of ones under the columns, for rows this short or samples this
+    # large. Batched GEMM + copy + bias against per sample, whole layer, 2 threads, ms, as
+    # (M, K, positions x batch): LeNet's conv1 (20, 25, 576 x 64) weighs the same, CIFAR-10's
+    # (32, 75, 1024 x 100) 7.7 / 6.7, ResNet-50's (64, 147, 12544 x 8) 13.9 / 12.4, MobileNet's
+    # (32, 27, 12544 x 8) 3.1 / 2.3; one thread, one chunk: (32, 800, 256 x 12) 2.0 / 2.1 and
+    # (64, 576, 196 x 16) 2.2 / 2.5.
+    per_sample_max_rows = 128
+    per_sample_min_positions = 1024
+    # ... and its weight gradient as a sum of per-sample GEMMs dy_i x_i^T (no transposing copy of
+    # dy) for rows and positions up to these: LeNet's conv1 1.7 / 1.2 ms; (32, 75, 1024 x 10),
+    # one thread, 0.79 / 1.01; Inception-v3's first layer (32, 27, 22201 x 8) 4.8 / 5.6
+    per_sample_weight_max_rows = 32
+    per_sample_weight_max_positions = 4096
 
     @staticmethod
     def is_depthwise(g):
@@ -197,8 +214,14 @@ class ConvPlan(BaseConvPlan):
             self.winograd_chunks = self._winograd_chunks(self.winograd)
         if self.winograd_data is not None:
             self.winograd_data_chunks = self._winograd_chunks(self.winograd_data)
+        # im2col's forward and weight gradient per sample (see per_sample_max_rows)
+        self.per_sample = self.per_sample_weight = False
+        if self.path == "im2col" and xp is numpy and eng.layout == "B" and g.group == 1:
+            self.per_sample = eng.Kg <= self.per_sample_max_rows or eng.L >= self.per_sample_min_positions
+            self.per_sample_weight = (eng.Kg <= self.per_sample_weight_max_rows
+                                      and eng.L <= self.per_sample_weight_max_positions)
         if self.path == "im2col":
-            self._reserve_columns(eng, self.chunks)
+            self._reserve_columns(eng, self.chunks, extra_row=self.per_sample)
         if self.data_path == "transposed":
             self._reserve_columns(self.data_engine, self.data_chunks)
 
@@ -317,6 +340,9 @@ class ConvPlan(BaseConvPlan):
         # the columns stay valid for backward only when the batch was one chunk
         keep = slot if len(chunks) == 1 else None
         self._kept.pop(slot, None)
+        if self.per_sample:
+            self._per_sample_forward(x, W, bias, y, keep, epilogue)
+            return
 
         def job(j, worker):
             a, z = chunks[j]
@@ -329,13 +355,45 @@ class ConvPlan(BaseConvPlan):
 
         parallel.run(job, len(chunks), self.xp)
 
-    def _im2col(self, x, worker, keep=None):
-        """Columns of x in the thread's column workspace; remembered for slot ``keep`` if given."""
-        token = object()
-        buf = WORKSPACE.take(self.xp, x.dtype, self.engine.col_shape(x.shape[0]), token, worker)
+    def _per_sample_forward(self, x, W, bias, y, keep, epilogue):
+        """y[i] = [W | b] [columns of x[i]; ones], one GEMM per sample into y (layout B, one group)."""
+        eng, chunks, L = self.engine, self.chunks, self.engine.L
+        Wm = eng.weight_matrix(W)[0]
+        if bias is not None:
+            Wm = self.xp.concatenate([Wm, bias.reshape(-1, 1)], axis=1)
+        yv = y.reshape(self.batch, self.num_output, L)
+
+        def job(j, worker):
+            a, z = chunks[j]
+            n = z - a
+            col = self._im2col(x[a:z], worker, keep, extra_row=bias is not None)
+            if bias is None:
+                col = col[0]
+            for i in range(n):
+                gemm(self.xp, Wm, col[:, i * L:(i + 1) * L], out=yv[a + i])
+            if epilogue is not None:
+                epilogue(y[a:z])
+
+        parallel.run(job, len(chunks), self.xp)
+
+    def _im2col(self, x, worker, keep=None, extra_row=False):
+        """Columns of x in the thread's column workspace; remembered for slot ``keep`` if given.
+        ``extra_row`` (one group): a row of ones under them, returned as one (Kg + 1, nL) matrix."""
+        token, n = object(), x.shape[0]
+        shape = self.engine.col_shape(n)
+        if extra_row:
+            size = int(numpy.prod(shape))
+            flat = WORKSPACE.take(self.xp, x.dtype, (size + n * self.engine.L,), token, worker)
+            buf = flat[:size].reshape(shape)
+        else:
+            buf = WORKSPACE.take(self.xp, x.dtype, shape, token, worker)
         if keep is not None:
-            self._kept[keep] = (token, buf, x.shape[0], worker)
-        return self.engine.im2col(x, out=buf, worker=worker)
+            self._kept[keep] = (token, buf, n, worker)
+        col = self.engine.im2col(x, out=buf, worker=worker)
+        if not extra_row:
+            return col
+        flat[size:] = 1
+        return flat.reshape(-1, n * self.engine.L)
 
     def _kept_columns(self, slot):
         """The columns of ``slot`` still in the workspace (nobody took it since), or None."""
@@ -444,6 +502,15 @@ class ConvPlan(BaseConvPlan):
         parallel.run(job, len(chunks), numpy)
         return conv.weight_grad(_sum_in_order(parts))
 
+    def _per_sample_weight_grad(self, col, dy):
+        """sum over the samples i of dy[i] (M, L) times their columns (K, L) transposed, in order."""
+        eng, L = self.engine, self.engine.L
+        dy3 = dy.reshape(dy.shape[0], self.num_output, L)
+        acc = gemm(self.xp, dy3[0], col[:, :L].T)
+        for i in range(1, dy.shape[0]):
+            acc += gemm(self.xp, dy3[i], col[:, i * L:(i + 1) * L].T)
+        return eng.weight_from_matrix(acc[None])
+
     def _im2col_backward(self, x, W, dy, dx, need_dw, slot):
         eng, chunks = self.engine, self.chunks
         teng = self.data_engine if dx is not None else None
@@ -453,6 +520,8 @@ class ConvPlan(BaseConvPlan):
         fused = teng is not None and self.data_chunks == chunks
         keep = slot if len(chunks) == 1 else None
         dW = [None] * len(chunks)  # per chunk, summed in chunk order afterwards
+        # per-sample weight GEMMs unless the direct data gradient needs dy's rows anyway
+        per_sample = self.per_sample_weight and (dx is None or teng is not None)
 
         def data_part(a, z, worker):
             """dx[a:z] as the convolution of dy with the flipped weights."""
@@ -462,12 +531,12 @@ class ConvPlan(BaseConvPlan):
 
         def job(j, worker):
             a, z = chunks[j]
-            rows = eng.colside_rows(dy[a:z]) if need_dw else None
+            rows = eng.colside_rows(dy[a:z]) if need_dw and not per_sample else None
             if need_dw:
                 col = self._kept_columns(keep) if keep is not None else None
                 if col is None:
                     col = self._im2col(x[a:z], worker, keep)
-                dW[j] = eng.gemm_weight(col, rows)
+                dW[j] = self._per_sample_weight_grad(col[0], dy[a:z]) if per_sample else eng.gemm_weight(col, rows)
             if dx is not None and teng is None:
                 ym = rows if rows is not None and eng.layout == "B" else eng.to_colside(dy[a:z])
                 eng.data_to_image(ym, W, z - a, dx[a:z], worker)

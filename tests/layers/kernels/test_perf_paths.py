@@ -201,6 +201,49 @@ def test_conv_transposed_data_gradient_passes_gradcheck(monkeypatch):
     check_gradient(layer, [RNG.standard_normal((2, 4, 4, 5))])
 
 
+@pytest.mark.parametrize("params,shape", [
+    ("num_output: 5 kernel_size: 3 pad: 1", (4, 2, 6, 7)),             # a first layer's few rows
+    ("num_output: 3 kernel_size: 2 stride: 2 bias_term: false", (3, 3, 8, 8)),
+])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_conv_per_sample_gemms_match_the_batched_gemm(params, shape, chunked, monkeypatch, cpu_impl):
+    from brewnet.layers.kernels import conv_plan, im2col
+
+    monkeypatch.setattr(im2col.ConvEngine, "force_layout", "B")
+    monkeypatch.setattr(conv_plan.ConvPlan, "use_winograd", False)
+    if chunked:  # chunks of one sample: backward rebuilds the columns; else it reuses forward's
+        monkeypatch.setattr(conv_plan.BaseConvPlan, "max_col_bytes", 1)
+    x = RNG.standard_normal(shape)
+    results = {}
+    for per_sample in (False, True):
+        rows = 10 ** 6 if per_sample else 0
+        monkeypatch.setattr(conv_plan.ConvPlan, "per_sample_max_rows", rows)
+        monkeypatch.setattr(conv_plan.ConvPlan, "per_sample_weight_max_rows", rows)
+        layer = make_layer(f'name: "c" type: "Convolution" convolution_param {{ {params} '
+                           'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" } }',
+                           dtype=numpy.float64)
+        bottom, top = setup_layer(layer, [x])
+        for i, blob in enumerate(layer.blobs):  # the same parameters both times
+            blob.data[...] = numpy.random.default_rng(i).standard_normal(blob.shape)
+        assert (layer.plan.per_sample, layer.plan.per_sample_weight) == (per_sample, per_sample)
+        layer.forward(bottom, top)
+        top[0].diff[...] = numpy.random.default_rng(5).standard_normal(top[0].shape)
+        layer.backward(top, [True], bottom)
+        results[per_sample] = [top[0].data.copy(), bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
+    for a, b in zip(results[False], results[True]):
+        numpy.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_per_sample_gemms_pass_gradcheck(monkeypatch):
+    from brewnet.layers.kernels import conv_plan, im2col
+
+    monkeypatch.setattr(im2col.ConvEngine, "force_layout", "B")
+    monkeypatch.setattr(conv_plan.ConvPlan, "use_winograd", False)
+    layer = make_layer('name: "c" type: "Convolution" convolution_param { num_output: 3 kernel_size: 3 pad: 1 '
+                       'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" } }')
+    check_gradient(layer, [RNG.standard_normal((2, 2, 4, 5))])
+
+
 def test_conv_engine_chunk_rule():
     from brewnet.layers.kernels.conv_plan import ConvPlan, DeconvPlan
     from brewnet.layers.kernels.im2col import ConvEngine
