@@ -90,6 +90,23 @@ def test_functions_on_their_own_and_split_over_threads(monkeypatch, cpu_impl):
     assert depthwise.depthwise_backward(x, w, dy, (2, 1), 1, 1, dx=None, need_dw=False) is None
 
 
+def test_planes_of_nearby_widths_keep_their_zero_borders(cpu_impl):
+    # at stride 2, widths 5 and 6 (pad 1) make phased planes of the same shape: the wider one's
+    # last image column must not stay behind as the narrower one's right border
+    w = RNG.standard_normal((3, 1, 3, 3))
+    for width in (5, 6, 5):
+        x = RNG.standard_normal((2, 3, 6, width))
+        y = depthwise.depthwise_forward(x, w, None, 2, 1, 1)
+        want = depthwise._forward_array(numpy, x, w, None, (2, 2), (1, 1), (1, 1), numpy.empty_like(y))
+        numpy.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+        dx = numpy.empty_like(x)
+        dW = depthwise.depthwise_backward(x, w, y, 2, 1, 1, dx=dx)
+        want_dx = numpy.empty_like(x)
+        want_dW = depthwise._backward_array(numpy, x, w, y, (2, 2), (1, 1), (1, 1), want_dx, True)
+        numpy.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-12)
+        numpy.testing.assert_allclose(dW, want_dW, rtol=1e-12, atol=1e-12)
+
+
 def test_depthwise_rejects_weights_of_another_shape():
     with pytest.raises(ValueError, match="depthwise weights"):
         depthwise.depthwise_forward(numpy.zeros((1, 3, 4, 4)), numpy.zeros((4, 1, 3, 3)), None, 1, 1, 1)
