@@ -176,6 +176,13 @@ def test_winograd_applies_only_where_it_pays_and_is_exact(monkeypatch):
     # CaffeNet's 13x13 layers: 16x16 outputs computed for 169 (a third thrown away)
     assert _plan(C=256, M=384, kernel=(3, 3), pad=(1, 1), S=(13, 13)) is None
     assert _plan(kernel=(3, 3), pad=(1, 1), S=(14, 14)) is not None
+    # thin 3x3 layers on big images (Inception-v3's 147x147 stem) stay on im2col; not 5x5
+    # ones, nor thin ones on smaller images, nor wider ones on big images
+    stem = dict(kernel=(3, 3), pad=(1, 1), S=(147, 147))
+    assert _plan(C=32, M=64, **stem) is None
+    assert _plan(C=32, M=64, kernel=(5, 5), pad=(2, 2), S=(147, 147)) is not None
+    assert _plan(C=32, M=64, kernel=(3, 3), pad=(1, 1), S=(56, 56)) is not None
+    assert _plan(C=80, M=192, **stem) is not None
     with cpu_kernels.disabled():
         assert _plan() is None  # the array-code path (and so cupy) keeps im2col
     monkeypatch.setenv("BREWNET_WINOGRAD", "0")
