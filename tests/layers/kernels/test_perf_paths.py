@@ -218,14 +218,13 @@ def test_conv_per_sample_gemms_match_the_batched_gemm(params, shape, chunked, mo
     for per_sample in (False, True):
         rows = 10 ** 6 if per_sample else 0
         monkeypatch.setattr(conv_plan.ConvPlan, "per_sample_max_rows", rows)
-        monkeypatch.setattr(conv_plan.ConvPlan, "per_sample_weight_max_rows", rows)
         layer = make_layer(f'name: "c" type: "Convolution" convolution_param {{ {params} '
                            'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" } }',
                            dtype=numpy.float64)
         bottom, top = setup_layer(layer, [x])
         for i, blob in enumerate(layer.blobs):  # the same parameters both times
             blob.data[...] = numpy.random.default_rng(i).standard_normal(blob.shape)
-        assert (layer.plan.per_sample, layer.plan.per_sample_weight) == (per_sample, per_sample)
+        assert layer.plan.per_sample == per_sample
         layer.forward(bottom, top)
         top[0].diff[...] = numpy.random.default_rng(5).standard_normal(top[0].shape)
         layer.backward(top, [True], bottom)
