@@ -140,6 +140,14 @@ class ConvPlan(BaseConvPlan):
     # Winograd only while the output channels per group are at most this many times the tiles of
     # the batch (None: whatever the count)
     winograd_max_filters_per_tile = 4
+    # 3x3 layers of at most this many input channels per group stay on im2col where it runs
+    # per-sample GEMMs (long rows): 9x deeper GEMMs than Winograd's. Batch 8, two threads,
+    # forward / backward ms, Winograd against im2col: Inception-v3's 147x147 stem, 32 -> 64
+    # channels 97 / 164 against 61 / 162, 32 -> 32 (unpadded) 51 / 92 against 48 / 82;
+    # SqueezeNet's fire2 (16 -> 64, 55x55) 4.2 / 7.8 against 2.8 / 8.1. (Where im2col's
+    # columns are channels-last, Winograd keeps winning: 32 -> 64 at 56x56 9.5 / 17.8 against
+    # 10.9 / 19.3, 16 -> 32 at 28x28 2.6 / 4.6 against 2.8 / 5.1.)
+    winograd_thin_channels = 32
 
     # False: grouped im2col even for depthwise convolutions (tests compare the two)
     use_depthwise = True
@@ -200,6 +208,11 @@ class ConvPlan(BaseConvPlan):
                 # transformed weights and the weight gradient's transform-domain sums, one per filter
                 # pair, cost more than the tiles save (res5's 3x3: 5x slower than im2col backward)
                 self.winograd = self.winograd_data = None
+            if (self.winograd is not None and g.kernel == (3, 3) and eng.Cg <= self.winograd_thin_channels
+                    and self._im2col_per_sample()):
+                # thin 3x3 layers whose im2col runs per-sample GEMMs over long rows (see
+                # winograd_thin_channels)
+                self.winograd = self.winograd_data = None
         self.path = "im2col" if self.winograd is None else "winograd"
         if self.winograd_data is not None:
             self.data_path = "winograd"
@@ -214,12 +227,17 @@ class ConvPlan(BaseConvPlan):
         if self.winograd_data is not None:
             self.winograd_data_chunks = self._winograd_chunks(self.winograd_data)
         # im2col's forward and weight gradient per sample (see per_sample_max_rows)
-        self.per_sample = (self.path == "im2col" and xp is numpy and eng.layout == "B" and g.group == 1
-                           and (eng.Kg <= self.per_sample_max_rows or eng.L >= self.per_sample_min_positions))
+        self.per_sample = self.path == "im2col" and self._im2col_per_sample()
         if self.path == "im2col":
             self._reserve_columns(eng, self.chunks, extra_row=self.per_sample)
         if self.data_path == "transposed":
             self._reserve_columns(self.data_engine, self.data_chunks)
+
+    def _im2col_per_sample(self):
+        """Whether the im2col path would run its GEMMs per sample (see per_sample_max_rows)."""
+        eng = self.engine
+        return (self.xp is numpy and eng.layout == "B" and self.group == 1
+                and (eng.Kg <= self.per_sample_max_rows or eng.L >= self.per_sample_min_positions))
 
     def _transposed_engine(self):
         """The engine of the data gradient as a convolution of dy, where that is the faster way."""

@@ -39,14 +39,6 @@ MIN_CHANNELS = 16
 # at least this share of the 4x4 output blocks must fall inside the output: CaffeNet's 13x13
 # layers (16x16 computed, 66%) measured no faster than im2col on two threads at batch 10
 MIN_TILE_USE = 0.75
-# 3x3 kernels over this few input channels per group, on images whose transformed tiles take
-# more than this many bytes per sample, stay on im2col: its GEMMs are 9x deeper and its column
-# runs long, while the Winograd GEMMs this thin run out of cache. Inception-v3's 147x147 stem,
-# batch 8, two threads, forward / backward ms: 32 -> 64 channels 97 / 164 against im2col's
-# 61 / 162, 32 -> 32 (unpadded) 51 / 92 against 48 / 82; but 32 -> 64 at 56x56 (1.8 MB a
-# sample) 9.5 / 17.8 against 10.9 / 19.3, and 80 -> 192 at 73x73 40 / 130 against 81 / 130.
-THIN_CHANNELS = 32
-THIN_MAX_SAMPLE_BYTES = 4 << 20
 _POINTS = (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))
 
 
@@ -101,8 +93,6 @@ def plan(xp, dtype, C, S, M, G, kernel, stride, pad, dilation, O):
         return None, None
     k = kernel[0]
     forward = WinogradConv(dtype, C, S, M, G, k, pad, O)
-    if k == 3 and C // G <= THIN_CHANNELS and forward.bytes_per_sample > THIN_MAX_SAMPLE_BYTES:
-        return None, None
     # dx = dy, padded by k - 1 - p, convolved with the flipped weights (channels swapped). When
     # that padding is wider than the forward's (an unpadded conv), most of the padded dy is zeros:
     # then im2col's data gradient wins (LeNet's conv2: 3.5 ms against 2.4)

@@ -6,7 +6,7 @@ import pytest
 
 from brewnet.layers.gradcheck import check_gradient, make_layer, setup_layer
 from brewnet.layers.kernels import cpu_kernels, parallel, winograd
-from brewnet.layers.kernels.conv_plan import ConvPlan
+from brewnet.layers.kernels.conv_plan import ConvGeometry, ConvPlan
 
 RNG = numpy.random.default_rng(11)
 
@@ -159,6 +159,20 @@ def _plan(C=32, M=32, kernel=(5, 5), stride=(1, 1), pad=(2, 2), dilation=(1, 1),
     return winograd.plan(numpy, dtype, C, S, M, group, kernel, stride, pad, dilation, O)[0]
 
 
+@pytest.mark.parametrize("C,M,k,S,want", [
+    (32, 64, 3, 147, "im2col"),    # Inception-v3's stem: im2col's per-sample GEMMs over long rows
+    (16, 64, 3, 55, "im2col"),     # SqueezeNet's fire2
+    (32, 64, 5, 147, "winograd"),  # 5x5: Winograd saves 6x the multiplications
+    (80, 192, 3, 73, "winograd"),  # wider
+    (32, 64, 3, 56, "winograd"),   # channels-last columns
+])
+def test_thin_3x3_layers_keep_im2col_where_it_runs_per_sample(C, M, k, S, want):
+    p = k // 2
+    plan = ConvPlan(numpy, ConvGeometry(numpy.dtype(numpy.float32), 8, C, (S, S), M, (S, S), 1, (k, k), (1, 1),
+                                        (p, p), (1, 1)))
+    assert plan.path == want
+
+
 def test_winograd_applies_only_where_it_pays_and_is_exact(monkeypatch):
     assert _plan() is not None and _plan(kernel=(3, 3), pad=(1, 1)) is not None
     # an unpadded 5x5 (LeNet's conv2): Winograd forward and weight gradient, im2col's data gradient
@@ -176,13 +190,6 @@ def test_winograd_applies_only_where_it_pays_and_is_exact(monkeypatch):
     # CaffeNet's 13x13 layers: 16x16 outputs computed for 169 (a third thrown away)
     assert _plan(C=256, M=384, kernel=(3, 3), pad=(1, 1), S=(13, 13)) is None
     assert _plan(kernel=(3, 3), pad=(1, 1), S=(14, 14)) is not None
-    # thin 3x3 layers on big images (Inception-v3's 147x147 stem) stay on im2col; not 5x5
-    # ones, nor thin ones on smaller images, nor wider ones on big images
-    stem = dict(kernel=(3, 3), pad=(1, 1), S=(147, 147))
-    assert _plan(C=32, M=64, **stem) is None
-    assert _plan(C=32, M=64, kernel=(5, 5), pad=(2, 2), S=(147, 147)) is not None
-    assert _plan(C=32, M=64, kernel=(3, 3), pad=(1, 1), S=(56, 56)) is not None
-    assert _plan(C=80, M=192, **stem) is not None
     with cpu_kernels.disabled():
         assert _plan() is None  # the array-code path (and so cupy) keeps im2col
     monkeypatch.setenv("BREWNET_WINOGRAD", "0")
