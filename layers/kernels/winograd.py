@@ -37,8 +37,10 @@ KERNELS = (3, 5)
 # to beat im2col's (CIFAR-10's first layer, 3 inputs, stays on im2col)
 MIN_CHANNELS = 16
 # at least this share of the 4x4 output blocks must fall inside the output: CaffeNet's 13x13
-# layers (16x16 computed, 66%) measured no faster than im2col on two threads at batch 10
-MIN_TILE_USE = 0.75
+# layers (16x16 computed, 66%) measured no faster than im2col on two threads at batch 10, and
+# 14x14 ones (77%) slower at batch 8, forward / backward ms: ResNet-50's res4 3x3 (256
+# channels) 8.9 / 19.0 against 7.7 / 14.6, GoogLeNet's 144 -> 288 5.5 / 11.4 against 5.0 / 9.0
+MIN_TILE_USE = 0.8
 _POINTS = (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))
 
 

@@ -23,10 +23,11 @@ def compiled(monkeypatch):
 
 @pytest.mark.parametrize("batch,path", [(1, "im2col"), (4, "winograd")])
 def test_few_tiles_for_many_filters_take_im2col(batch, path, monkeypatch):
-    # 7x7 outputs are 4 tiles a sample: 64 filters want 16 tiles of the batch (ResNet's res5 at batch 8)
+    # 8x8 outputs are 4 tiles a sample: 64 filters want 16 tiles of the batch (as ResNet's res5's
+    # 7x7 at batch 8)
     monkeypatch.setattr(ConvPlan, "winograd_max_filters_per_tile", 4)
     layer = make_layer(_conv_prototxt(64, 3, 1))
-    setup_layer(layer, [numpy.zeros((batch, 16, 7, 7), numpy.float32)])
+    setup_layer(layer, [numpy.zeros((batch, 16, 8, 8), numpy.float32)])
     assert layer.plan.path == path
 
 
@@ -66,10 +67,10 @@ CASES = [
     # a grouped 3x3, LeNet's unpadded conv2, odd and non-square sizes and pads
     (7, 32, (16, 16), 32, 5, 2, 1),
     (3, 32, (8, 8), 64, 5, 2, 1),
-    (2, 64, (14, 14), 64, 3, 1, 2),
+    (2, 64, (16, 16), 64, 3, 1, 2),
     (5, 20, (12, 12), 50, 5, 0, 1),
     (2, 16, (10, 14), 16, 5, (1, 3), 1),
-    (3, 16, (9, 7), 24, 3, (0, 1), 1),
+    (3, 16, (10, 11), 24, 3, (0, 1), 1),
 ]
 
 
@@ -189,7 +190,9 @@ def test_winograd_applies_only_where_it_pays_and_is_exact(monkeypatch):
     assert _plan(dtype=numpy.float16) is None
     # CaffeNet's 13x13 layers: 16x16 outputs computed for 169 (a third thrown away)
     assert _plan(C=256, M=384, kernel=(3, 3), pad=(1, 1), S=(13, 13)) is None
-    assert _plan(kernel=(3, 3), pad=(1, 1), S=(14, 14)) is not None
+    # ... and 14x14 ones (16x16 computed, 77%: ResNet-50's res4)
+    assert _plan(kernel=(3, 3), pad=(1, 1), S=(14, 14)) is None
+    assert _plan(kernel=(3, 3), pad=(1, 1), S=(18, 18)) is not None
     with cpu_kernels.disabled():
         assert _plan() is None  # the array-code path (and so cupy) keeps im2col
     monkeypatch.setenv("BREWNET_WINOGRAD", "0")
