@@ -243,6 +243,20 @@ def test_conv_per_sample_gemms_pass_gradcheck(monkeypatch):
     check_gradient(layer, [RNG.standard_normal((2, 2, 4, 5))])
 
 
+@pytest.mark.parametrize("C,M,S,pad,want", [
+    (16, 64, 55, 1, "direct"),       # few input channels from many outputs: the direct GEMM's deep sum
+    (32, 32, 149, 0, "transposed"),  # as many outputs as inputs
+])
+def test_conv_data_gradient_path_choice(C, M, S, pad, want, monkeypatch):
+    from brewnet.layers.kernels.conv_plan import ConvGeometry, ConvPlan
+
+    monkeypatch.setattr(ConvPlan, "use_winograd", False)
+    O = S + 2 * pad - 2
+    plan = ConvPlan(numpy, ConvGeometry(numpy.dtype(numpy.float32), 8, C, (S, S), M, (O, O), 1, (3, 3), (1, 1),
+                                        (pad, pad), (1, 1)))
+    assert plan.data_path == want
+
+
 def test_conv_engine_chunk_rule():
     from brewnet.layers.kernels.conv_plan import ConvPlan, DeconvPlan
     from brewnet.layers.kernels.im2col import ConvEngine
