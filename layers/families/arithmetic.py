@@ -108,10 +108,11 @@ class Eltwise(Layer):
     def backward(self, top, propagate_down, bottom):
         dy, y = top[0].diff, top[0].data
         if self.is_sum and all(c == 1.0 for c in self.coeffs):
-            # each bottom's gradient is dy: one copy each, none for an in-place bottom (its diff is dy)
+            # each bottom's gradient is dy: one copy each (on brewnet's threads), none for an
+            # in-place bottom (its diff is dy)
             for b, down in zip(bottom, propagate_down):
                 if down and b is not top[0]:
-                    b.diff[...] = dy
+                    parallel.copy(b.diff, dy, self.xp)
             return
         grads = []
         for i, b in enumerate(bottom):

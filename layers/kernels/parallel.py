@@ -350,6 +350,19 @@ def elementwise(fn, size, xp=numpy, min_size=1 << 18):
     over_ranges(fn, size, xp, size >= min_size)
 
 
+def copy(dst, src, xp=numpy, min_size=1 << 18):
+    """dst[...] = src for two C-contiguous arrays of one size (a gradient handed on), over
+    element ranges on brewnet's threads from ``min_size`` elements up."""
+    d, s = dst.reshape(-1), src.reshape(-1)
+    elementwise(lambda a, z: xp.copyto(d[a:z], s[a:z]), d.size, xp, min_size)
+
+
+def add(a, b, out, xp=numpy, min_size=1 << 18):
+    """out = a + b for C-contiguous arrays of one size, over element ranges on brewnet's threads."""
+    fa, fb, fo = a.reshape(-1), b.reshape(-1), out.reshape(-1)
+    elementwise(lambda lo, hi: xp.add(fa[lo:hi], fb[lo:hi], out=fo[lo:hi]), fo.size, xp, min_size)
+
+
 def chunk_ranges(n, chunk, xp=numpy):
     """(start, stop) ranges of at most ``chunk`` samples covering 0..n, in a whole number of
     rounds of equal chunks per thread (so no thread is left with the odd one at the end)."""

@@ -24,6 +24,26 @@ def test_concat_forward_and_errors():
         run('name: "c" type: "Concat" concat_param { axis: 1 concat_dim: 1 }', [a, b])
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_large_concat_and_split_gradients_on_threads(axis, monkeypatch):
+    # big enough (over 2^18 elements) for the copies and sums to be split over brewnet's threads
+    from brewnet.layers.kernels import parallel
+
+    monkeypatch.setattr(parallel, "jobs_for", lambda xp=numpy, big=True, per_thread=4: 3 if big else 1)
+    a, b = randn(5, 3, 90, 100), randn(5, 3, 90, 100)
+    layer, bottom, top = run(f'name: "c" type: "Concat" concat_param {{ axis: {axis} }}', [a, b])
+    numpy.testing.assert_array_equal(top[0].data, numpy.concatenate([a, b], axis=axis))
+    top[0].diff[...] = randn(*top[0].shape)
+    layer.backward(top, [True, False], bottom)
+    want = numpy.split(top[0].diff, 2, axis=axis)[0]
+    numpy.testing.assert_array_equal(bottom[0].diff, want)
+    split, bottom, tops = run('name: "s" type: "Split"', [a], n_tops=3)
+    for t in tops:
+        t.diff[...] = randn(*t.shape)
+    split.backward(tops, [True], bottom)
+    numpy.testing.assert_array_equal(bottom[0].diff, (tops[0].diff + tops[1].diff) + tops[2].diff)
+
+
 @pytest.mark.parametrize("params, n_tops, sizes", [
     ("axis: 1 slice_point: 1 slice_point: 4", 3, [1, 3, 1]),
     ("axis: 0", 2, [1, 1]),
