@@ -51,9 +51,10 @@ def _padded_role(ph, pw, W):
 
 
 def _padded_shape(x, ph, pw, sw):
-    """The compiled kernels' zero-bordered plane: rows of H + 2ph, their W + 2pw columns kept by
-    phase modulo the stride sw (depthwise_jit._fill_padded)."""
-    return (x.shape[2] + 2 * ph, sw, -(-(x.shape[3] + 2 * pw) // sw))
+    """The compiled kernels' zero-bordered plane: H + 2ph rows and a spare one (where the
+    unit-stride kernels' last runs end), their W + 2pw columns kept by phase modulo the stride
+    sw (depthwise_jit._fill_padded)."""
+    return (x.shape[2] + 2 * ph + 1, sw, -(-(x.shape[3] + 2 * pw) // sw))
 
 
 def _xp_of(array):

@@ -18,6 +18,10 @@ CASES = [
     ("num_output: 6 group: 3 kernel_size: 3 pad: 2 dilation: 2 bias_term: false", (1, 3, 6, 6)),
     ("num_output: 4 group: 2 kernel_h: 1 kernel_w: 3 pad_h: 0 pad_w: 1 stride_h: 1 stride_w: 2", (2, 2, 5, 6)),
     ("num_output: 2 group: 2 kernel_size: 5 stride: 3", (1, 2, 9, 8)),
+    # unit stride: small planes in wide rows (an asymmetric kernel and padding here), and one
+    # too large for the wide backward (70 rows x 62 padded columns > WIDE_BACKWARD_MAX)
+    ("num_output: 4 group: 2 kernel_h: 2 kernel_w: 3 pad_h: 1 pad_w: 2", (2, 2, 5, 6)),
+    ("num_output: 2 group: 2 kernel_h: 3 kernel_w: 1 pad_h: 1", (1, 2, 70, 62)),
 ]
 
 
