@@ -16,7 +16,8 @@ a chain still works. `brewnet time` times a chain as one unit (Net.run_units).
 
 A Convolution followed by a ReLU in place on its top (GoogLeNet, SqueezeNet, VGG, ...) is a
 lighter chain: the ReLU runs on each block of the convolution's output as the threads finish
-it, in cache, instead of as a pass of its own; backward runs the two layers.
+it, in cache, instead of as a pass of its own; backward runs the two layers. A plain Eltwise
+sum followed by a ReLU in place (ResNet's residual sums) is the same kind of chain.
 ``BREWNET_FUSE=0`` turns fusion off.
 """
 
@@ -140,34 +141,37 @@ class ChannelChain:
         return True
 
 
-class ConvReLUChain:
-    """Layers start, start + 1 of a net: a Convolution and a ReLU in place on its top. Forward,
-    the ReLU runs on each block of the convolution's output as the threads finish it, while it
-    is in cache (one pass over the top fewer); backward, the layers run as they are."""
+class ReLUEpilogueChain:
+    """Layers start, start + 1 of a net: a Convolution or Eltwise and a ReLU in place on its
+    top. Forward, the ReLU runs on each block of the first layer's output as the threads finish
+    it, while it is in cache (one pass over the top fewer); backward, the layers run as they are."""
+
+    # the layer types with a forward_with_epilogue
+    PRODUCERS = ("Convolution", "Eltwise")
 
     def __init__(self, net, start):
         self.net = net
         self.start, self.end = start, start + 1
-        self.conv, self.relu = net.layers[start], net.layers[start + 1]
+        self.producer, self.relu = net.layers[start], net.layers[start + 1]
         self.forward_fused = False
 
     def __repr__(self):
-        return f"<ConvReLUChain {self.net.layer_names[self.start]} -> {self.net.layer_names[self.end]}>"
+        return f"<ReLUEpilogueChain {self.net.layer_names[self.start]} -> {self.net.layer_names[self.end]}>"
 
     def forward(self):
         net, i = self.net, self.start
         bottom, top = net.bottom_vecs[i], net.top_vecs[i]
-        self.conv.reshape(bottom, top)
+        self.producer.reshape(bottom, top)
         self.relu.reshape(net.bottom_vecs[i + 1], net.top_vecs[i + 1])
-        self.forward_fused = type(top[0].data) is numpy.ndarray and self.conv.forward_with_epilogue(
+        self.forward_fused = type(top[0].data) is numpy.ndarray and self.producer.forward_with_epilogue(
             bottom, top, self.relu.epilogue())
         if not self.forward_fused:
-            self.conv.forward(bottom, top)
+            self.producer.forward(bottom, top)
             self.relu.forward(net.bottom_vecs[i + 1], net.top_vecs[i + 1])
         return True
 
     def backward(self):
-        return False  # the ReLU's backward reads the top, the convolution's its diff: as layers
+        return False  # the ReLU's backward reads the top, the first layer's its diff: as layers
 
     def prepare_unfused_backward(self):
         pass
@@ -175,8 +179,8 @@ class ConvReLUChain:
 
 def find_chains(net, loss_layers):
     """{first layer index: chain} for every BatchNorm -> Scale [-> activation] run of
-    consecutive layers in place on one blob, and every Convolution followed by a ReLU in place
-    on its top, none of them in ``loss_layers`` (indices)."""
+    consecutive layers in place on one blob, and every Convolution (one bottom) or Eltwise
+    followed by a ReLU in place on its top, none of them in ``loss_layers`` (indices)."""
     chains = {}
     layers, types = net.layers, [layer.type for layer in net.layers]
 
@@ -186,10 +190,11 @@ def find_chains(net, loss_layers):
 
     i = 0
     while i + 1 < len(layers):
-        if (types[i] == "Convolution" and types[i + 1] == "ReLU" and len(net.bottom_vecs[i]) == 1
+        if (types[i] in ReLUEpilogueChain.PRODUCERS and types[i + 1] == "ReLU"
+                and (len(net.bottom_vecs[i]) == 1 or types[i] == "Eltwise")
                 and len(net.top_vecs[i]) == 1 and i not in loss_layers
                 and in_place_on(i + 1, net.top_vecs[i][0]) and layers[i + 1].fused_activation() is not None):
-            chains[i] = ConvReLUChain(net, i)
+            chains[i] = ReLUEpilogueChain(net, i)
             i += 2
             continue
         if types[i] == "BatchNorm" and types[i + 1] == "Scale":

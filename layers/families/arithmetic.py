@@ -75,18 +75,8 @@ class Eltwise(Layer):
             out = bottom[0].data * bottom[1].data
             for b in bottom[2:]:
                 out *= b.data
-        elif self.is_sum and all(c == 1.0 for c in self.coeffs):
-            # a plain sum (ResNet's shortcuts): added straight into the top, no temporaries,
-            # over element ranges on brewnet's threads
-            flat = [b.data.reshape(-1) for b in bottom]
-            out = top[0].data.reshape(-1)
-
-            def add(a, z):
-                xp.add(flat[0][a:z], flat[1][a:z], out=out[a:z])
-                for f in flat[2:]:
-                    out[a:z] += f[a:z]
-
-            parallel.elementwise(add, out.size, xp)
+        elif self._plain_sum():
+            self._add_into_top(bottom, top)
             return
         elif self.is_sum:
             out = bottom[0].data * self.coeffs[0]
@@ -105,9 +95,37 @@ class Eltwise(Layer):
             self.mask = mask
         top[0].data[...] = out
 
+    def _plain_sum(self):
+        return self.is_sum and all(c == 1.0 for c in self.coeffs)
+
+    def _add_into_top(self, bottom, top, epilogue=None):
+        # a plain sum (ResNet's shortcuts): added straight into the top, no temporaries, over
+        # element ranges on brewnet's threads, each range then given to ``epilogue`` in cache
+        xp = self.xp
+        flat = [b.data.reshape(-1) for b in bottom]
+        out = top[0].data.reshape(-1)
+
+        def add(a, z):
+            xp.add(flat[0][a:z], flat[1][a:z], out=out[a:z])
+            for f in flat[2:]:
+                out[a:z] += f[a:z]
+            if epilogue is not None:
+                epilogue(out[a:z])
+
+        parallel.elementwise(add, out.size, xp)
+
+    def forward_with_epilogue(self, bottom, top, epilogue):
+        """forward, with ``epilogue`` applied in place to each range of the top as it is summed
+        (layers/fusion.py's Eltwise -> ReLU, ResNet's residual sums); returns False, having run
+        nothing, for anything but a plain sum on the CPU."""
+        if not self._plain_sum() or type(top[0].data) is not numpy.ndarray:
+            return False
+        self._add_into_top(bottom, top, epilogue)
+        return True
+
     def backward(self, top, propagate_down, bottom):
         dy, y = top[0].diff, top[0].data
-        if self.is_sum and all(c == 1.0 for c in self.coeffs):
+        if self._plain_sum():
             # each bottom's gradient is dy: one copy each (on brewnet's threads), none for an
             # in-place bottom (its diff is dy)
             for b, down in zip(bottom, propagate_down):

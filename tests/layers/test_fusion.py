@@ -233,3 +233,32 @@ def test_convolution_relu_chain_equals_the_layers(monkeypatch, conv, channels, p
     assert_same(*results, numpy.float32)
     for key in results[0]:  # the same operations on the same blocks: equal, not just close
         numpy.testing.assert_array_equal(results[0][key], results[1][key], err_msg=key)
+
+
+@pytest.mark.parametrize("eltwise, fused", [("", True), ("eltwise_param { coeff: 1 coeff: -0.5 }", False),
+                                            ("eltwise_param { operation: MAX }", False)])
+def test_eltwise_relu_chain_equals_the_layers(monkeypatch, eltwise, fused):
+    # a residual sum then a ReLU in place on it (ResNet's block ends): the ReLU runs on each summed
+    # range while in cache; a weighted sum or another operation runs the layers
+    text = ('force_backward: true\n'
+            'layer { name: "x" type: "Input" top: "x" top: "label" input_param { shape { dim: 2 dim: 4 '
+            'dim: 8 dim: 8 } shape { dim: 2 } } }\n'
+            'layer { name: "a" type: "Convolution" bottom: "x" top: "a" convolution_param { num_output: 4 '
+            'kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }\n'
+            f'layer {{ name: "sum" type: "Eltwise" bottom: "a" bottom: "x" top: "s" {eltwise} }}\n'
+            'layer { name: "relu" type: "ReLU" bottom: "s" top: "s" }\n'
+            'layer { name: "ip" type: "InnerProduct" bottom: "s" top: "ip" inner_product_param { num_output: 4 '
+            'weight_filler { type: "gaussian" std: 0.3 } } }\n'
+            'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+    results = []
+    for fuse in (False, True):
+        net = build(text, monkeypatch, fuse, numpy.float32)
+        net.clear_param_diffs()
+        for _ in range(2):
+            net.forward_backward()
+        at = list(net.layer_names).index("sum")  # (after the Split that x's two readers get)
+        assert (at, at + 1) in chains_of(net)
+        assert net._chains[at].forward_fused == (fuse and fused)
+        results.append(state(net))
+    for key in results[0]:  # the same operations on the same ranges: equal, not just close
+        numpy.testing.assert_array_equal(results[0][key], results[1][key], err_msg=key)
