@@ -207,12 +207,14 @@ def test_conv_transposed_data_gradient_passes_gradcheck(monkeypatch):
 ])
 @pytest.mark.parametrize("chunked", [False, True])
 def test_conv_per_sample_gemms_match_the_batched_gemm(params, shape, chunked, monkeypatch, cpu_impl):
-    from brewnet.layers.kernels import conv_plan, im2col
+    from brewnet.layers.kernels import conv_plan, im2col, parallel
 
     monkeypatch.setattr(im2col.ConvEngine, "force_layout", "B")
     monkeypatch.setattr(conv_plan.ConvPlan, "use_winograd", False)
-    if chunked:  # chunks of one sample: backward rebuilds the columns; else it reuses forward's
+    if chunked:  # chunks of one sample: backward rebuilds the columns
         monkeypatch.setattr(conv_plan.BaseConvPlan, "max_col_bytes", 1)
+    else:  # one thread, one chunk: backward reuses forward's columns (above their row of ones)
+        monkeypatch.setattr(parallel, "workers", lambda xp=numpy: 1)
     x = RNG.standard_normal(shape)
     results = {}
     for per_sample in (False, True):
@@ -225,6 +227,7 @@ def test_conv_per_sample_gemms_match_the_batched_gemm(params, shape, chunked, mo
         for i, blob in enumerate(layer.blobs):  # the same parameters both times
             blob.data[...] = numpy.random.default_rng(i).standard_normal(blob.shape)
         assert layer.plan.per_sample == per_sample
+        assert len(layer.plan.chunks) == (shape[0] if chunked else 1)
         layer.forward(bottom, top)
         top[0].diff[...] = numpy.random.default_rng(5).standard_normal(top[0].shape)
         layer.backward(top, [True], bottom)
