@@ -43,18 +43,17 @@ def _scratch(xp):
     return _state["scratch"].setdefault(xp.__name__, Scratch(xp))
 
 
-def _padded_role(ph, pw, W):
+def _padded_role(ph, pw, H, W):
     # a padded plane's border stays zero only if every user of the buffer writes the same inside:
-    # the shape, the pad and the image width together fix it (another pad could fill the same
-    # shape edge to edge; with phased columns, widths W and W + 1 can share a shape)
-    return f"depthwise_in_{ph}_{pw}_{W}"
+    # the shape, the pad and the image size together fix it (another pad could fill the same
+    # shape edge to edge; with phase planes, sizes H and H + 1 can share a shape)
+    return f"depthwise_in_{ph}_{pw}_{H}_{W}"
 
 
-def _padded_shape(x, ph, pw, sw):
-    """The compiled kernels' zero-bordered plane: H + 2ph rows and a spare one (where the
-    unit-stride kernels' last runs end), their W + 2pw columns kept by phase modulo the stride
-    sw (depthwise_jit._fill_padded)."""
-    return (x.shape[2] + 2 * ph + 1, sw, -(-(x.shape[3] + 2 * pw) // sw))
+def _padded_shape(x, ph, pw, sh, sw):
+    """The compiled kernels' zero-bordered plane (depthwise_jit._fill_padded): the padded image
+    (H + 2ph, W + 2pw) as sh * sw phase planes, each with a spare row below."""
+    return (sh, sw, -(-(x.shape[2] + 2 * ph) // sh) + 1, -(-(x.shape[3] + 2 * pw) // sw))
 
 
 def _xp_of(array):
@@ -99,11 +98,12 @@ def depthwise_forward(x, w, bias, stride, pad, dilation, out=None):
     x, w = numpy.ascontiguousarray(x), numpy.ascontiguousarray(w, dtype=x.dtype)
     b = numpy.zeros(w.shape[0], x.dtype) if bias is None else numpy.ascontiguousarray(bias, dtype=x.dtype)
     y = out if out.flags.c_contiguous else numpy.empty(shape, dtype=x.dtype)
-    padded_shape = _padded_shape(x, ph, pw, sw)
+    padded_shape = _padded_shape(x, ph, pw, sh, sw)
     jobs = _channel_jobs(x.shape[1], xp)
 
     def job(j, worker):
-        padded = _scratch(xp).get(_padded_role(ph, pw, x.shape[3]), padded_shape, x.dtype, worker, zero=True)
+        role = _padded_role(ph, pw, x.shape[2], x.shape[3])
+        padded = _scratch(xp).get(role, padded_shape, x.dtype, worker, zero=True)
         jit.forward(x, w, b, y, *jobs[j], sh, sw, ph, pw, dh, dw, padded)
 
     parallel.run(job, len(jobs), xp)
@@ -130,12 +130,13 @@ def depthwise_backward(x, w, dy, stride, pad, dilation, dx=None, need_dw=True):
     dW = numpy.empty(w.shape, dtype=x.dtype) if need_dw else w  # (w: an unused placeholder)
     gx = dx if dx is None or dx.flags.c_contiguous else numpy.empty(x.shape, dtype=x.dtype)
     gx_arg = x if gx is None else gx  # a placeholder the kernel never writes when need_dx is False
-    padded_shape = _padded_shape(x, ph, pw, sw)
+    padded_shape = _padded_shape(x, ph, pw, sh, sw)
     jobs = _channel_jobs(x.shape[1], xp)
 
     def job(j, worker):
         scratch = _scratch(xp)
-        padded = scratch.get(_padded_role(ph, pw, x.shape[3]), padded_shape, x.dtype, worker, zero=True)
+        padded = scratch.get(_padded_role(ph, pw, x.shape[2], x.shape[3]), padded_shape, x.dtype, worker,
+                             zero=True)
         dpadded = scratch.get("depthwise_grad", padded_shape, x.dtype, worker)
         jit.backward(x, w, dy, gx_arg, dW, *jobs[j], sh, sw, ph, pw, dh, dw, gx is not None, need_dw, padded,
                      dpadded)

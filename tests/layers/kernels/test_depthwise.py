@@ -18,8 +18,8 @@ CASES = [
     ("num_output: 6 group: 3 kernel_size: 3 pad: 2 dilation: 2 bias_term: false", (1, 3, 6, 6)),
     ("num_output: 4 group: 2 kernel_h: 1 kernel_w: 3 pad_h: 0 pad_w: 1 stride_h: 1 stride_w: 2", (2, 2, 5, 6)),
     ("num_output: 2 group: 2 kernel_size: 5 stride: 3", (1, 2, 9, 8)),
-    # unit stride: small planes in wide rows (an asymmetric kernel and padding here), and one
-    # too large for the wide backward (70 rows x 62 padded columns > WIDE_BACKWARD_MAX)
+    # an asymmetric kernel and padding; a plane whose wide rows span several blocks of the
+    # weight gradient's lanes (70 rows x 62 padded columns > depthwise_jit.LANE_BLOCK)
     ("num_output: 4 group: 2 kernel_h: 2 kernel_w: 3 pad_h: 1 pad_w: 2", (2, 2, 5, 6)),
     ("num_output: 2 group: 2 kernel_h: 3 kernel_w: 1 pad_h: 1", (1, 2, 70, 62)),
 ]
@@ -94,12 +94,13 @@ def test_functions_on_their_own_and_split_over_threads(monkeypatch, cpu_impl):
     assert depthwise.depthwise_backward(x, w, dy, (2, 1), 1, 1, dx=None, need_dw=False) is None
 
 
-def test_planes_of_nearby_widths_keep_their_zero_borders(cpu_impl):
-    # at stride 2, widths 5 and 6 (pad 1) make phased planes of the same shape: the wider one's
-    # last image column must not stay behind as the narrower one's right border
+@pytest.mark.parametrize("sizes", [((6, 5), (6, 6), (6, 5)), ((5, 6), (6, 6), (5, 6))])
+def test_planes_of_nearby_sizes_keep_their_zero_borders(sizes, cpu_impl):
+    # at stride 2, widths (or heights) 5 and 6 (pad 1) make phase planes of the same shape: the
+    # larger one's last image column (row) must not stay behind as the smaller one's border
     w = RNG.standard_normal((3, 1, 3, 3))
-    for width in (5, 6, 5):
-        x = RNG.standard_normal((2, 3, 6, width))
+    for hw in sizes:
+        x = RNG.standard_normal((2, 3) + hw)
         y = depthwise.depthwise_forward(x, w, None, 2, 1, 1)
         want = depthwise._forward_array(numpy, x, w, None, (2, 2), (1, 1), (1, 1), numpy.empty_like(y))
         numpy.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
