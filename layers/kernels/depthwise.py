@@ -56,6 +56,12 @@ def _padded_shape(x, ph, pw, sh, sw):
     return (sh, sw, -(-(x.shape[2] + 2 * ph) // sh) + 1, -(-(x.shape[3] + 2 * pw) // sw))
 
 
+def _padded_planes(xp, x, ph, pw, sh, sw, worker):
+    """Thread ``worker``'s zero-bordered phase planes for x's channel planes (made zero once)."""
+    role = _padded_role(ph, pw, x.shape[2], x.shape[3])
+    return _scratch(xp).get(role, _padded_shape(x, ph, pw, sh, sw), x.dtype, worker, zero=True)
+
+
 def _xp_of(array):
     return numpy if isinstance(array, numpy.ndarray) else __import__("cupy")
 
@@ -98,12 +104,10 @@ def depthwise_forward(x, w, bias, stride, pad, dilation, out=None):
     x, w = numpy.ascontiguousarray(x), numpy.ascontiguousarray(w, dtype=x.dtype)
     b = numpy.zeros(w.shape[0], x.dtype) if bias is None else numpy.ascontiguousarray(bias, dtype=x.dtype)
     y = out if out.flags.c_contiguous else numpy.empty(shape, dtype=x.dtype)
-    padded_shape = _padded_shape(x, ph, pw, sh, sw)
     jobs = _channel_jobs(x.shape[1], xp)
 
     def job(j, worker):
-        role = _padded_role(ph, pw, x.shape[2], x.shape[3])
-        padded = _scratch(xp).get(role, padded_shape, x.dtype, worker, zero=True)
+        padded = _padded_planes(xp, x, ph, pw, sh, sw, worker)
         jit.forward(x, w, b, y, *jobs[j], sh, sw, ph, pw, dh, dw, padded)
 
     parallel.run(job, len(jobs), xp)
@@ -130,14 +134,11 @@ def depthwise_backward(x, w, dy, stride, pad, dilation, dx=None, need_dw=True):
     dW = numpy.empty(w.shape, dtype=x.dtype) if need_dw else w  # (w: an unused placeholder)
     gx = dx if dx is None or dx.flags.c_contiguous else numpy.empty(x.shape, dtype=x.dtype)
     gx_arg = x if gx is None else gx  # a placeholder the kernel never writes when need_dx is False
-    padded_shape = _padded_shape(x, ph, pw, sh, sw)
     jobs = _channel_jobs(x.shape[1], xp)
 
     def job(j, worker):
-        scratch = _scratch(xp)
-        padded = scratch.get(_padded_role(ph, pw, x.shape[2], x.shape[3]), padded_shape, x.dtype, worker,
-                             zero=True)
-        dpadded = scratch.get("depthwise_grad", padded_shape, x.dtype, worker)
+        padded = _padded_planes(xp, x, ph, pw, sh, sw, worker)
+        dpadded = _scratch(xp).get("depthwise_grad", padded.shape, x.dtype, worker)
         jit.backward(x, w, dy, gx_arg, dW, *jobs[j], sh, sw, ph, pw, dh, dw, gx is not None, need_dw, padded,
                      dpadded)
 
