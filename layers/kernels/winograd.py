@@ -131,6 +131,10 @@ class WinogradConv:
         # the net's layers run one at a time: every Winograd layer shares these (memory: CaffeNet)
         return WORKSPACE.take(numpy, self.dtype, shape, None, worker, role="winograd-" + role)
 
+    def _pair_scratch(self, role, rows, k, length, worker=0):
+        """tile_pairs' scratch for ``length`` columns: it works a block of them at a time."""
+        return self._buffer(role, (rows, k, min(length, cpu_kernels.kernels().TRANSFORM_BLOCK)), worker)
+
     # -- transforms ---------------------------------------------------------------
     def weight_tiles(self, W):
         """(M, Cg, k, k) -> U (t*t, G, Cg, Mg): G W G^T per filter, laid out for the GEMMs."""
@@ -139,26 +143,16 @@ class WinogradConv:
         src = numpy.ascontiguousarray(src, dtype=self.dtype).reshape(k * k, -1)
         # (kept buffers: fresh ones would page-fault on every call, CaffeNet's conv3 1.5 ms)
         out = self._buffer("U", (t * t, src.shape[1]))
-        scratch = self._buffer("U-rows", (t, k, src.shape[1]))
-        cpu_kernels.kernels().tile_pairs(src, self.Gm, scratch, out)
+        cpu_kernels.kernels().tile_pairs(src, self.Gm, self._pair_scratch("U-rows", t, k, src.shape[1]), out)
         return out.reshape(t * t, G_, self.Cg, self.Mg)
 
     def _phase_image(self, x, role, shape, offset, worker):
         """x (n, C, H, W) into a zero-bordered channels-last (n, *shape, C) image at ``offset``,
         each row's columns stored by phase (column w = q*m + ph at (ph, q)): tile_cols's layout."""
-        n, C, H, W = x.shape
-        m = self.m
-        Q = -(-shape[1] // m)
-        buf = self._buffer(role, (n, shape[0], m, Q, C), worker)
-        buf.fill(0)  # the border (another layer may have used the buffer)
-        src = x.transpose(0, 2, 3, 1)
-        rows = slice(offset[0], offset[0] + H)
-        for ph in range(m):
-            first = (ph - offset[1]) % m  # first image column landing in this phase
-            if first < W:
-                q0 = (offset[1] + first) // m
-                count = len(range(first, W, m))
-                buf[:, rows, ph, q0:q0 + count] = src[:, :, first::m]
+        n, C = x.shape[:2]
+        Q = -(-shape[1] // self.m)
+        buf = self._buffer(role, (n, shape[0], self.m, Q, C), worker)
+        cpu_kernels.kernels().phase_image(numpy.ascontiguousarray(x), buf, offset[0], offset[1])
         return buf
 
     def _tiles(self, image, mat, role, worker):
@@ -194,9 +188,9 @@ class WinogradConv:
         T = V.shape[1]
         prod = self._buffer("prod", (tt, T, self.M), worker)
         parallel.matmul(self._grouped(V, self.Cg), U, out=self._grouped(prod, self.Mg))
-        P = self._buffer("P", (m, self.t, T * self.M), worker)
         out = self._buffer("out", (m * m, T * self.M), worker)
-        kern.tile_pairs(prod.reshape(tt, T * self.M), self.AT, P, out)
+        scratch = self._pair_scratch("P", m, self.t, T * self.M, worker)
+        kern.tile_pairs(prod.reshape(tt, T * self.M), self.AT, scratch, out)
         kern.tiles_to_image(out.reshape(m * m, T, self.M), y, m, self.tiles[0], self.tiles[1], b)
 
     # -- weight gradient ------------------------------------------------------------------
@@ -218,6 +212,6 @@ class WinogradConv:
         tt, k = self.t * self.t, self.k
         L = total[0].size
         out = self._buffer("dW", (k * k, L))
-        scratch = self._buffer("dW-rows", (k, self.t, L))
+        scratch = self._pair_scratch("dW-rows", k, self.t, L)
         cpu_kernels.kernels().tile_pairs(total.reshape(tt, L), self.AT_w, scratch, out)
         return out.reshape(k, k, self.M, self.Cg).transpose(2, 3, 0, 1)

@@ -197,3 +197,35 @@ def test_winograd_applies_only_where_it_pays_and_is_exact(monkeypatch):
         assert _plan() is None  # the array-code path (and so cupy) keeps im2col
     monkeypatch.setenv("BREWNET_WINOGRAD", "0")
     assert _plan() is None
+
+
+@pytest.mark.parametrize("C,H,W,rows,cols,offset", [
+    (3, 5, 7, 9, 11, (2, 2)),     # fewer channels than one block of 16
+    (20, 6, 6, 8, 10, (1, 3)),    # a block and a remainder, asymmetric offset
+    (40, 4, 9, 4, 12, (0, 0)),    # no border rows (the output diff's case), columns to spare
+])
+def test_phase_image_is_the_zero_bordered_channels_last_image(C, H, W, rows, cols, offset):
+    m = winograd.TILE_OUT
+    Q = -(-cols // m)
+    x = RNG.standard_normal((2, C, H, W)).astype(numpy.float32)
+    want = numpy.zeros((2, rows, m * Q, C), numpy.float32)
+    want[:, offset[0]:offset[0] + H, offset[1]:offset[1] + W] = x.transpose(0, 2, 3, 1)
+    # column v stored at (v % m, v // m)
+    want = want.reshape(2, rows, Q, m, C).transpose(0, 1, 3, 2, 4)
+    got = numpy.full((2, rows, m, Q, C), numpy.nan, numpy.float32)
+    cpu_kernels.kernels().phase_image(x, got, offset[0], offset[1])
+    numpy.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("M,H,W", [(20, 7, 9), (16, 8, 8), (3, 5, 4)])
+def test_tiles_to_image_crops_transposes_and_adds_the_bias(M, H, W):
+    m, n = winograd.TILE_OUT, 2
+    th, tw = -(-H // m), -(-W // m)
+    tiles = RNG.standard_normal((m * m, n * th * tw, M)).astype(numpy.float32)
+    bias = RNG.standard_normal(M).astype(numpy.float32)
+    # tile element (i, j) of tile (s, r, t) is output (r * m + i, t * m + j) of sample s
+    full = tiles.reshape(m, m, n, th, tw, M).transpose(2, 5, 3, 0, 4, 1).reshape(n, M, th * m, tw * m)
+    want = full[:, :, :H, :W] + bias[:, None, None]
+    got = numpy.full((n, M, H, W), numpy.nan, numpy.float32)
+    cpu_kernels.kernels().tiles_to_image(tiles, got, m, th, tw, bias)
+    numpy.testing.assert_array_equal(got, want)
