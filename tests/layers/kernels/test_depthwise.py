@@ -22,6 +22,10 @@ CASES = [
     # weight gradient's lanes (70 rows x 62 padded columns > depthwise_jit.LANE_BLOCK)
     ("num_output: 4 group: 2 kernel_h: 2 kernel_w: 3 pad_h: 1 pad_w: 2", (2, 2, 5, 6)),
     ("num_output: 2 group: 2 kernel_h: 3 kernel_w: 1 pad_h: 1", (1, 2, 70, 62)),
+    # stride 1 with "same" padding takes the flat-plane kernels: a multiplier and a kernel
+    # taller than the plane, and a 1x5 kernel wider than a 2-column plane (every column masked)
+    ("num_output: 6 group: 3 kernel_size: 5 pad: 2", (2, 3, 4, 9)),
+    ("num_output: 2 group: 2 kernel_h: 1 kernel_w: 5 pad_h: 0 pad_w: 2", (1, 2, 3, 2)),
 ]
 
 
@@ -59,7 +63,7 @@ def test_depthwise_matches_grouped_im2col(params, shape, monkeypatch, cpu_impl):
         numpy.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * numpy.abs(b).max())
 
 
-@pytest.mark.parametrize("params,shape", CASES[:4])
+@pytest.mark.parametrize("params,shape", CASES[:4] + CASES[-2:])
 def test_depthwise_layer_passes_gradcheck(params, shape, monkeypatch, cpu_impl):
     layer = _layer(params)
     setup_layer(layer, [numpy.zeros(shape)])
