@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from brewnet.layers.families.conv import Convolution
 from brewnet.layers.gradcheck import make_layer, setup_layer
-from brewnet.layers.kernels import cpu_kernels
+from brewnet.layers.kernels import cpu_kernels, pooling
 from brewnet.layers.kernels.conv_plan import ConvPlan
 
 pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="numba is not installed")
@@ -33,6 +33,24 @@ def _run(params, x, dy, compiled):
        h=st.integers(1, 9), w=st.integers(1, 9), levels=st.sampled_from([3, 1000]),
        dtype=st.sampled_from([numpy.float32, numpy.float64]), seed=st.integers(0, 2 ** 16))
 def test_pooling_kernels_match_array_code(method, k, s, p, h, w, levels, dtype, seed):
+    _compare_with_array_code(method, k, s, p, h, w, levels, dtype, seed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 4), s=st.integers(1, 3), p=st.integers(0, 3), h=st.integers(1, 9), w=st.integers(1, 9),
+       levels=st.sampled_from([3, 1000]), dtype=st.sampled_from([numpy.float32, numpy.float64]),
+       seed=st.integers(0, 2 ** 16))
+def test_vectorized_max_pooling_rows_match_array_code(k, s, p, h, w, levels, dtype, seed):
+    # the pass along the row for all outputs at once, which only long rows take, on small shapes
+    before = pooling.MAX_VECTOR_OUTPUTS
+    pooling.MAX_VECTOR_OUTPUTS = {None: 1}
+    try:
+        _compare_with_array_code("MAX", k, s, p, h, w, levels, dtype, seed)
+    finally:
+        pooling.MAX_VECTOR_OUTPUTS = before
+
+
+def _compare_with_array_code(method, k, s, p, h, w, levels, dtype, seed):
     p = min(p, k - 1)  # Caffe requires pad < kernel
     assume(h + 2 * p >= k and w + 2 * p >= k)
     rng = numpy.random.default_rng(seed)
