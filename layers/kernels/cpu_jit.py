@@ -39,108 +39,101 @@ def window(i, stride, pad, kernel, extent):
 # column at once (unit stride, so LLVM vectorizes it), then along the row of column results.
 
 
-# a row position no window column comes from: the border of the vectorized pass below
+# the row of a column maximum that no image pixel gave: the -inf border of the rows below
 _NO_ROW = 2147483647
 
 
 @njit(cache=True, inline="always")
-def _max_across(cb, cr, best, brow, bk, ow, sw, kw):
-    # for every output column j at once: the window's best over padded columns j*sw .. + kw,
-    # taking a column when larger, or equal from an earlier row (bk: which column of the window)
-    for j in range(ow):
-        best[j] = cb[j * sw]
-        brow[j] = cr[j * sw]
-        bk[j] = 0
+def _column_maxima(x, p, h0, h1, col_best, col_row):
+    # down the window's rows h0..h1 of plane p: each image column's first maximum and its row
+    # (strict '>': the earliest row wins a tie)
+    W = col_best.shape[0]
+    for w in range(W):
+        col_best[w] = x[p, h0, w]
+        col_row[w] = h0
+    for h in range(h0 + 1, h1):
+        for w in range(W):
+            v = x[p, h, w]
+            take = v > col_best[w]  # selects, not branches: they vectorize
+            col_best[w] = v if take else col_best[w]
+            col_row[w] = h if take else col_row[w]
+
+
+@njit(cache=True, inline="always")
+def _window_maxima(cb, cr, best, brow, bk, n, sw, kw):
+    # for every window q at once, over columns q * sw .. + kw of the column maxima: a column
+    # takes over when larger, or equal from an earlier row (bk: which column of the window)
+    for q in range(n):
+        best[q] = cb[q * sw]
+        brow[q] = cr[q * sw]
+        bk[q] = 0
     for k in range(1, kw):
-        for j in range(ow):
-            v = cb[j * sw + k]
-            r = cr[j * sw + k]
-            take = (v > best[j]) | ((v == best[j]) & (r < brow[j]))
-            best[j] = v if take else best[j]
-            brow[j] = r if take else brow[j]
-            bk[j] = k if take else bk[j]
+        for q in range(n):
+            v = cb[q * sw + k]
+            r = cr[q * sw + k]
+            take = (v > best[q]) | ((v == best[q]) & (r < brow[q]))
+            best[q] = v if take else best[q]
+            brow[q] = r if take else brow[q]
+            bk[q] = k if take else bk[q]
 
 
 @jit
-def max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, vector_from):
+def max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, plane_budget):
     # idx: flat h * W + w of the first maximum in row-major window order (Caffe's mask). Down
-    # the window's rows, each image column keeps its first maximum and that row (strict '>');
-    # along the row of columns, a column takes over when it is larger, or equal from an earlier
-    # row: the first in row-major order. (Along the rows first, the order that needs no tie
-    # rule, runs the scalar loop on every image row instead of every output row: 1.3-2x
-    # slower.) Rows of at least ``vector_from`` outputs do the second step for all outputs at
-    # once, in unit-stride loops over a row of column results bordered by -inf (which never
-    # wins, not even a tie: its row is _NO_ROW): 1.5-2.3x faster on 35 to 73 outputs, slower on
-    # short rows, where the loop setup costs more than the scalar loop. A NaN wins only as a
-    # window's first element (Caffe never lets one win); checking every element for NaN would
+    # the window's rows, each image column keeps its first maximum and that row; then along
+    # rows of these column maxima (pw columns of -inf before the image's, more after), every
+    # window at once: a column takes over when it is larger, or equal from an earlier row, so
+    # the first in row-major order wins. The border never wins, not even a tie: its row is
+    # _NO_ROW. Each row of column maxima holds a whole number of strides, so output j of
+    # buffer row u reads from (u * wide + j) * sw: the windows of several output rows (a whole
+    # plane, when it fits ``plane_budget`` elements) take one pass of unit-stride loops, which
+    # LLVM vectorizes. (A loop per output, or per output row on small planes, spends more on
+    # loop setup than on the comparisons: 2x slower.) A NaN can win only as the first element
+    # its window compares (Caffe never lets one win); checking every element for NaN would
     # triple the cost.
     planes, H, W = x.shape
     oh, ow = y.shape[1], y.shape[2]
-    length = max((ow - 1) * sw + kw, W + pw) + pw  # padded column pw + w: image column w
-    cb = numpy.full(length, -numpy.inf, dtype=x.dtype)
-    cr = numpy.full(length, _NO_ROW, dtype=numpy.int32)
-    col_best, col_row = cb[pw:pw + W], cr[pw:pw + W]
-    best = numpy.empty(ow, dtype=x.dtype)
-    brow = numpy.empty(ow, dtype=numpy.int32)
-    bk = numpy.empty(ow, dtype=numpy.int32)
-    vector = ow >= vector_from
-    one = uintp(1)
+    length = max((ow - 1) * sw + kw, W + pw) + pw
+    length = -(-length // sw) * sw
+    wide = length // sw
+    rows = oh if oh * length <= plane_budget else 1
+    cb = numpy.full(rows * length + kw, -numpy.inf, dtype=x.dtype)
+    cr = numpy.full(rows * length + kw, _NO_ROW, dtype=numpy.int32)
+    best = numpy.empty(rows * wide, dtype=x.dtype)
+    brow = numpy.empty(rows * wide, dtype=numpy.int32)
+    bk = numpy.empty(rows * wide, dtype=numpy.int32)
     for p in range(planes):
-        for i in range(oh):
-            h0, h1, _ = window(i, sh, ph, kh, H)
-            if h1 <= h0:  # empty window: -inf and Caffe's mask -1, which backward skips
-                for j in range(ow):
-                    y[p, i, j] = -numpy.inf
-                    idx[p, i, j] = -1
-                continue
-            for w in range(W):
-                col_best[w] = x[p, h0, w]
-                col_row[w] = h0
-            for h in range(h0 + 1, h1):
-                for w in range(W):
-                    v = x[p, h, w]
-                    take = v > col_best[w]  # selects, not branches: they vectorize
-                    col_best[w] = v if take else col_best[w]
-                    col_row[w] = h if take else col_row[w]
-            if vector:
-                # (constant strides spelled out: LLVM then vectorizes them)
-                if sw == 1:
-                    _max_across(cb, cr, best, brow, bk, ow, 1, kw)
-                elif sw == 2:
-                    _max_across(cb, cr, best, brow, bk, ow, 2, kw)
+        for i0 in range(0, oh, rows):
+            i1 = min(oh, i0 + rows)
+            for i in range(i0, i1):
+                at = (i - i0) * length + pw
+                col_best, col_row = cb[at:at + W], cr[at:at + W]
+                h0, h1, _ = window(i, sh, ph, kh, H)
+                if h1 <= h0:  # an empty window: only the border, -inf and Caffe's mask -1
+                    for w in range(W):
+                        col_best[w] = -numpy.inf
+                        col_row[w] = _NO_ROW
                 else:
-                    _max_across(cb, cr, best, brow, bk, ow, sw, kw)
+                    _column_maxima(x, p, h0, h1, col_best, col_row)
+            n = (i1 - i0) * wide
+            # (constant strides spelled out: LLVM then vectorizes them)
+            if sw == 1:
+                _window_maxima(cb, cr, best, brow, bk, n, 1, kw)
+            elif sw == 2:
+                _window_maxima(cb, cr, best, brow, bk, n, 2, kw)
+            else:
+                _window_maxima(cb, cr, best, brow, bk, n, sw, kw)
+            for i in range(i0, i1):
+                first = (i - i0) * wide
+                y_row, idx_row = y[p, i], idx[p, i]
                 for j in range(ow):
-                    if brow[j] == _NO_ROW:  # a ceil-mode window past the image
-                        y[p, i, j] = -numpy.inf
-                        idx[p, i, j] = -1
+                    q = first + j
+                    if brow[q] == _NO_ROW:  # a window past the image (ceil mode), or empty
+                        y_row[j] = -numpy.inf
+                        idx_row[j] = -1
                     else:
-                        y[p, i, j] = best[j]
-                        idx[p, i, j] = brow[j] * W + j * sw - pw + bk[j]
-                continue
-            for j in range(ow):
-                # (not window(): its extra min costs 10% in this loop) unsigned indices: numba
-                # then skips its negative-index wraparound check
-                w0 = uintp(max(j * sw - pw, 0))
-                w1 = uintp(min(j * sw - pw + kw, W))
-                if w1 <= w0:  # a ceil-mode window past the image (kernel < stride)
-                    y[p, i, j] = -numpy.inf
-                    idx[p, i, j] = -1
-                    continue
-                best_v = col_best[w0]
-                row = col_row[w0]
-                at = w0
-                w = w0 + one
-                while w < w1:
-                    v = col_best[w]
-                    r = col_row[w]
-                    take = (v > best_v) | ((v == best_v) & (r < row))
-                    best_v = v if take else best_v
-                    row = r if take else row
-                    at = w if take else at
-                    w += one
-                y[p, i, j] = best_v
-                idx[p, i, j] = row * W + at
+                        y_row[j] = best[q]
+                        idx_row[j] = brow[q] * W + j * sw - pw + bk[q]
 
 
 @jit

@@ -15,12 +15,10 @@ from brewnet.netdef import caffe_pb2
 
 P = caffe_pb2.PoolingParameter
 
-# MAX pooling rows of at least this many outputs take the compiled kernel's vectorized pass
-# along the row (cpu_jit.max_pool_forward), by horizontal stride: 1 or more. One thread, ms:
-# at stride 1, 28 outputs 22.3 against 8.9 (3072 planes), 14 outputs 6.6 against 8.7; at
-# stride 2, 35 outputs 23 against 16, 29 outputs 3.2 against 5.9. (Tests lower them to cover
-# small shapes.)
-MAX_VECTOR_OUTPUTS = {1: 24, None: 32}
+# MAX pooling: planes whose rows of column maxima (output rows x padded width) fit this many
+# elements have all their windows compared in one pass; larger ones a row at a time
+# (cpu_jit.max_pool_forward). (Tests set it to 1 to cover the row-at-a-time pass on small shapes.)
+MAX_PLANE_ELEMENTS = 4096
 
 
 def pooled_size(size, kernel, stride, pad, ceil_mode):
@@ -162,10 +160,9 @@ class PoolCore:
             if self._flat_buf is None or self._flat_buf.shape != y.shape:
                 self._flat_buf = xp.empty(y.shape, dtype=numpy.int32)
             (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
-            vector_from = MAX_VECTOR_OUTPUTS.get(sw, MAX_VECTOR_OUTPUTS[None])
             self._by_planes(jit.max_pool_forward, (self._planes(x, self.in_hw), self._planes(y, self.out_hw),
                                                    self._planes(self._flat_buf, self.out_hw)), kh, kw, sh, sw, ph, pw,
-                            vector_from)
+                            MAX_PLANE_ELEMENTS)
             self._flat, self.idx = self._flat_buf, None
             self._empty_windows_to_lowest(y)
             return

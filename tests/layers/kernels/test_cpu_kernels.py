@@ -40,14 +40,14 @@ def test_pooling_kernels_match_array_code(method, k, s, p, h, w, levels, dtype, 
 @given(k=st.integers(1, 4), s=st.integers(1, 3), p=st.integers(0, 3), h=st.integers(1, 9), w=st.integers(1, 9),
        levels=st.sampled_from([3, 1000]), dtype=st.sampled_from([numpy.float32, numpy.float64]),
        seed=st.integers(0, 2 ** 16))
-def test_vectorized_max_pooling_rows_match_array_code(k, s, p, h, w, levels, dtype, seed):
-    # the pass along the row for all outputs at once, which only long rows take, on small shapes
-    before = pooling.MAX_VECTOR_OUTPUTS
-    pooling.MAX_VECTOR_OUTPUTS = {None: 1}
+def test_max_pooling_a_row_at_a_time_matches_array_code(k, s, p, h, w, levels, dtype, seed):
+    # the pass over one output row's windows, which only large planes take, on small shapes
+    before = pooling.MAX_PLANE_ELEMENTS
+    pooling.MAX_PLANE_ELEMENTS = 1
     try:
         _compare_with_array_code("MAX", k, s, p, h, w, levels, dtype, seed)
     finally:
-        pooling.MAX_VECTOR_OUTPUTS = before
+        pooling.MAX_PLANE_ELEMENTS = before
 
 
 def _compare_with_array_code(method, k, s, p, h, w, levels, dtype, seed):
