@@ -93,10 +93,7 @@ def max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, plane_budget):
     # triple the cost.
     planes, H, W = x.shape
     oh, ow = y.shape[1], y.shape[2]
-    length = max((ow - 1) * sw + kw, W + pw) + pw
-    length = -(-length // sw) * sw
-    wide = length // sw
-    rows = oh if oh * length <= plane_budget else 1
+    length, wide, rows = _pool_rows(ow, sw, pw, kw, W, oh, plane_budget)
     cb = numpy.full(rows * length + kw, -numpy.inf, dtype=x.dtype)
     cr = numpy.full(rows * length + kw, _NO_ROW, dtype=numpy.int32)
     best = numpy.empty(rows * wide, dtype=x.dtype)
@@ -150,72 +147,119 @@ def max_pool_backward(dy, idx, dx):
 
 
 @njit(cache=True, inline="always")
-def _ave_columns(ow, sw, pw, kw, W):
-    # AVE pooling along a row: each output column's divisor width (window()'s third value),
-    # and the length of a row with pw zeros before it that holds every window
+def _pool_rows(ow, sw, pw, kw, W, oh, plane_budget):
+    # the row buffer of the vectorized pooling passes: each row holds pw border columns, the
+    # image's W and more border, in a whole number of strides (length = wide * sw), so output
+    # j of buffer row u starts at (u * wide + j) * sw; ``rows`` output rows go in at once (a
+    # whole plane when it fits plane_budget elements, else one)
+    length = max((ow - 1) * sw + kw, W + pw) + pw
+    length = -(-length // sw) * sw
+    rows = oh if oh * length <= plane_budget else 1
+    return length, length // sw, rows
+
+
+@njit(cache=True, inline="always")
+def _ave_divisors(ow, sw, pw, kw, W):
+    # AVE pooling along a row: each output column's divisor width (window()'s third value)
     width = numpy.empty(ow, dtype=numpy.float64)
     for j in range(ow):
         width[j] = window(j, sw, pw, kw, W)[2]
-    return width, max((ow - 1) * sw + kw, W + pw) + pw
+    return width
+
+
+@njit(cache=True, inline="always")
+def _window_sums(col_sum, total, n, sw, kw):
+    # total[q] = sum of col_sum[q * sw + k] over k = 0..kw-1, in that order
+    for q in range(n):
+        total[q] = col_sum[q * sw]
+    for k in range(1, kw):
+        for q in range(n):
+            total[q] += col_sum[q * sw + k]
+
+
+@njit(cache=True, inline="always")
+def _spread(g, col_grad, n, sw, kw):
+    # col_grad[q * sw + k] += g[q] for every window q, kernel columns last to first: each column
+    # receives its shares in output order, as window by window
+    for k in range(kw - 1, -1, -1):
+        for q in range(n):
+            col_grad[q * sw + k] += g[q]
 
 
 @jit
-def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw):
+def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw, plane_budget):
     # divisor: the window clipped to image + padding, before clipping to the image (Caffe).
-    # Rows are summed down a window into a zero-bordered row first; then, for each kernel
-    # column k in turn, every output column adds its k-th entry: unit-stride loops that
-    # vectorize, adding in each window's own left-to-right order (the borders add zeros).
+    # Rows are summed down a window into a zero-bordered row first (the row buffer of
+    # _pool_rows: several output rows at once); then, for each kernel column k in turn, every
+    # output adds its k-th entry: unit-stride loops that vectorize, adding in each window's own
+    # left-to-right order (the borders add zeros).
     planes, H, W = x.shape
     oh, ow = y.shape[1], y.shape[2]
-    width, length = _ave_columns(ow, sw, pw, kw, W)
-    col_sum = numpy.zeros(length, dtype=x.dtype)  # entry pw + w: image column w
-    total = numpy.empty(ow, dtype=x.dtype)
+    width = _ave_divisors(ow, sw, pw, kw, W)
+    length, wide, rows = _pool_rows(ow, sw, pw, kw, W, oh, plane_budget)
+    col_sum = numpy.zeros(rows * length + kw, dtype=x.dtype)
+    total = numpy.empty(rows * wide, dtype=x.dtype)
     for p in range(planes):
-        for i in range(oh):
-            h0, h1, size_h = window(i, sh, ph, kh, H)
-            col_sum[pw:pw + W] = 0
-            for h in range(h0, h1):
+        for i0 in range(0, oh, rows):
+            i1 = min(oh, i0 + rows)
+            for i in range(i0, i1):
+                at = (i - i0) * length + pw
+                h0, h1, _ = window(i, sh, ph, kh, H)
                 for w in range(W):
-                    col_sum[pw + w] += x[p, h, w]
-            total[:] = 0
-            for k in range(kw):
-                if sw == 1:  # (unit stride spelled out: LLVM then vectorizes it)
-                    for j in range(ow):
-                        total[j] += col_sum[j + k]
-                else:
-                    for j in range(ow):
-                        total[j] += col_sum[j * sw + k]
-            for j in range(ow):
-                y[p, i, j] = total[j] / (size_h * width[j])
+                    col_sum[at + w] = 0
+                for h in range(h0, h1):
+                    for w in range(W):
+                        col_sum[at + w] += x[p, h, w]
+            n = (i1 - i0) * wide
+            # (constant strides spelled out: LLVM then vectorizes them)
+            if sw == 1:
+                _window_sums(col_sum, total, n, 1, kw)
+            elif sw == 2:
+                _window_sums(col_sum, total, n, 2, kw)
+            else:
+                _window_sums(col_sum, total, n, sw, kw)
+            for i in range(i0, i1):
+                size_h = window(i, sh, ph, kh, H)[2]
+                first = (i - i0) * wide
+                for j in range(ow):
+                    y[p, i, j] = total[first + j] / (size_h * width[j])
 
 
 @jit
-def ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw):
+def ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw, plane_budget):
     # dx: (planes, H, W), overwritten. Each output's share goes to its window's columns of a
-    # zero-bordered row (kernel columns last to first, so every column receives its shares
-    # in output order, as window by window), then down the window's rows.
+    # zero-bordered row buffer (several output rows at once, as in forward), then down the
+    # window's rows, output row by output row.
     planes, H, W = dx.shape
     oh, ow = dy.shape[1], dy.shape[2]
-    width, length = _ave_columns(ow, sw, pw, kw, W)
-    col_grad = numpy.zeros(length, dtype=dx.dtype)
-    g = numpy.empty(ow, dtype=dx.dtype)
+    width = _ave_divisors(ow, sw, pw, kw, W)
+    length, wide, rows = _pool_rows(ow, sw, pw, kw, W, oh, plane_budget)
+    col_grad = numpy.zeros(rows * length + kw, dtype=dx.dtype)
+    g = numpy.zeros(rows * wide, dtype=dx.dtype)  # outputs past ow stay 0: they add nothing
     for p in range(planes):
         dx[p] = 0
-        for i in range(oh):
-            h0, h1, size_h = window(i, sh, ph, kh, H)
-            col_grad[:] = 0
-            for j in range(ow):
-                g[j] = dy[p, i, j] / (size_h * width[j])
-            for k in range(kw - 1, -1, -1):
-                if sw == 1:
-                    for j in range(ow):
-                        col_grad[j + k] += g[j]
-                else:
-                    for j in range(ow):
-                        col_grad[j * sw + k] += g[j]
-            for h in range(h0, h1):
-                for w in range(W):
-                    dx[p, h, w] += col_grad[pw + w]
+        for i0 in range(0, oh, rows):
+            i1 = min(oh, i0 + rows)
+            for t in range(col_grad.shape[0]):
+                col_grad[t] = 0
+            for i in range(i0, i1):
+                size_h = window(i, sh, ph, kh, H)[2]
+                first = (i - i0) * wide
+                for j in range(ow):
+                    g[first + j] = dy[p, i, j] / (size_h * width[j])
+            n = (i1 - i0) * wide
+            if sw == 1:
+                _spread(g, col_grad, n, 1, kw)
+            elif sw == 2:
+                _spread(g, col_grad, n, 2, kw)
+            else:
+                _spread(g, col_grad, n, sw, kw)
+            for i in range(i0, i1):
+                h0, h1, _ = window(i, sh, ph, kh, H)
+                at = (i - i0) * length + pw
+                for h in range(h0, h1):
+                    for w in range(W):
+                        dx[p, h, w] += col_grad[at + w]
 
 
 @jit

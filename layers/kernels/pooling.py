@@ -15,10 +15,10 @@ from brewnet.netdef import caffe_pb2
 
 P = caffe_pb2.PoolingParameter
 
-# MAX pooling: planes whose rows of column maxima (output rows x padded width) fit this many
-# elements have all their windows compared in one pass; larger ones a row at a time
-# (cpu_jit.max_pool_forward). (Tests set it to 1 to cover the row-at-a-time pass on small shapes.)
-MAX_PLANE_ELEMENTS = 4096
+# MAX and AVE pooling: planes whose rows of column results (output rows x padded width) fit
+# this many elements have all their windows done in one pass; larger ones a row at a time
+# (cpu_jit._pool_rows). (Tests set it to 1 to cover the row-at-a-time pass on small shapes.)
+PLANE_ELEMENTS = 4096
 
 
 def pooled_size(size, kernel, stride, pad, ceil_mode):
@@ -162,7 +162,7 @@ class PoolCore:
             (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
             self._by_planes(jit.max_pool_forward, (self._planes(x, self.in_hw), self._planes(y, self.out_hw),
                                                    self._planes(self._flat_buf, self.out_hw)), kh, kw, sh, sw, ph, pw,
-                            MAX_PLANE_ELEMENTS)
+                            PLANE_ELEMENTS)
             self._flat, self.idx = self._flat_buf, None
             self._empty_windows_to_lowest(y)
             return
@@ -261,7 +261,7 @@ class PoolCore:
         if jit is not None:
             (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
             self._by_planes(jit.ave_pool_forward, (self._planes(x, self.in_hw), self._planes(y, self.out_hw)),
-                            kh, kw, sh, sw, ph, pw)
+                            kh, kw, sh, sw, ph, pw, PLANE_ELEMENTS)
             return
         src = self._padded(x, 0)
         y.fill(0)
@@ -351,7 +351,7 @@ class PoolCore:
         if jit is not None:
             (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
             self._by_planes(jit.ave_pool_backward, (self._planes(dy, self.out_hw), self._planes(dx, self.in_hw)),
-                            kh, kw, sh, sw, ph, pw)
+                            kh, kw, sh, sw, ph, pw, PLANE_ELEMENTS)
             return
         g = dy / self.divisor(dy.dtype)
         self._scatter(dx, ((sl, g) for _, sl in self._offsets()))
