@@ -112,7 +112,7 @@ def max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, plane_budget):
                         col_row[w] = _NO_ROW
                 else:
                     _column_maxima(x, p, h0, h1, col_best, col_row)
-            n = (i1 - i0) * wide
+            n = (i1 - i0 - 1) * wide + ow  # (the last row's outputs past ow are not needed)
             # (constant strides spelled out: LLVM then vectorizes them)
             if sw == 1:
                 _window_maxima(cb, cr, best, brow, bk, n, 1, kw)
@@ -210,7 +210,7 @@ def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw, plane_budget):
                 for h in range(h0, h1):
                     for w in range(W):
                         col_sum[at + w] += x[p, h, w]
-            n = (i1 - i0) * wide
+            n = (i1 - i0 - 1) * wide + ow  # (the last row's outputs past ow are not needed)
             # (constant strides spelled out: LLVM then vectorizes them)
             if sw == 1:
                 _window_sums(col_sum, total, n, 1, kw)
@@ -247,7 +247,7 @@ def ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw, plane_budget):
                 first = (i - i0) * wide
                 for j in range(ow):
                     g[first + j] = dy[p, i, j] / (size_h * width[j])
-            n = (i1 - i0) * wide
+            n = (i1 - i0 - 1) * wide + ow  # (the last row's outputs past ow are not needed)
             if sw == 1:
                 _spread(g, col_grad, n, 1, kw)
             elif sw == 2:
