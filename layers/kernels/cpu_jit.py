@@ -77,8 +77,8 @@ def _window_maxima(cb, cr, best, brow, bk, n, sw, kw):
             bk[q] = k if take else bk[q]
 
 
-@jit
-def max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, plane_budget):
+@njit(cache=True, inline="always")
+def _max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, plane_budget):
     # idx: flat h * W + w of the first maximum in row-major window order (Caffe's mask). Down
     # the window's rows, each image column keeps its first maximum and that row; then along
     # rows of these column maxima (pw columns of -inf before the image's, more after), every
@@ -94,8 +94,11 @@ def max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, plane_budget):
     planes, H, W = x.shape
     oh, ow = y.shape[1], y.shape[2]
     length, wide, rows = _pool_rows(ow, sw, pw, kw, W, oh, plane_budget)
-    cb = numpy.full(rows * length + kw, -numpy.inf, dtype=x.dtype)
-    cr = numpy.full(rows * length + kw, _NO_ROW, dtype=numpy.int32)
+    cb = numpy.empty(rows * length + kw, dtype=x.dtype)
+    cr = numpy.empty(rows * length + kw, dtype=numpy.int32)
+    for t in range(cb.shape[0]):  # the border: -inf, from no row
+        cb[t] = -numpy.inf
+        cr[t] = _NO_ROW
     best = numpy.empty(rows * wide, dtype=x.dtype)
     brow = numpy.empty(rows * wide, dtype=numpy.int32)
     bk = numpy.empty(rows * wide, dtype=numpy.int32)
@@ -113,13 +116,7 @@ def max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, plane_budget):
                 else:
                     _column_maxima(x, p, h0, h1, col_best, col_row)
             n = (i1 - i0 - 1) * wide + ow  # (the last row's outputs past ow are not needed)
-            # (constant strides spelled out: LLVM then vectorizes them)
-            if sw == 1:
-                _window_maxima(cb, cr, best, brow, bk, n, 1, kw)
-            elif sw == 2:
-                _window_maxima(cb, cr, best, brow, bk, n, 2, kw)
-            else:
-                _window_maxima(cb, cr, best, brow, bk, n, sw, kw)
+            _window_maxima(cb, cr, best, brow, bk, n, sw, kw)
             for i in range(i0, i1):
                 first = (i - i0) * wide
                 y_row, idx_row = y[p, i], idx[p, i]
@@ -186,8 +183,8 @@ def _spread(g, col_grad, n, sw, kw):
             col_grad[q * sw + k] += g[q]
 
 
-@jit
-def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw, plane_budget):
+@njit(cache=True, inline="always")
+def _ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw, plane_budget):
     # divisor: the window clipped to image + padding, before clipping to the image (Caffe).
     # Rows are summed down a window into a zero-bordered row first (the row buffer of
     # _pool_rows: several output rows at once); then, for each kernel column k in turn, every
@@ -211,13 +208,7 @@ def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw, plane_budget):
                     for w in range(W):
                         col_sum[at + w] += x[p, h, w]
             n = (i1 - i0 - 1) * wide + ow  # (the last row's outputs past ow are not needed)
-            # (constant strides spelled out: LLVM then vectorizes them)
-            if sw == 1:
-                _window_sums(col_sum, total, n, 1, kw)
-            elif sw == 2:
-                _window_sums(col_sum, total, n, 2, kw)
-            else:
-                _window_sums(col_sum, total, n, sw, kw)
+            _window_sums(col_sum, total, n, sw, kw)
             for i in range(i0, i1):
                 size_h = window(i, sh, ph, kh, H)[2]
                 first = (i - i0) * wide
@@ -225,8 +216,8 @@ def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw, plane_budget):
                     y[p, i, j] = total[first + j] / (size_h * width[j])
 
 
-@jit
-def ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw, plane_budget):
+@njit(cache=True, inline="always")
+def _ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw, plane_budget):
     # dx: (planes, H, W), overwritten. Each output's share goes to its window's columns of a
     # zero-bordered row buffer (several output rows at once, as in forward), then down the
     # window's rows, output row by output row.
@@ -248,18 +239,63 @@ def ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw, plane_budget):
                 for j in range(ow):
                     g[first + j] = dy[p, i, j] / (size_h * width[j])
             n = (i1 - i0 - 1) * wide + ow  # (the last row's outputs past ow are not needed)
-            if sw == 1:
-                _spread(g, col_grad, n, 1, kw)
-            elif sw == 2:
-                _spread(g, col_grad, n, 2, kw)
-            else:
-                _spread(g, col_grad, n, sw, kw)
+            _spread(g, col_grad, n, sw, kw)
             for i in range(i0, i1):
                 h0, h1, _ = window(i, sh, ph, kh, H)
                 at = (i - i0) * length + pw
                 for h in range(h0, h1):
                     for w in range(W):
                         dx[p, h, w] += col_grad[at + w]
+
+
+# The pooling kernels, one per horizontal stride class: 1 and 2 as literals (LLVM vectorizes
+# the windows' strided loops only for a constant stride), any other as an argument. Each is
+# compiled the first time a net uses it, so a net with only stride-2 pools compiles a third of
+# the code (layers/kernels/pooling.py picks them).
+
+@jit
+def max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, plane_budget):
+    _max_pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, plane_budget)
+
+
+@jit
+def max_pool_forward_sw1(x, y, idx, kh, kw, sh, sw, ph, pw, plane_budget):
+    _max_pool_forward(x, y, idx, kh, kw, sh, 1, ph, pw, plane_budget)
+
+
+@jit
+def max_pool_forward_sw2(x, y, idx, kh, kw, sh, sw, ph, pw, plane_budget):
+    _max_pool_forward(x, y, idx, kh, kw, sh, 2, ph, pw, plane_budget)
+
+
+@jit
+def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw, plane_budget):
+    _ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw, plane_budget)
+
+
+@jit
+def ave_pool_forward_sw1(x, y, kh, kw, sh, sw, ph, pw, plane_budget):
+    _ave_pool_forward(x, y, kh, kw, sh, 1, ph, pw, plane_budget)
+
+
+@jit
+def ave_pool_forward_sw2(x, y, kh, kw, sh, sw, ph, pw, plane_budget):
+    _ave_pool_forward(x, y, kh, kw, sh, 2, ph, pw, plane_budget)
+
+
+@jit
+def ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw, plane_budget):
+    _ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw, plane_budget)
+
+
+@jit
+def ave_pool_backward_sw1(dy, dx, kh, kw, sh, sw, ph, pw, plane_budget):
+    _ave_pool_backward(dy, dx, kh, kw, sh, 1, ph, pw, plane_budget)
+
+
+@jit
+def ave_pool_backward_sw2(dy, dx, kh, kw, sh, sw, ph, pw, plane_budget):
+    _ave_pool_backward(dy, dx, kh, kw, sh, 2, ph, pw, plane_budget)
 
 
 @jit

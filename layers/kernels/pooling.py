@@ -21,6 +21,12 @@ P = caffe_pb2.PoolingParameter
 PLANE_ELEMENTS = 4096
 
 
+def _stride_kernel(jit, name, sw):
+    """The compiled pooling kernel ``name`` for horizontal stride sw (cpu_jit: 1 and 2 each
+    have their own, compiled with the stride as a constant)."""
+    return getattr(jit, f"{name}_sw{sw}") if sw in (1, 2) else getattr(jit, name)
+
+
 def pooled_size(size, kernel, stride, pad, ceil_mode):
     """Caffe's pooled extent, including its rule that the last window starts inside image+pad."""
     span = (size + 2 * pad - kernel) / stride
@@ -160,8 +166,9 @@ class PoolCore:
             if self._flat_buf is None or self._flat_buf.shape != y.shape:
                 self._flat_buf = xp.empty(y.shape, dtype=numpy.int32)
             (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
-            self._by_planes(jit.max_pool_forward, (self._planes(x, self.in_hw), self._planes(y, self.out_hw),
-                                                   self._planes(self._flat_buf, self.out_hw)), kh, kw, sh, sw, ph, pw,
+            planes = (self._planes(x, self.in_hw), self._planes(y, self.out_hw),
+                      self._planes(self._flat_buf, self.out_hw))
+            self._by_planes(_stride_kernel(jit, "max_pool_forward", sw), planes, kh, kw, sh, sw, ph, pw,
                             PLANE_ELEMENTS)
             self._flat, self.idx = self._flat_buf, None
             self._empty_windows_to_lowest(y)
@@ -260,8 +267,9 @@ class PoolCore:
         jit = self._jit(x, y)
         if jit is not None:
             (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
-            self._by_planes(jit.ave_pool_forward, (self._planes(x, self.in_hw), self._planes(y, self.out_hw)),
-                            kh, kw, sh, sw, ph, pw, PLANE_ELEMENTS)
+            planes = (self._planes(x, self.in_hw), self._planes(y, self.out_hw))
+            self._by_planes(_stride_kernel(jit, "ave_pool_forward", sw), planes, kh, kw, sh, sw, ph, pw,
+                            PLANE_ELEMENTS)
             return
         src = self._padded(x, 0)
         y.fill(0)
@@ -350,8 +358,9 @@ class PoolCore:
         jit = self._jit(dy, dx)
         if jit is not None:
             (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
-            self._by_planes(jit.ave_pool_backward, (self._planes(dy, self.out_hw), self._planes(dx, self.in_hw)),
-                            kh, kw, sh, sw, ph, pw, PLANE_ELEMENTS)
+            planes = (self._planes(dy, self.out_hw), self._planes(dx, self.in_hw))
+            self._by_planes(_stride_kernel(jit, "ave_pool_backward", sw), planes, kh, kw, sh, sw, ph, pw,
+                            PLANE_ELEMENTS)
             return
         g = dy / self.divisor(dy.dtype)
         self._scatter(dx, ((sl, g) for _, sl in self._offsets()))
