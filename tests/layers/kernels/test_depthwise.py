@@ -22,8 +22,8 @@ CASES = [
     # weight gradient's lanes (70 rows x 62 padded columns > depthwise_jit.LANE_BLOCK)
     ("num_output: 4 group: 2 kernel_h: 2 kernel_w: 3 pad_h: 1 pad_w: 2", (2, 2, 5, 6)),
     ("num_output: 2 group: 2 kernel_h: 3 kernel_w: 1 pad_h: 1", (1, 2, 70, 62)),
-    # stride 1 with "same" padding takes the flat-plane kernels: a multiplier and a kernel
-    # taller than the plane, and a 1x5 kernel wider than a 2-column plane (every column masked)
+    # stride 1: a channel multiplier with a kernel taller than the plane, and a 1x5 kernel
+    # wider than a 2-column plane (every tap reaches into the zero border)
     ("num_output: 6 group: 3 kernel_size: 5 pad: 2", (2, 3, 4, 9)),
     ("num_output: 2 group: 2 kernel_h: 1 kernel_w: 5 pad_h: 0 pad_w: 2", (1, 2, 3, 2)),
 ]
