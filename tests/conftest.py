@@ -24,6 +24,16 @@ def fixtures():
 
 
 @pytest.fixture(autouse=True)
+def _brewnet_kernels_unless_onednn(request, monkeypatch):
+    """Convolutions run brewnet's own kernels (im2col, Winograd, ...), which most tests are
+    about, even where oneDNN is installed; tests marked ``onednn`` let the plans pick it."""
+    if request.node.get_closest_marker("onednn") is None:
+        from brewnet.layers.kernels.conv_plan import ConvPlan
+
+        monkeypatch.setattr(ConvPlan, "use_onednn", False)
+
+
+@pytest.fixture(autouse=True)
 def _restore_brewnet_logger():
     """CLI runs inside a test install brewnet's console handler (propagate off):
     undo it afterwards so later tests' caplog still sees the 'brewnet' logger."""

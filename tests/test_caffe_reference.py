@@ -36,8 +36,33 @@ def _compare(what, got, want):
                              f"brewnet {got[worst]!r} vs Caffe {want[worst]!r}")
 
 
+def _convolution_cases():
+    """The cases whose net has a Convolution layer (oneDNN's kernels may take them)."""
+    root = pathlib.Path(os.environ.get("BREWNET_FIXTURES") or "/nonexistent") / "caffe-reference" / "layers"
+    return [p for p in _cases() if p.values[0] is None
+            or 'type: "Convolution"' in (root / p.values[0]["name"] / "net.prototxt").read_text()]
+
+
 @pytest.mark.parametrize("case", _cases())
 def test_layer_case_matches_caffe(case, fixtures):
+    _check_case(case, fixtures)
+
+
+@pytest.mark.onednn
+@pytest.mark.parametrize("case", _convolution_cases())
+def test_convolution_case_matches_caffe_with_onednn(case, fixtures):
+    from brewnet.layers.kernels import onednn
+
+    if not onednn.available():
+        pytest.skip("oneDNN (onednn-cpu-gomp) is not installed")
+    net = _check_case(case, fixtures)
+    for layer in net.layers:
+        cp = layer.param.convolution_param
+        if layer.type == "Convolution" and cp.group == 1 and layer.plan.path not in ("1x1",):
+            assert layer.plan.path == "onednn", f"{layer.param.name} took {layer.plan.path}"
+
+
+def _check_case(case, fixtures):
     if case is None:
         pytest.skip("no caffe-reference manifest")
     folder = fixtures / "caffe-reference" / "layers" / case["name"]
@@ -59,7 +84,7 @@ def test_layer_case_matches_caffe(case, fixtures):
             _compare(key, net.blobs[key[4:]].data, data[key])
 
     if not any(k.split("/")[0] in ("topdiff", "bottomdiff", "blobdiff", "paramdiff") for k in keys):
-        return  # Caffe ran no backward for this case (e.g. a layer without one)
+        return net  # Caffe ran no backward for this case (e.g. a layer without one)
     for key in keys:
         if key.startswith("topdiff/"):
             net.blobs[key[8:]].diff[...] = net.xp.asarray(data[key])
@@ -73,3 +98,4 @@ def test_layer_case_matches_caffe(case, fixtures):
             layer_name, _, index = rest.rpartition("/")
             blob = net.params[layer_name][int(index)]
             _compare(key, blob.diff if prefix == "paramdiff" else blob.data, data[key])
+    return net

@@ -438,6 +438,17 @@ def _gpu_lines():
     return lines
 
 
+def _onednn_line():
+    from brewnet.layers.kernels import onednn
+
+    if os.environ.get("BREWNET_ONEDNN", "1") == "0":
+        return "oneDNN convolutions: off (BREWNET_ONEDNN=0)"
+    lib = onednn.library()
+    if lib is None:
+        return "oneDNN convolutions: not installed (brewnet's own kernels run; pip install onednn-cpu-gomp)"
+    return f"oneDNN convolutions: {lib.path}"
+
+
 @click.command("device")
 def device():
     """Show the devices brewnet sees: numpy, BLAS, CPU threads and GPUs."""
@@ -448,7 +459,7 @@ def device():
     except AttributeError:
         usable = os.cpu_count()
     lines = [f"Python: {platform.python_version()}", f"numpy: {numpy.__version__}", *_blas_lines(),
-             f"CPU threads: {usable} usable of {os.cpu_count()}"]
+             _onednn_line(), f"CPU threads: {usable} usable of {os.cpu_count()}"]
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         if os.environ.get(var):
             lines.append(f"{var}={os.environ[var]}")

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy
 
-from brewnet.layers.kernels import parallel, winograd
+from brewnet.layers.kernels import onednn, parallel, winograd
 from brewnet.layers.kernels.depthwise import depthwise_backward, depthwise_forward
 from brewnet.layers.kernels.im2col import ConvEngine
 from brewnet.layers.kernels.scratch import WORKSPACE, Scratch
@@ -151,6 +151,11 @@ class ConvPlan(BaseConvPlan):
 
     # False: grouped im2col even for depthwise convolutions (tests compare the two)
     use_depthwise = True
+    # False: never oneDNN's kernels, even where installed (tests compare; users: BREWNET_ONEDNN=0)
+    use_onednn = True
+    # oneDNN's chunks: about this many bytes of one chunk's input and output, and at least two
+    # jobs per thread (a thread slowed by other load takes fewer)
+    onednn_chunk_bytes = 8 << 20
     # columns of one 1x1 job at least (smaller jobs lose more to calls than they gain in balance)
     pointwise_min_columns = 512
     # 1x1 weight gradient: up to this many positions per sample, a chunk's samples are gathered
@@ -213,6 +218,10 @@ class ConvPlan(BaseConvPlan):
                 # thin 3x3 layers whose im2col runs per-sample GEMMs over long rows (see
                 # winograd_thin_channels)
                 self.winograd = self.winograd_data = None
+        if self._onednn_wins() and self._try_onednn():
+            self.winograd = self.winograd_data = None
+            self.path = self.data_path = "onednn"
+            return
         self.path = "im2col" if self.winograd is None else "winograd"
         if self.winograd_data is not None:
             self.data_path = "winograd"
@@ -232,6 +241,75 @@ class ConvPlan(BaseConvPlan):
             self._reserve_columns(eng, self.chunks, extra_row=self.per_sample)
         if self.data_path == "transposed":
             self._reserve_columns(self.data_engine, self.data_chunks)
+
+    def _onednn_wins(self):
+        """Whether oneDNN's kernels beat the path chosen so far: im2col's always, Winograd's on
+        thin layers. One thread, batch 8 unless said, forward + backward ms of the plan, the
+        other path against oneDNN (its reorders to and from channels-last included):
+        - im2col: Inception-v3's stem 2a / 2b (32 channels at 149x149 / 147x147) 150 / 255
+          against 72 / 139, ResNet-50's res4 3x3 (256 at 14x14) 46 against 37 and its 7x7 conv1
+          55 against 39, Inception-v3's 288 -> 384 stride-2 3x3 113 against 118.
+        - Winograd, up to 32 input channels: CIFAR-10-quick's 5x5 conv2 (batch 100) 29 against 23,
+          SqueezeNet's fire4 10.7 against 10.2; wider ones keep it: CaffeNet's 5x5 conv2 (96
+          channels) 105 against 151, GoogLeNet's 3b 3x3 (128) 38 against 52, ResNet-50's res3
+          (128) 27 against 34."""
+        if self.winograd is None:
+            return True
+        return self.engine.Cg <= self.winograd_thin_channels
+
+    def _try_onednn(self):
+        """Set up oneDNN's kernels where they apply (2-D, one group, float32 on the CPU, a
+        kernel wider than 1x1, the library installed); returns whether it did."""
+        g = self.geometry
+        if not (self.use_onednn and self.force_data_grad is None and self.xp is numpy and g.group == 1
+                and self.dtype == numpy.float32 and len(g.kernel) == 2 and g.kernel != (1, 1)
+                and onednn.available()):
+            return False
+        per_sample = 4 * (g.channels * int(numpy.prod(g.in_spatial)) + g.num_output * int(numpy.prod(g.out_spatial)))
+        size = min(max(1, self.onednn_chunk_bytes // per_sample),
+                   max(1, -(-g.batch // parallel.jobs_for(numpy, True, 2))))
+        chunks = parallel.chunk_ranges(g.batch, size, numpy)
+        try:
+            self.onednn = onednn.Conv2d(g.channels, g.in_spatial, g.num_output, g.kernel, g.stride, g.pad,
+                                        g.dilation, g.out_spatial, [z - a for a, z in chunks])
+        except onednn.OneDNNError:
+            return False
+        self.onednn_chunks = chunks
+        return True
+
+    def _onednn_forward(self, x, W, bias, y, epilogue=None):
+        conv, chunks = self.onednn, self.onednn_chunks
+        weights = conv.forward_weights(W)
+        x = numpy.ascontiguousarray(x)
+        out = y if y.flags.c_contiguous else numpy.empty(y.shape, y.dtype)
+
+        def job(j, worker):
+            a, z = chunks[j]
+            conv.forward(x[a:z], weights, out[a:z], worker)
+            if bias is not None:
+                self.add_bias(out[a:z], bias)  # while the chunk is still in cache
+            if epilogue is not None:
+                epilogue(out[a:z])
+
+        parallel.run(job, len(chunks), numpy)
+        if out is not y:
+            y[...] = out
+
+    def _onednn_backward(self, x, W, dy, dx, need_dw):
+        conv, chunks = self.onednn, self.onednn_chunks
+        weights = conv.data_weights(W) if dx is not None else None
+        x, dy = numpy.ascontiguousarray(x), numpy.ascontiguousarray(dy)
+        out = dx if dx is None or dx.flags.c_contiguous else numpy.empty(dx.shape, dx.dtype)
+        parts = [None] * len(chunks)
+
+        def job(j, worker):
+            a, z = chunks[j]
+            parts[j] = conv.backward(x[a:z], dy[a:z], None if out is None else out[a:z], weights, need_dw, worker)
+
+        parallel.run(job, len(chunks), numpy)
+        if out is not dx:
+            dx[...] = out
+        return _sum_in_order(parts) if need_dw else None
 
     def _im2col_per_sample(self):
         """Whether the im2col path would run its GEMMs per sample (see per_sample_max_rows)."""
@@ -279,6 +357,8 @@ class ConvPlan(BaseConvPlan):
             g = self.geometry
             depthwise_forward(x, W, bias, g.stride, g.pad, g.dilation, out=y)
             return False
+        elif self.path == "onednn":
+            self._onednn_forward(x, W, bias, y, epilogue)
         elif self.path == "winograd":
             self._winograd_forward(self.winograd, self.winograd_chunks, x, W, bias, y, epilogue)
         else:
@@ -430,6 +510,8 @@ class ConvPlan(BaseConvPlan):
         if self.path == "depthwise":
             g = self.geometry
             return depthwise_backward(x, W, dy, g.stride, g.pad, g.dilation, dx=dx, need_dw=need_dw)
+        if self.path == "onednn":
+            return self._onednn_backward(x, W, dy, dx, need_dw)
         if self.path == "im2col":
             return self._im2col_backward(x, W, dy, dx, need_dw, slot)
         if dx is not None:

@@ -157,6 +157,16 @@ def test_device_lists_numpy_and_gpus():
     assert re.search(r"^numpy: \d", result.stdout, re.M)
     assert "BLAS: " in result.stdout and "CPU threads: " in result.stdout
     assert "GPU" in result.stdout
+    from brewnet.layers.kernels import onednn
+
+    want = onednn.library().path if onednn.available() else "not installed"
+    assert re.search(r"^oneDNN convolutions: " + re.escape(want), result.stdout, re.M), result.stdout
+
+
+def test_device_says_when_onednn_is_turned_off(monkeypatch):
+    monkeypatch.setenv("BREWNET_ONEDNN", "0")
+    result = brewnet("device")
+    assert "oneDNN convolutions: off (BREWNET_ONEDNN=0)" in result.stdout
 
 
 def test_sigint_stops_a_running_train_with_a_snapshot(tiny):

@@ -72,7 +72,8 @@ EXERCISED = {"max_pool_forward_sw2", "max_pool_backward", "ave_pool_forward_sw1"
 
 
 def _run_child(cache_dir):
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), BREWNET_JIT="1",
+    # brewnet's own convolution kernels (oneDNN, where installed, would take LeNet's conv1)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), BREWNET_JIT="1", BREWNET_ONEDNN="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
