@@ -160,7 +160,9 @@ def test_pointwise_paths_match_im2col_and_gradcheck(params, shape, monkeypatch):
 
 # the whole batch in one GEMM / chunks gathered for one GEMM each / a GEMM per sample
 @pytest.mark.parametrize("whole_max,gather_max", [(512, 1024), (0, 1024), (0, 0)])
-@pytest.mark.parametrize("params", ["num_output: 6 kernel_size: 1 stride: 2 group: 2", "num_output: 5 kernel_size: 1"])
+# (more outputs than inputs per group, and fewer: the per-sample GEMMs then compute dW^T)
+@pytest.mark.parametrize("params", ["num_output: 6 kernel_size: 1 stride: 2 group: 2", "num_output: 5 kernel_size: 1",
+                                    "num_output: 2 kernel_size: 1 stride: 2 group: 2", "num_output: 3 kernel_size: 1"])
 def test_pointwise_weight_gradient_over_chunks_of_samples(params, whole_max, gather_max, monkeypatch):
     monkeypatch.setattr(ConvPlan, "pointwise_whole_batch_columns", whole_max)
     monkeypatch.setattr(ConvPlan, "pointwise_gather_max_columns", gather_max)
