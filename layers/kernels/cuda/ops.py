@@ -157,7 +157,7 @@ class ConvPlan:
 
     # bytes the column matrix may take; a bigger batch runs in chunks of samples
     max_col_bytes = 1 << 30
-    path = data_path = "cuda-im2col"  # what `layer.plan.path` says (the CPU plans: im2col, winograd, 1x1)
+    path = data_path = "cuda-im2col"  # what `layer.plan.path` says (the CPU plans: im2col, winograd, onednn, 1x1, depthwise)
 
     def __init__(self, xp, geometry):
         self.xp, self.geometry = xp, geometry
