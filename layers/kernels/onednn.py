@@ -24,6 +24,8 @@ import threading
 
 import numpy
 
+from brewnet.layers.kernels.scratch import WORKSPACE
+
 # the C API's enum values (oneDNN 3.x, dnnl_types.h / dnnl_common_types.h)
 _F32 = 3
 _TAG_ANY, _TAG_NCHW, _TAG_NHWC = 1, 5, 22
@@ -178,7 +180,7 @@ class _ChunkPrimitives:
         self.n = n
         x_nchw, x_nhwc = lib.md([n, C, *S], _TAG_NCHW), lib.md([n, C, *S], _TAG_NHWC)
         y_nchw, y_nhwc = lib.md([n, M, *O], _TAG_NCHW), lib.md([n, M, *O], _TAG_NHWC)
-        w_any, self.w_user = lib.md([M, C, *k], _TAG_ANY), lib.md([M, C, *k], _TAG_NCHW)
+        w_any, w_user = lib.md([M, C, *k], _TAG_ANY), lib.md([M, C, *k], _TAG_NCHW)
         geometry = (_Dims(*stride), _Dims(*[d - 1 for d in dilation]), _Dims(*pad_l), _Dims(*pad_r))
         attr = lib.user_scratchpad
         fwd = _P()
@@ -196,20 +198,19 @@ class _ChunkPrimitives:
         self.impl = {"forward": lib.impl(fwd), "data": lib.impl(bwd), "weights": lib.impl(wgt)}
         self.forward, self.data, self.weights = lib.primitive(fwd), lib.primitive(bwd), lib.primitive(wgt)
         # the weight layouts each primitive asked for, and the reorders into and out of them
-        self.w_fwd, self.w_data = lib.queried(fwd, _QUERY_WEIGHTS), lib.queried(bwd, _QUERY_WEIGHTS)
-        self.w_grad = lib.queried(wgt, _QUERY_DIFF_WEIGHTS)
-        self.to_w_fwd, self.to_w_data = lib.reorder(self.w_user, self.w_fwd), lib.reorder(self.w_user, self.w_data)
-        self.from_w_grad = lib.reorder(self.w_grad, self.w_user)
+        w_fwd, w_data = lib.queried(fwd, _QUERY_WEIGHTS), lib.queried(bwd, _QUERY_WEIGHTS)
+        w_grad = lib.queried(wgt, _QUERY_DIFF_WEIGHTS)
+        self.to_w_fwd, self.to_w_data = lib.reorder(w_user, w_fwd), lib.reorder(w_user, w_data)
+        self.from_w_grad = lib.reorder(w_grad, w_user)
         self.x_in, self.x_out = lib.reorder(x_nchw, x_nhwc), lib.reorder(x_nhwc, x_nchw)
         self.y_in, self.y_out = lib.reorder(y_nchw, y_nhwc), lib.reorder(y_nhwc, y_nchw)
-        self.scratch = {name: lib.nbytes(lib.queried(pd, _QUERY_SCRATCHPAD)) for name, pd in
-                        (("forward", fwd), ("data", bwd), ("weights", wgt))}
-        self.sizes = {"x": lib.nbytes(x_nhwc), "y": lib.nbytes(y_nhwc), "w_fwd": lib.nbytes(self.w_fwd),
-                      "w_data": lib.nbytes(self.w_data), "w_grad": lib.nbytes(self.w_grad)}
+        # every memory object's layout, by role; and the bytes of those the threads fill
         self.mds = {"x_nchw": x_nchw, "x_nhwc": x_nhwc, "y_nchw": y_nchw, "y_nhwc": y_nhwc,
-                    "w_user": self.w_user, "w_fwd": self.w_fwd, "w_data": self.w_data, "w_grad": self.w_grad,
+                    "w_user": w_user, "w_fwd": w_fwd, "w_data": w_data, "w_grad": w_grad,
                     "s_forward": lib.queried(fwd, _QUERY_SCRATCHPAD), "s_data": lib.queried(bwd, _QUERY_SCRATCHPAD),
                     "s_weights": lib.queried(wgt, _QUERY_SCRATCHPAD)}
+        self.sizes = {role: lib.nbytes(self.mds[role]) for role in
+                      ("x_nhwc", "y_nhwc", "w_fwd", "w_data", "w_grad", "s_forward", "s_data", "s_weights")}
 
 
 class Conv2d:
@@ -232,18 +233,15 @@ class Conv2d:
         slow = sorted({impl for p in self.prims.values() for impl in p.impl.values() if impl.startswith(SLOW)})
         if slow:  # no direct kernel for this CPU or shape: brewnet's own paths do better
             raise OneDNNError(f"oneDNN has only {', '.join(slow)} for this convolution")
-        self._buffers = {}  # (worker, role) -> flat float32 array
         self._memories = {}  # (worker, n, role) -> memory object
 
     def implementations(self):
         return {n: p.impl for n, p in self.prims.items()}
 
     def _buffer(self, worker, role, nbytes):
-        buf = self._buffers.get((worker, role))
-        if buf is None or buf.nbytes < nbytes:
-            buf = numpy.empty(max(1, -(-nbytes // 4)), numpy.float32)
-            self._buffers[(worker, role)] = buf
-        return buf
+        """Thread ``worker``'s float32 buffer for ``role``, shared with every other layer (a net's
+        layers run one at a time: scratch.WORKSPACE)."""
+        return WORKSPACE.take(numpy, numpy.float32, (max(1, -(-nbytes // 4)),), self, worker, "onednn " + role)
 
     def _memory(self, worker, prims, role):
         key = (worker, prims.n, role)
@@ -257,32 +255,31 @@ class Conv2d:
         self.lib.execute(primitive, [(arg, self._memory(worker, prims, role), array) for arg, role, array in args])
 
     def _scratch_args(self, worker, prims, which):
-        size = prims.scratch[which]
-        return [(_ARG_SCRATCHPAD, "s_" + which, self._buffer(worker, "scratch_" + which, size))] if size else []
+        role = "s_" + which
+        size = prims.sizes[role]
+        return [(_ARG_SCRATCHPAD, role, self._buffer(worker, role, size))] if size else []
 
-    def _weights(self, W, which):
-        """W (M, C, *k) reordered into each chunk size's layout for ``which`` primitive."""
+    def _weights(self, W, role, reorder):
+        """W (M, C, *k) in each chunk size's layout ``role``, by its reorder (a _ChunkPrimitives
+        attribute); in the calling thread's buffers, for the jobs of this call."""
         out = {}
         W = numpy.ascontiguousarray(W, dtype=numpy.float32)
         for n, prims in self.prims.items():
-            role = "w_fwd" if which == "forward" else "w_data"
-            buf = self._buffer(0, f"{role}_{n}", prims.sizes[role])
-            self._run(0, prims, prims.to_w_fwd if which == "forward" else prims.to_w_data,
-                      [(_ARG_SRC, "w_user", W), (_ARG_DST, role, buf)])
-            out[n] = buf
+            buf = out[n] = self._buffer(0, f"{role} {n}", prims.sizes[role])
+            self._run(0, prims, getattr(prims, reorder), [(_ARG_SRC, "w_user", W), (_ARG_DST, role, buf)])
         return out
 
     def forward_weights(self, W):
-        return self._weights(W, "forward")
+        return self._weights(W, "w_fwd", "to_w_fwd")
 
     def data_weights(self, W):
-        return self._weights(W, "data")
+        return self._weights(W, "w_data", "to_w_data")
 
     def forward(self, x, weights, y, worker):
         """y = conv(x, W) for one chunk (x, y: C-contiguous slices of the batch)."""
         prims = self.prims[x.shape[0]]
-        xs = self._buffer(worker, "x", prims.sizes["x"])
-        ys = self._buffer(worker, "y", prims.sizes["y"])
+        xs = self._buffer(worker, "x", prims.sizes["x_nhwc"])
+        ys = self._buffer(worker, "y", prims.sizes["y_nhwc"])
         self._run(worker, prims, prims.x_in, [(_ARG_SRC, "x_nchw", x), (_ARG_DST, "x_nhwc", xs)])
         self._run(worker, prims, prims.forward, [(_ARG_SRC, "x_nhwc", xs), (_ARG_WEIGHTS, "w_fwd", weights[prims.n]),
                                                  (_ARG_DST, "y_nhwc", ys)] + self._scratch_args(worker, prims, "forward"))
@@ -292,10 +289,10 @@ class Conv2d:
         """For one chunk: dx = the data gradient (unless dx is None); returns this chunk's
         weight gradient (M, C, *k) when need_dw, else None."""
         prims = self.prims[dy.shape[0]]
-        dys = self._buffer(worker, "y", prims.sizes["y"])
+        dys = self._buffer(worker, "y", prims.sizes["y_nhwc"])
         self._run(worker, prims, prims.y_in, [(_ARG_SRC, "y_nchw", dy), (_ARG_DST, "y_nhwc", dys)])
         if dx is not None:
-            dxs = self._buffer(worker, "x", prims.sizes["x"])
+            dxs = self._buffer(worker, "x", prims.sizes["x_nhwc"])
             self._run(worker, prims, prims.data, [(_ARG_DIFF_DST, "y_nhwc", dys),
                                                   (_ARG_WEIGHTS, "w_data", data_weights[prims.n]),
                                                   (_ARG_DIFF_SRC, "x_nhwc", dxs)]
@@ -303,7 +300,7 @@ class Conv2d:
             self._run(worker, prims, prims.x_out, [(_ARG_SRC, "x_nhwc", dxs), (_ARG_DST, "x_nchw", dx)])
         if not need_dw:
             return None
-        xs = self._buffer(worker, "x", prims.sizes["x"])
+        xs = self._buffer(worker, "x", prims.sizes["x_nhwc"])
         self._run(worker, prims, prims.x_in, [(_ARG_SRC, "x_nchw", x), (_ARG_DST, "x_nhwc", xs)])
         grad = self._buffer(worker, "w_grad", prims.sizes["w_grad"])
         self._run(worker, prims, prims.weights, [(_ARG_SRC, "x_nhwc", xs), (_ARG_DIFF_DST, "y_nhwc", dys),
