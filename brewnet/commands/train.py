@@ -441,7 +441,7 @@ def _gpu_lines():
 def _onednn_line():
     from brewnet.layers.kernels import onednn
 
-    if os.environ.get("BREWNET_ONEDNN", "1") == "0":
+    if not onednn.enabled():
         return "oneDNN convolutions: off (BREWNET_ONEDNN=0)"
     lib = onednn.library()
     if lib is None:

@@ -152,9 +152,14 @@ _state = {"library": None, "tried": False}
 _lock = threading.Lock()
 
 
+def enabled():
+    """False under BREWNET_ONEDNN=0."""
+    return os.environ.get("BREWNET_ONEDNN", "1") != "0"
+
+
 def library():
     """The loaded oneDNN library, or None (not installed, turned off, or failing to load)."""
-    if os.environ.get("BREWNET_ONEDNN", "1") == "0":
+    if not enabled():
         return None
     if not _state["tried"]:
         with _lock:
